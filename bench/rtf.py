@@ -1,0 +1,126 @@
+"""Real-time factor of our SenseVoice vs FunASR's AutoModel, and achieved GFLOPS vs a GEMM roofline.
+
+Run on the full-size random fixture (not in CI):
+    python ../shared/tools/make_full_fixture.py /tmp/sensevoice-full
+    python bench/rtf.py --model /tmp/sensevoice-full
+
+RTF = processing seconds / audio seconds (lower is faster), median of --repeats runs after a
+warm-up, whole pipeline for both (decoded waveform in, text out). The roofline is the FLOP
+count of one forward pass divided by the rate of a plain fp32 torch.matmul of the model's own
+GEMM shape, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sensevoice_core import load_audio, load_model  # noqa: E402
+from sensevoice_core.config import SenseVoiceDims  # noqa: E402
+from sensevoice_core.pipeline import TranscribeOptions  # noqa: E402
+from sensevoice_core.vocab import NUM_PROMPT_FRAMES  # noqa: E402
+
+CLIP = Path(__file__).resolve().parent.parent / "tests" / "data" / "en.mp3"
+SAMPLE_RATE = 16000
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_flops(dims: SenseVoiceDims, frames: int) -> float:
+    """FLOPs of one forward pass over `frames` LFR frames (the 4 prompt frames included)."""
+    t, d = frames + NUM_PROMPT_FRAMES, dims.output_size
+    layer_macs = 3 * d * d + d * d + 2 * d * dims.linear_units  # qkv, out, feed-forward
+    first_layer_macs = 3 * dims.input_size * d + d * d + 2 * d * dims.linear_units
+    layers = dims.num_blocks + dims.tp_blocks
+    linear = t * (first_layer_macs + (layers - 1) * layer_macs + d * dims.vocab_size)
+    attention = layers * 2 * t * t * d  # Q K^T and attn V
+    fsmn = layers * t * d * dims.kernel_size
+    return 2.0 * (linear + attention + fsmn)
+
+
+def gemm_gflops(rows: int, inner: int, cols: int, repeats: int) -> float:
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    seconds = median_seconds(lambda: torch.matmul(a, b), repeats * 10)
+    return 2.0 * rows * inner * cols / seconds / 1e9
+
+
+def clip_of(seconds: int) -> torch.Tensor:
+    speech = load_audio(CLIP)
+    repeats = seconds * SAMPLE_RATE // speech.numel() + 1
+    return speech.repeat(repeats)[: seconds * SAMPLE_RATE]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True,
+                        help="full-size official-layout model directory")
+    parser.add_argument("--seconds", type=int, nargs="+", default=[10, 60])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-funasr", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours = load_model(args.model)
+    dims = ours.model.dims
+    print(f"model: {args.model} ({sum(p.numel() for p in ours.model.parameters()):,} parameters), "
+          f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
+    funasr_model = None
+    if not args.skip_funasr:
+        from funasr import AutoModel
+
+        funasr_model = AutoModel(model=str(args.model), device="cpu", ncpu=args.threads,
+                                 disable_update=True, disable_pbar=True, disable_log=True)
+        torch.set_num_threads(args.threads)  # AutoModel sets its own thread count
+
+    options = TranscribeOptions.create("auto", False)
+    for seconds in args.seconds:
+        waveform = clip_of(seconds)
+        ours_s = median_seconds(lambda: ours.transcribe_waveforms([waveform], options),
+                                args.repeats)
+        frames = ours.logits([ours_features := _features(ours, waveform)], options)[1].item() \
+            - NUM_PROMPT_FRAMES
+        del ours_features
+        flops = forward_flops(dims, frames)
+        gemm = gemm_gflops(frames + NUM_PROMPT_FRAMES, dims.output_size, dims.linear_units,
+                           args.repeats)
+        roofline_s = flops / (gemm * 1e9)
+        line = (f"{seconds:>3d} s audio: ours RTF {ours_s / seconds:.4f} ({ours_s:.3f} s), "
+                f"{flops / ours_s / 1e9:.0f} GFLOPS achieved vs GEMM {gemm:.0f} GFLOPS -> "
+                f"{ours_s / roofline_s:.2f}x the roofline time ({roofline_s:.3f} s)")
+        if funasr_model is not None:
+            samples = waveform.numpy()
+            funasr_s = median_seconds(
+                lambda: funasr_model.generate(input=samples, language="auto", use_itn=False,
+                                              disable_pbar=True),
+                args.repeats)
+            line += (f"; FunASR RTF {funasr_s / seconds:.4f} ({funasr_s:.3f} s), "
+                     f"ours {funasr_s / ours_s:.2f}x faster")
+        print(line, flush=True)
+
+
+def _features(model, waveform: torch.Tensor) -> torch.Tensor:
+    from sensevoice_core.frontend import compute_features
+
+    return compute_features(waveform, model.frontend, model.cmvn)
+
+
+if __name__ == "__main__":
+    main()

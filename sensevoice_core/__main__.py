@@ -1,0 +1,114 @@
+"""Command line: ``python -m sensevoice_core {transcribe,convert,random-demo} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sensevoice_core.audio import load_audio
+from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.loader import load_model
+from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
+from sensevoice_core.vocab import Language
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LANGUAGE_CHOICES = [lang.value for lang in Language if lang is not Language.NOSPEECH]
+
+
+def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOptions,
+                     as_json: bool) -> int:
+    """Print one line per file, in order; a file that cannot be read is reported and skipped."""
+    waveforms, readable, status = [], [], EXIT_OK
+    for name in files:
+        try:
+            waveforms.append(load_audio(name))
+            readable.append(name)
+        except SenseVoiceError as e:
+            status = EXIT_FAILED
+            print(json.dumps({"file": name, "error": str(e)}) if as_json else f"error: {e}",
+                  file=sys.stdout if as_json else sys.stderr)
+    for name, result in zip(readable, model.transcribe_waveforms(waveforms, options)):
+        if as_json:
+            print(json.dumps({"file": name, **result.to_dict()}, ensure_ascii=False))
+        else:
+            print(f"{name}\t{result.rich_text}" if len(files) > 1 else result.rich_text)
+    return status
+
+
+def command_transcribe(args: argparse.Namespace) -> int:
+    model = load_model(args.model, device=args.device)
+    options = TranscribeOptions.create(args.language, args.itn)
+    return transcribe_files(model, args.files, options, args.json)
+
+
+def command_convert(args: argparse.Namespace) -> int:
+    from sensevoice_core.hf import convert_official_to_hf  # transformers is slow to import
+
+    target = convert_official_to_hf(args.source, args.target)
+    print(f"wrote {target.resolve()} (config.json, model.safetensors, tokenizer.model, am.mvn)")
+    return EXIT_OK
+
+
+def command_random_demo(args: argparse.Namespace) -> int:
+    from sensevoice_core.random_model import write_random_model
+
+    print("NOTE: this model has RANDOM weights; it shows the pipeline runs end to end, "
+          "and its output is noise.", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = load_model(write_random_model(Path(scratch) / "random-model"))
+        options = TranscribeOptions.create(args.language, args.itn)
+        return transcribe_files(model, args.files, options, as_json=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sensevoice_core",
+                                     description="SenseVoice Small speech recognition.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files")
+    transcribe.add_argument("--model", required=True, type=Path,
+                            help="model directory: FunASR release or converted (hf) layout")
+    transcribe.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3)")
+    transcribe.add_argument("--device", default="cpu")
+    transcribe.set_defaults(handler=command_transcribe)
+
+    convert = commands.add_parser("convert",
+                                  help="convert a FunASR release directory to the hf layout")
+    convert.add_argument("source", type=Path, help="directory with model.pt + config.yaml")
+    convert.add_argument("target", type=Path, help="new directory to write")
+    convert.set_defaults(handler=command_convert)
+
+    demo = commands.add_parser("random-demo",
+                               help="run the pipeline on a freshly generated RANDOM model")
+    demo.add_argument("files", nargs="+")
+    demo.set_defaults(handler=command_random_demo)
+
+    for sub in (transcribe, demo):
+        sub.add_argument("--language", default="auto", choices=LANGUAGE_CHOICES)
+        sub.add_argument("--itn", action="store_true",
+                         help="inverse text normalisation: numerals and punctuation")
+    transcribe.add_argument("--json", action="store_true",
+                            help="one JSON object per file (raw, text, language, emotion, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return args.handler(args)
+    except SenseVoiceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Every form of audio input becomes one float32 mono 16 kHz tensor, here and only here.
+
+Decoding uses soundfile (libsndfile reads wav, flac, ogg/vorbis/opus and mp3 in memory, with
+no ffmpeg and no temp files); resampling uses torchaudio's windowed-sinc resampler.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional
+
+from sensevoice_core.errors import AudioError
+
+SAMPLE_RATE = 16000
+
+AudioInput = Union[str, Path, bytes, np.ndarray, torch.Tensor]
+
+
+def describe(audio: AudioInput) -> str:
+    """A short name for an input, for error messages."""
+    if isinstance(audio, (str, Path)):
+        return str(audio)
+    if isinstance(audio, bytes):
+        return f"<{len(audio)} bytes of audio>"
+    return f"<array of shape {tuple(audio.shape)}>"
+
+
+def _read_file(audio: str | Path | bytes, source: str) -> tuple[np.ndarray, int]:
+    if isinstance(audio, (str, Path)):
+        path = Path(audio).expanduser()
+        if not path.is_file():
+            raise AudioError(source, "no such file")
+        target: Path | io.BytesIO = path
+    else:
+        if not audio:
+            raise AudioError(source, "empty input")
+        target = io.BytesIO(audio)
+    try:
+        samples, sample_rate = soundfile.read(target, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioError(
+            source, f"cannot decode audio ({e}); expected wav, flac, ogg or mp3"
+        ) from e
+    return samples, sample_rate  # samples: (frames, channels)
+
+
+def _as_frames_by_channels(samples: np.ndarray, source: str) -> np.ndarray:
+    if samples.ndim == 1:
+        return samples[:, None]
+    if samples.ndim != 2:
+        raise AudioError(source, f"expected a 1-D or 2-D array, found {samples.ndim}-D")
+    # soundfile's layout is (frames, channels); accept (channels, frames) too when unambiguous.
+    if samples.shape[0] <= 8 < samples.shape[1]:
+        return samples.T
+    return samples
+
+
+def _to_float32(samples: np.ndarray, source: str) -> np.ndarray:
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / 32768.0
+    if samples.dtype == np.int32:
+        return samples.astype(np.float32) / 2147483648.0
+    if samples.dtype == np.uint8:
+        return (samples.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(samples.dtype, np.floating):
+        return samples.astype(np.float32, copy=False)
+    raise AudioError(source, f"unsupported sample type {samples.dtype}; expected float or int16/32")
+
+
+def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Decode, downmix and resample any supported input to a (samples,) float32 16 kHz tensor.
+
+    Args:
+        audio: a file path, the bytes of an audio file, or an array of samples shaped
+            (samples,), (samples, channels) or (channels, samples).
+        sample_rate: the rate of an array input; ignored for files and bytes, which carry their own.
+    """
+    source = describe(audio)
+    if isinstance(audio, (str, Path, bytes)):
+        samples, sample_rate = _read_file(audio, source)
+    else:
+        array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else audio
+        samples = _to_float32(_as_frames_by_channels(np.asarray(array), source), source)
+    if sample_rate <= 0:
+        raise AudioError(source, f"invalid sample rate {sample_rate}")
+    if samples.shape[0] == 0 or samples.shape[1] == 0:
+        raise AudioError(source, "audio is empty (0 samples)")
+    if not np.isfinite(samples).all():
+        raise AudioError(source, "audio contains NaN or infinite samples")
+    mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
+    if sample_rate != SAMPLE_RATE:
+        mono = torchaudio.functional.resample(mono, sample_rate, SAMPLE_RATE)
+    return mono

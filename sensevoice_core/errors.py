@@ -1,0 +1,61 @@
+"""Typed errors. Each one names the file or input at fault and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SenseVoiceError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class ModelFileError(SenseVoiceError):
+    """A model directory or one of its files is missing or not what was expected."""
+
+    def __init__(self, path: Path | str, problem: str, expected: str = "", found: str = ""):
+        self.path = Path(path)
+        self.problem = problem
+        self.expected = expected
+        self.found = found
+        message = f"{self.path}: {problem}"
+        details = [f"expected {expected}"] if expected else []
+        details += [f"found {found}"] if found else []
+        if details:
+            message += f" ({', '.join(details)})"
+        super().__init__(message)
+
+
+class ConfigError(ModelFileError):
+    """A config file holds an unknown key or a value this implementation cannot honour."""
+
+
+class CheckpointMismatchError(ModelFileError):
+    """A checkpoint's tensors do not match the model built from its config."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        missing: list[str],
+        unexpected: list[str],
+        shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ):
+        self.missing = missing
+        self.unexpected = unexpected
+        self.shape_mismatches = shape_mismatches
+        lines = [f"missing key: {key}" for key in missing]
+        lines += [f"unexpected key: {key}" for key in unexpected]
+        lines += [
+            f"{key}: expected {tuple(expected)} found {tuple(found)}"
+            for key, expected, found in shape_mismatches
+        ]
+        problem = "checkpoint does not match the model config:\n  " + "\n  ".join(lines)
+        super().__init__(path, problem)
+
+
+class AudioError(SenseVoiceError):
+    """Audio could not be decoded, is empty, or holds non-finite samples."""
+
+    def __init__(self, source: str, problem: str):
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")

@@ -1,0 +1,192 @@
+"""Load a model directory in either layout into a ready SenseVoice.
+
+Layouts:
+  official  the FunASR release: model.pt (a pickled state_dict, read with weights_only=True),
+            config.yaml, am.mvn and chn_jpn_yue_eng_ko_spectok.bpe.model
+  hf        what ``python -m sensevoice_core convert`` and ``save_pretrained`` write:
+            config.json, model.safetensors, tokenizer.model and am.mvn
+
+Nothing from a model directory is ever imported or executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+
+from sensevoice_core.atomic import staged_directory
+from sensevoice_core.config import (
+    MODEL_TYPE,
+    FrontendConfig,
+    SenseVoiceDims,
+    config_json_fields,
+    read_config_json,
+    read_config_yaml,
+)
+from sensevoice_core.errors import CheckpointMismatchError, ModelFileError
+from sensevoice_core.frontend import CMVN
+from sensevoice_core.model import SenseVoiceSmall
+from sensevoice_core.pipeline import SenseVoice
+from sensevoice_core.tokenizer import Tokenizer
+
+OFFICIAL_TOKENIZER = "chn_jpn_yue_eng_ko_spectok.bpe.model"
+HF_TOKENIZER = "tokenizer.model"
+CMVN_FILE = "am.mvn"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    layout: str  # "official" or "hf"
+    directory: Path
+    weights: Path
+    config: Path
+    tokenizer: Path
+    cmvn: Path
+
+
+def _official_tokenizer_name(directory: Path) -> str:
+    """configuration.json may name the tokenizer file; otherwise the release's own name."""
+    configuration = directory / "configuration.json"
+    if configuration.is_file():
+        try:
+            metas = json.loads(configuration.read_text(encoding="utf-8"))["file_path_metas"]
+            name = metas["tokenizer_conf"]["bpemodel"]
+            if isinstance(name, str) and name and Path(name).name == name:
+                return name
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a malformed configuration.json does not matter: the default name follows
+    return OFFICIAL_TOKENIZER
+
+
+def model_files(model_dir: Path | str) -> ModelFiles:
+    """Identify the layout of a model directory and check that every file it needs exists."""
+    directory = Path(model_dir).expanduser()
+    if not directory.is_dir():
+        raise ModelFileError(directory, "model directory does not exist",
+                             expected="a directory with model.pt + config.yaml (FunASR release) "
+                                      "or config.json + model.safetensors")
+    if (directory / "config.json").is_file() or (directory / "model.safetensors").is_file():
+        files = ModelFiles("hf", directory, directory / "model.safetensors",
+                           directory / "config.json", directory / HF_TOKENIZER,
+                           directory / CMVN_FILE)
+    elif (directory / "model.pt").is_file() or (directory / "config.yaml").is_file():
+        files = ModelFiles("official", directory, directory / "model.pt",
+                           directory / "config.yaml",
+                           directory / _official_tokenizer_name(directory),
+                           directory / CMVN_FILE)
+    else:
+        present = sorted(p.name for p in directory.iterdir())[:10]
+        raise ModelFileError(directory, "not a SenseVoice model directory",
+                             expected="model.pt + config.yaml or config.json + model.safetensors",
+                             found=", ".join(present) or "an empty directory")
+    for role in ("weights", "config", "tokenizer", "cmvn"):
+        path: Path = getattr(files, role)
+        if not path.is_file():
+            raise ModelFileError(path, f"missing {role} file of the {files.layout} layout",
+                                 expected=path.name, found="no such file")
+    return files
+
+
+def check_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise CheckpointMismatchError listing every missing, unexpected or mis-shaped tensor."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state_dict.items()}
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    mismatched = [(key, expected[key], found[key]) for key in expected
+                  if key in found and expected[key] != found[key]]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(path, missing, unexpected, mismatched)
+
+
+def read_weights(files: ModelFiles) -> dict[str, torch.Tensor]:
+    try:
+        if files.layout == "official":
+            state_dict = torch.load(files.weights, map_location="cpu", weights_only=True)
+        else:
+            state_dict = load_safetensors(files.weights)
+    except (OSError, RuntimeError, SafetensorError, ValueError, EOFError,
+            pickle.UnpicklingError) as e:
+        # weights_only=True refuses any pickle that would construct objects or run code.
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(files.weights, f"cannot read weights: {first_line}") from e
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise ModelFileError(files.weights, "weights file is not a state_dict",
+                             expected="a mapping of names to tensors",
+                             found=type(state_dict).__name__)
+    return {key: value.float() for key, value in state_dict.items()}
+
+
+def read_dims(files: ModelFiles, tokenizer: Tokenizer) -> tuple[SenseVoiceDims, FrontendConfig]:
+    if files.layout == "official":
+        return read_config_yaml(files.config, vocab_size=tokenizer.vocab_size)
+    dims, frontend, _ = read_config_json(files.config)
+    if dims.vocab_size != tokenizer.vocab_size:
+        raise ModelFileError(files.tokenizer, "tokenizer does not match config.json vocab_size",
+                             expected=f"{dims.vocab_size} pieces",
+                             found=f"{tokenizer.vocab_size}")
+    return dims, frontend
+
+
+def build_model(
+    files: ModelFiles, dims: SenseVoiceDims, state_dict: Mapping[str, torch.Tensor]
+) -> SenseVoiceSmall:
+    """Construct on the meta device (no random init), check strictly, then adopt the tensors."""
+    with torch.device("meta"):
+        model = SenseVoiceSmall(dims)
+    check_state_dict(files.weights, state_dict, model)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def load_model(model_dir: Path | str, device: str = "cpu") -> SenseVoice:
+    """Load a model directory of either layout (see module docstring) for inference."""
+    files = model_files(model_dir)
+    tokenizer = Tokenizer.from_file(files.tokenizer)
+    dims, frontend = read_dims(files, tokenizer)
+    cmvn = CMVN.from_kaldi_nnet(files.cmvn)
+    if cmvn.shift.numel() != dims.input_size:
+        raise ModelFileError(files.cmvn, "CMVN size does not match the features",
+                             expected=f"{dims.input_size} values (n_mels * lfr_m)",
+                             found=f"{cmvn.shift.numel()}")
+    model = build_model(files, dims, read_weights(files)).to(device)
+    return SenseVoice(model=model, tokenizer=tokenizer, cmvn=cmvn, frontend=frontend,
+                      model_dir=files.directory.resolve(), layout=files.layout)
+
+
+def save_model_dir(
+    target_dir: Path | str,
+    model: SenseVoiceSmall,
+    frontend: FrontendConfig,
+    tokenizer_file: Path,
+    cmvn: CMVN,
+) -> Path:
+    """Write the hf layout (what SenseVoiceForCTC.from_pretrained reads), atomically.
+
+    An existing hf-layout target is replaced only once the new directory is complete.
+    """
+    target = Path(target_dir).expanduser()
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise ModelFileError(target, "refusing to replace a directory that is not a model",
+                             expected="a new directory or an hf-layout model directory",
+                             found="other files")
+    with staged_directory(target, replace=True) as staging:
+        config = {"architectures": ["SenseVoiceForCTC"], "model_type": MODEL_TYPE,
+                  **config_json_fields(model.dims, frontend)}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+        save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        shutil.copyfile(tokenizer_file, staging / HF_TOKENIZER)
+        (staging / CMVN_FILE).write_text(cmvn.to_text(), encoding="utf-8")
+    return target

@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from model_factory import DATA, write_hf, write_official
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_official(tmp_path_factory.mktemp("models") / "official")
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_hf(tmp_path_factory.mktemp("models") / "hf")
