@@ -5,7 +5,8 @@ Run on the full-size random fixture (not in CI):
     python bench/rtf.py --model /tmp/sensevoice-full
 
 RTF = processing seconds / audio seconds (lower is faster), median of --repeats runs after a
-warm-up, whole pipeline for both (decoded waveform in, text out). The roofline is the FLOP
+warm-up, whole pipeline for both (decoded waveform in, text out); the runs being compared
+alternate, so machine noise affects them alike. The roofline is the FLOP
 count of one forward pass divided by the rate of a plain fp32 torch.matmul of the model's own
 GEMM shape, measured in the same run.
 """
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 from sensevoice_core import load_audio, load_model  # noqa: E402
 from sensevoice_core.config import SenseVoiceDims  # noqa: E402
+from sensevoice_core.frontend import compute_features  # noqa: E402
 from sensevoice_core.pipeline import TranscribeOptions  # noqa: E402
 from sensevoice_core.vocab import NUM_PROMPT_FRAMES  # noqa: E402
 
@@ -33,14 +35,18 @@ CLIP = Path(__file__).resolve().parent.parent / "tests" / "data" / "en.mp3"
 SAMPLE_RATE = 16000
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: first-call allocations and kernel selection
-    times = []
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run. Runs alternate within each round, so a slow spell on a
+    shared machine hits all of them alike and their ratios stay meaningful."""
+    for run in runs.values():
+        run()  # warm-up: first-call allocations and kernel selection
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def forward_flops(dims: SenseVoiceDims, frames: int) -> float:
@@ -55,10 +61,18 @@ def forward_flops(dims: SenseVoiceDims, frames: int) -> float:
     return 2.0 * (linear + attention + fsmn)
 
 
-def gemm_gflops(rows: int, inner: int, cols: int, repeats: int) -> float:
+GEMM_CALLS = 10  # matmuls per timed GEMM run, so one run lasts long enough to time
+
+
+def gemm_run(rows: int, inner: int, cols: int) -> tuple[Callable[[], object], float]:
+    """A run of GEMM_CALLS fp32 matmuls of the model's own shape, and its FLOP count."""
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
-    seconds = median_seconds(lambda: torch.matmul(a, b), repeats * 10)
-    return 2.0 * rows * inner * cols / seconds / 1e9
+
+    def run() -> None:
+        for _ in range(GEMM_CALLS):
+            torch.matmul(a, b)
+
+    return run, 2.0 * rows * inner * cols * GEMM_CALLS
 
 
 def clip_of(seconds: int) -> torch.Tensor:
@@ -93,33 +107,30 @@ def main() -> None:
     options = TranscribeOptions.create("auto", False)
     for seconds in args.seconds:
         waveform = clip_of(seconds)
-        ours_s = median_seconds(lambda: ours.transcribe_waveforms([waveform], options),
-                                args.repeats)
-        frames = ours.logits([ours_features := _features(ours, waveform)], options)[1].item() \
-            - NUM_PROMPT_FRAMES
-        del ours_features
-        flops = forward_flops(dims, frames)
-        gemm = gemm_gflops(frames + NUM_PROMPT_FRAMES, dims.output_size, dims.linear_units,
-                           args.repeats)
-        roofline_s = flops / (gemm * 1e9)
-        line = (f"{seconds:>3d} s audio: ours RTF {ours_s / seconds:.4f} ({ours_s:.3f} s), "
-                f"{flops / ours_s / 1e9:.0f} GFLOPS achieved vs GEMM {gemm:.0f} GFLOPS -> "
-                f"{ours_s / roofline_s:.2f}x the roofline time ({roofline_s:.3f} s)")
+        frames = compute_features(waveform, ours.frontend, ours.cmvn).shape[0]
+        gemm, gemm_flops = gemm_run(frames + NUM_PROMPT_FRAMES, dims.output_size,
+                                    dims.linear_units)
+        runs: dict[str, Callable[[], object]] = {
+            "ours": lambda: ours.transcribe_waveforms([waveform], options),
+            "gemm": gemm,
+        }
         if funasr_model is not None:
             samples = waveform.numpy()
-            funasr_s = median_seconds(
-                lambda: funasr_model.generate(input=samples, language="auto", use_itn=False,
-                                              disable_pbar=True),
-                args.repeats)
+            runs["funasr"] = lambda: funasr_model.generate(
+                input=samples, language="auto", use_itn=False, disable_pbar=True)
+        medians = interleaved_medians(runs, args.repeats)
+        ours_s = medians["ours"]
+        flops = forward_flops(dims, frames)
+        gemm_gflops = gemm_flops / medians["gemm"] / 1e9
+        roofline_s = flops / (gemm_gflops * 1e9)
+        line = (f"{seconds:>3d} s audio: ours RTF {ours_s / seconds:.4f} ({ours_s:.3f} s), "
+                f"{flops / ours_s / 1e9:.0f} GFLOPS achieved vs GEMM {gemm_gflops:.0f} GFLOPS "
+                f"-> {ours_s / roofline_s:.2f}x the roofline time ({roofline_s:.3f} s)")
+        if "funasr" in medians:
+            funasr_s = medians["funasr"]
             line += (f"; FunASR RTF {funasr_s / seconds:.4f} ({funasr_s:.3f} s), "
                      f"ours {funasr_s / ours_s:.2f}x faster")
         print(line, flush=True)
-
-
-def _features(model, waveform: torch.Tensor) -> torch.Tensor:
-    from sensevoice_core.frontend import compute_features
-
-    return compute_features(waveform, model.frontend, model.cmvn)
 
 
 if __name__ == "__main__":

@@ -22,22 +22,25 @@ LANGUAGE_CHOICES = [lang.value for lang in Language if lang is not Language.NOSP
 
 def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOptions,
                      as_json: bool) -> int:
-    """Print one line per file, in order; a file that cannot be read is reported and skipped."""
-    waveforms, readable, status = [], [], EXIT_OK
-    for name in files:
+    """Print one line per file, in input order; a file that cannot be read is reported in its
+    place (exit status 1) and the others are still transcribed."""
+    waveforms, errors = {}, {}
+    for index, name in enumerate(files):
         try:
-            waveforms.append(load_audio(name))
-            readable.append(name)
+            waveforms[index] = load_audio(name)
         except SenseVoiceError as e:
-            status = EXIT_FAILED
-            print(json.dumps({"file": name, "error": str(e)}) if as_json else f"error: {e}",
-                  file=sys.stdout if as_json else sys.stderr)
-    for name, result in zip(readable, model.transcribe_waveforms(waveforms, options)):
-        if as_json:
-            print(json.dumps({"file": name, **result.to_dict()}, ensure_ascii=False))
+            errors[index] = str(e)
+    results = dict(zip(waveforms, model.transcribe_waveforms(list(waveforms.values()), options)))
+    for index, name in enumerate(files):
+        if index in errors:
+            print(json.dumps({"file": name, "error": errors[index]}) if as_json
+                  else f"error: {errors[index]}", file=sys.stdout if as_json else sys.stderr)
+        elif as_json:
+            print(json.dumps({"file": name, **results[index].to_dict()}, ensure_ascii=False))
         else:
-            print(f"{name}\t{result.rich_text}" if len(files) > 1 else result.rich_text)
-    return status
+            text = results[index].rich_text
+            print(f"{name}\t{text}" if len(files) > 1 else text)
+    return EXIT_FAILED if errors else EXIT_OK
 
 
 def command_transcribe(args: argparse.Namespace) -> int:

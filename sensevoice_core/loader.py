@@ -143,8 +143,7 @@ def build_model(
     files: ModelFiles, dims: SenseVoiceDims, state_dict: Mapping[str, torch.Tensor]
 ) -> SenseVoiceSmall:
     """Construct on the meta device (no random init), check strictly, then adopt the tensors."""
-    with torch.device("meta"):
-        model = SenseVoiceSmall(dims)
+    model = SenseVoiceSmall(dims, device="meta")
     check_state_dict(files.weights, state_dict, model)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()

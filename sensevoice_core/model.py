@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from sensevoice_core.config import SenseVoiceDims
 from sensevoice_core.vocab import EMOTION_QUERY_ROW, EVENT_QUERY_ROW, NUM_PROMPT_FRAMES
 
+Device = torch.device | str | None
+
 
 @lru_cache(maxsize=8)
 def _position_table(length: int, depth: int) -> Tensor:
@@ -42,13 +44,14 @@ def sinusoidal_positions(length: int, depth: int) -> Tensor:
 class SANMAttention(nn.Module):
     """Multi-head self-attention plus an FSMN memory block over the values (SAN-M)."""
 
-    def __init__(self, in_size: int, d: int, heads: int, kernel_size: int, sanm_shift: int):
+    def __init__(self, in_size: int, d: int, heads: int, kernel_size: int, sanm_shift: int,
+                 device: Device = None):
         super().__init__()
         self.heads = heads
         self.d = d
-        self.linear_q_k_v = nn.Linear(in_size, 3 * d)
-        self.linear_out = nn.Linear(d, d)
-        self.fsmn_block = nn.Conv1d(d, d, kernel_size, groups=d, bias=False)
+        self.linear_q_k_v = nn.Linear(in_size, 3 * d, device=device)
+        self.linear_out = nn.Linear(d, d, device=device)
+        self.fsmn_block = nn.Conv1d(d, d, kernel_size, groups=d, bias=False, device=device)
         # A centred window of kernel_size frames; sanm_shift moves it into the past
         # (more left context) for streaming variants. SenseVoice Small uses 0.
         self.left_padding = (kernel_size - 1) // 2 + sanm_shift
@@ -90,10 +93,10 @@ class SANMAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d: int, hidden: int):
+    def __init__(self, d: int, hidden: int, device: Device = None):
         super().__init__()
-        self.w_1 = nn.Linear(d, hidden)
-        self.w_2 = nn.Linear(hidden, d)
+        self.w_1 = nn.Linear(d, hidden, device=device)
+        self.w_2 = nn.Linear(hidden, d, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(F.relu(self.w_1(x), inplace=True))
@@ -102,14 +105,14 @@ class FeedForward(nn.Module):
 class SANMEncoderLayer(nn.Module):
     """Pre-norm block. The first block changes width (560 -> d), so it has no attention residual."""
 
-    def __init__(self, in_size: int, dims: SenseVoiceDims):
+    def __init__(self, in_size: int, dims: SenseVoiceDims, device: Device = None):
         super().__init__()
         d = dims.output_size
         self.self_attn = SANMAttention(in_size, d, dims.attention_heads, dims.kernel_size,
-                                       dims.sanm_shift)
-        self.feed_forward = FeedForward(d, dims.linear_units)
-        self.norm1 = nn.LayerNorm(in_size)
-        self.norm2 = nn.LayerNorm(d)
+                                       dims.sanm_shift, device)
+        self.feed_forward = FeedForward(d, dims.linear_units, device)
+        self.norm1 = nn.LayerNorm(in_size, device=device)
+        self.norm2 = nn.LayerNorm(d, device=device)
         self.attention_residual = in_size == d
 
     def forward(self, x: Tensor, pad_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor:
@@ -119,18 +122,19 @@ class SANMEncoderLayer(nn.Module):
 
 
 class SenseVoiceEncoder(nn.Module):
-    def __init__(self, dims: SenseVoiceDims):
+    def __init__(self, dims: SenseVoiceDims, device: Device = None):
         super().__init__()
-        self.output_size = dims.output_size
-        self.encoders0 = nn.ModuleList([SANMEncoderLayer(dims.input_size, dims)])
+        d = dims.output_size
+        self.output_size = d
+        self.encoders0 = nn.ModuleList([SANMEncoderLayer(dims.input_size, dims, device)])
         self.encoders = nn.ModuleList(
-            [SANMEncoderLayer(dims.output_size, dims) for _ in range(dims.num_blocks - 1)]
+            [SANMEncoderLayer(d, dims, device) for _ in range(dims.num_blocks - 1)]
         )
-        self.after_norm = nn.LayerNorm(dims.output_size)
+        self.after_norm = nn.LayerNorm(d, device=device)
         self.tp_encoders = nn.ModuleList(
-            [SANMEncoderLayer(dims.output_size, dims) for _ in range(dims.tp_blocks)]
+            [SANMEncoderLayer(d, dims, device) for _ in range(dims.tp_blocks)]
         )
-        self.tp_norm = nn.LayerNorm(dims.output_size)
+        self.tp_norm = nn.LayerNorm(d, device=device)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """x: (B, T, input_size), lengths: (B,) -> (B, T, output_size)."""
@@ -151,17 +155,28 @@ class SenseVoiceEncoder(nn.Module):
 
 
 class CTCHead(nn.Module):
-    def __init__(self, d: int, vocab_size: int):
+    def __init__(self, d: int, vocab_size: int, device: Device = None):
         super().__init__()
-        self.ctc_lo = nn.Linear(d, vocab_size)
+        self.ctc_lo = nn.Linear(d, vocab_size, device=device)
 
 
-def build_layers(dims: SenseVoiceDims) -> tuple[SenseVoiceEncoder, CTCHead, nn.Embedding]:
-    """The three top-level modules, shared by SenseVoiceSmall and the transformers wrapper."""
+def build_layers(
+    dims: SenseVoiceDims, device: Device = None
+) -> tuple[SenseVoiceEncoder, CTCHead, nn.Embedding]:
+    """The three top-level modules, shared by SenseVoiceSmall and the transformers wrapper.
+
+    device="meta" builds the structure without memory or init, for loading weights into it.
+    Pass the device to the constructors rather than using a ``torch.device`` context: the
+    context routes factory calls through Python decompositions that import sympy and
+    torch._dynamo, about 2 s on the first construction in a process.
+    """
+    query_weight = torch.empty(dims.num_query_embeddings, dims.input_size, device=device)
+    if query_weight.device.type != "meta":
+        nn.init.normal_(query_weight)  # nn.Embedding's own init
     return (
-        SenseVoiceEncoder(dims),
-        CTCHead(dims.output_size, dims.vocab_size),
-        nn.Embedding(dims.num_query_embeddings, dims.input_size),
+        SenseVoiceEncoder(dims, device),
+        CTCHead(dims.output_size, dims.vocab_size, device),
+        nn.Embedding(dims.num_query_embeddings, dims.input_size, _weight=query_weight),
     )
 
 
@@ -192,10 +207,10 @@ def prompted_logits(
 
 
 class SenseVoiceSmall(nn.Module):
-    def __init__(self, dims: SenseVoiceDims):
+    def __init__(self, dims: SenseVoiceDims, device: Device = None):
         super().__init__()
         self.dims = dims
-        self.encoder, self.ctc, self.embed = build_layers(dims)
+        self.encoder, self.ctc, self.embed = build_layers(dims, device)
 
     def forward(
         self, features: Tensor, lengths: Tensor, language_rows: Tensor, text_norm_rows: Tensor
