@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from sensevoice_core.audio import load_audio
+from sensevoice_core.cache import load_sensevoice_cached
+from sensevoice_core.doctor import first_problem, run_checks
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.loader import load_model
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
+from sensevoice_core.settings import Settings
 from sensevoice_core.vocab import Language
+
+logger = logging.getLogger("sensevoice.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LANGUAGE_CHOICES = [lang.value for lang in Language if lang is not Language.NOSPEECH]
@@ -44,9 +51,27 @@ def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOpt
 
 
 def command_transcribe(args: argparse.Namespace) -> int:
-    model = load_model(args.model, device=args.device)
+    settings = Settings()
+    if args.device:
+        settings = settings.model_copy(update={"device": args.device})
+    model, report = load_sensevoice_cached(args.model, settings=settings)
+    logger.info("Loaded model %s", report.summary())
     options = TranscribeOptions.create(args.language, args.itn)
     return transcribe_files(model, args.files, options, args.json)
+
+
+def command_doctor(args: argparse.Namespace) -> int:
+    checks = run_checks(args.model, Settings(), verify=args.verify)
+    problem = first_problem(checks)
+    if args.json:
+        print(json.dumps({"healthy": problem is None,
+                          "first_problem": problem.name if problem else None,
+                          "checks": [asdict(check) for check in checks]}, indent=2))
+    else:
+        for check in checks:
+            print(f"[{'ok' if check.ok else 'PROBLEM'}] {check.name}: {check.detail}")
+        print("healthy" if problem is None else f"first problem: {problem.name}: {problem.detail}")
+    return EXIT_OK if problem is None else EXIT_FAILED
 
 
 def command_convert(args: argparse.Namespace) -> int:
@@ -75,12 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch (default: torch's choice)")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    model_help = ("model directory, FunASR release or converted (hf) layout; default: "
+                  "SENSEVOICE_MODEL_DIR, then ./model and the usual places")
     transcribe = commands.add_parser("transcribe", help="transcribe audio files")
-    transcribe.add_argument("--model", required=True, type=Path,
-                            help="model directory: FunASR release or converted (hf) layout")
+    transcribe.add_argument("--model", type=Path, help=model_help)
     transcribe.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3)")
-    transcribe.add_argument("--device", default="cpu")
+    transcribe.add_argument("--device", help="torch device (default: SENSEVOICE_DEVICE or cpu)")
     transcribe.set_defaults(handler=command_transcribe)
+
+    doctor = commands.add_parser("doctor", help="check model path, files, caches and settings")
+    doctor.add_argument("--model", type=Path, help=model_help)
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--verify", action="store_true",
+                        help="also hash every model file and the L2 snapshot (reads them all)")
+    doctor.set_defaults(handler=command_doctor)
 
     convert = commands.add_parser("convert",
                                   help="convert a FunASR release directory to the hf layout")
@@ -104,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:

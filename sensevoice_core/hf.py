@@ -91,7 +91,7 @@ def convert_official_to_hf(source_dir: Path | str, target_dir: Path | str) -> Pa
         raise ModelFileError(target, "target directory is not empty", expected="a new directory")
     tokenizer = Tokenizer.from_file(files.tokenizer)
     dims, frontend = read_dims(files, tokenizer)
-    core = build_model(files, dims, read_weights(files))  # strict checks happen here
+    core = build_model(files.weights, dims, read_weights(files))  # strict checks happen here
     hf_model = SenseVoiceForCTC(SenseVoiceConfig(dims=dims, frontend=frontend))
     hf_model.load_state_dict(core.state_dict(), strict=True)
     with staged_directory(target) as staging:

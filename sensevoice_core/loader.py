@@ -84,7 +84,10 @@ def model_files(model_dir: Path | str) -> ModelFiles:
                            directory / _official_tokenizer_name(directory),
                            directory / CMVN_FILE)
     else:
-        present = sorted(p.name for p in directory.iterdir())[:10]
+        try:
+            present = sorted(p.name for p in directory.iterdir())[:10]
+        except OSError as e:
+            raise ModelFileError(directory, f"cannot list model directory: {e.strerror}") from e
         raise ModelFileError(directory, "not a SenseVoice model directory",
                              expected="model.pt + config.yaml or config.json + model.safetensors",
                              found=", ".join(present) or "an empty directory")
@@ -139,13 +142,30 @@ def read_dims(files: ModelFiles, tokenizer: Tokenizer) -> tuple[SenseVoiceDims, 
     return dims, frontend
 
 
+def adopt_tensors(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """What ``load_state_dict(strict=True, assign=True)`` does for a checked state dict, minus
+    its per-module hook machinery (a third of an L2 load at full size): each tensor becomes
+    the parameter or buffer itself, without a copy. Call check_state_dict first."""
+    modules = dict(model.named_modules())
+    for key, tensor in state_dict.items():
+        module_name, _, name = key.rpartition(".")
+        module = modules[module_name]
+        if name in module._parameters:
+            setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))
+        else:
+            module.register_buffer(name, tensor)
+
+
 def build_model(
-    files: ModelFiles, dims: SenseVoiceDims, state_dict: Mapping[str, torch.Tensor]
+    path: Path, dims: SenseVoiceDims, state_dict: Mapping[str, torch.Tensor]
 ) -> SenseVoiceSmall:
-    """Construct on the meta device (no random init), check strictly, then adopt the tensors."""
+    """Construct on the meta device (no memory, no init), check strictly, adopt the tensors.
+
+    path names the weights file in errors.
+    """
     model = SenseVoiceSmall(dims, device="meta")
-    check_state_dict(files.weights, state_dict, model)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    check_state_dict(path, state_dict, model)
+    adopt_tensors(model, state_dict)
     return model.eval()
 
 
@@ -159,7 +179,9 @@ def load_model(model_dir: Path | str, device: str = "cpu") -> SenseVoice:
         raise ModelFileError(files.cmvn, "CMVN size does not match the features",
                              expected=f"{dims.input_size} values (n_mels * lfr_m)",
                              found=f"{cmvn.shift.numel()}")
-    model = build_model(files, dims, read_weights(files)).to(device)
+    model = build_model(files.weights, dims, read_weights(files))
+    if torch.device(device) != torch.device("cpu"):
+        model = model.to(device)
     return SenseVoice(model=model, tokenizer=tokenizer, cmvn=cmvn, frontend=frontend,
                       model_dir=files.directory.resolve(), layout=files.layout)
 

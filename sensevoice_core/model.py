@@ -22,6 +22,26 @@ from sensevoice_core.vocab import EMOTION_QUERY_ROW, EVENT_QUERY_ROW, NUM_PROMPT
 Device = torch.device | str | None
 
 
+# Layers built on the meta device (to receive loaded weights) skip their random init: on
+# meta it computes nothing, yet costs more than half of a full-size model's construction.
+class Linear(nn.Linear):
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class LayerNorm(nn.LayerNorm):
+    def reset_parameters(self) -> None:
+        if self.weight is None or not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Conv1d(nn.Conv1d):
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 @lru_cache(maxsize=8)
 def _position_table(length: int, depth: int) -> Tensor:
     """FunASR's sinusoidal encoding for positions 1..length, shape (length, depth), float32.
@@ -49,9 +69,9 @@ class SANMAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.d = d
-        self.linear_q_k_v = nn.Linear(in_size, 3 * d, device=device)
-        self.linear_out = nn.Linear(d, d, device=device)
-        self.fsmn_block = nn.Conv1d(d, d, kernel_size, groups=d, bias=False, device=device)
+        self.linear_q_k_v = Linear(in_size, 3 * d, device=device)
+        self.linear_out = Linear(d, d, device=device)
+        self.fsmn_block = Conv1d(d, d, kernel_size, groups=d, bias=False, device=device)
         # A centred window of kernel_size frames; sanm_shift moves it into the past
         # (more left context) for streaming variants. SenseVoice Small uses 0.
         self.left_padding = (kernel_size - 1) // 2 + sanm_shift
@@ -95,8 +115,8 @@ class SANMAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, d: int, hidden: int, device: Device = None):
         super().__init__()
-        self.w_1 = nn.Linear(d, hidden, device=device)
-        self.w_2 = nn.Linear(hidden, d, device=device)
+        self.w_1 = Linear(d, hidden, device=device)
+        self.w_2 = Linear(hidden, d, device=device)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(F.relu(self.w_1(x), inplace=True))
@@ -111,8 +131,8 @@ class SANMEncoderLayer(nn.Module):
         self.self_attn = SANMAttention(in_size, d, dims.attention_heads, dims.kernel_size,
                                        dims.sanm_shift, device)
         self.feed_forward = FeedForward(d, dims.linear_units, device)
-        self.norm1 = nn.LayerNorm(in_size, device=device)
-        self.norm2 = nn.LayerNorm(d, device=device)
+        self.norm1 = LayerNorm(in_size, device=device)
+        self.norm2 = LayerNorm(d, device=device)
         self.attention_residual = in_size == d
 
     def forward(self, x: Tensor, pad_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor:
@@ -130,11 +150,11 @@ class SenseVoiceEncoder(nn.Module):
         self.encoders = nn.ModuleList(
             [SANMEncoderLayer(d, dims, device) for _ in range(dims.num_blocks - 1)]
         )
-        self.after_norm = nn.LayerNorm(d, device=device)
+        self.after_norm = LayerNorm(d, device=device)
         self.tp_encoders = nn.ModuleList(
             [SANMEncoderLayer(d, dims, device) for _ in range(dims.tp_blocks)]
         )
-        self.tp_norm = nn.LayerNorm(d, device=device)
+        self.tp_norm = LayerNorm(d, device=device)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """x: (B, T, input_size), lengths: (B,) -> (B, T, output_size)."""
@@ -157,7 +177,7 @@ class SenseVoiceEncoder(nn.Module):
 class CTCHead(nn.Module):
     def __init__(self, d: int, vocab_size: int, device: Device = None):
         super().__init__()
-        self.ctc_lo = nn.Linear(d, vocab_size, device=device)
+        self.ctc_lo = Linear(d, vocab_size, device=device)
 
 
 def build_layers(

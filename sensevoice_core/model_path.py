@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensevoice_core.errors import ModelFileError
-from sensevoice_core.loader import model_files
+from sensevoice_core.loader import HF_TOKENIZER, OFFICIAL_TOKENIZER, model_files
 
 MISSPELLINGS = ("models", "Model", "Models", "model_dir", "sensevoice_model")
-MODEL_NAMES = ("SenseVoiceSmall", "iic/SenseVoiceSmall", "FunAudioLLM/SenseVoiceSmall")
+MODEL_FILE_NAMES = {
+    "model.pt", "config.yaml", "configuration.json", "am.mvn", OFFICIAL_TOKENIZER,
+    "config.json", "model.safetensors", HF_TOKENIZER,
+}
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,13 @@ def _check(source: str, path: Path) -> Candidate:
         return Candidate(source, path, True, f"{files.layout} layout", files.layout)
     except ModelFileError as direct_error:
         if not path.is_dir():
-            return Candidate(source, path, False, "no such directory")
-        nested = [child for child in sorted(path.iterdir())
-                  if child.is_dir() and not child.name.startswith(".")]
+            reason = "a file, not a directory" if path.is_file() else "no such directory"
+            return Candidate(source, path, False, reason)
+        try:
+            nested = [child for child in sorted(path.iterdir())
+                      if child.is_dir() and not child.name.startswith(".")]
+        except OSError as e:
+            return Candidate(source, path, False, f"cannot list it ({e.strerror})")
         found = []
         for child in nested:
             try:
@@ -60,12 +67,32 @@ def _reason(error: ModelFileError) -> str:
     return error.problem + (f": found {error.found}" if error.found else "")
 
 
-def _resolve(raw: str | Path, base: Path) -> Path:
-    path = Path(os.path.expanduser(str(raw).strip()))
+def _resolve(raw: str | Path, base: Path, home: Path) -> Path:
+    text = str(raw).strip()
+    if text == "~" or text.startswith("~/"):
+        text = str(home) + text[1:]
+    path = Path(text)
     path = path if path.is_absolute() else base / path
-    if path.is_file():  # a file inside the model directory, e.g. model/model.pt
+    # A model file given instead of its directory (model/model.pt); any other file stays a
+    # file, and is rejected, so an explicit path is never swapped for its surroundings.
+    if path.name in MODEL_FILE_NAMES and path.is_file():
         path = path.parent
     return Path(os.path.normpath(path))
+
+
+def _newest_first(directory: Path) -> list[Path]:
+    """Entries by mtime, newest first; unreadable or dangling entries are skipped."""
+    dated = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            dated.append((entry.stat().st_mtime, entry))
+        except OSError:
+            continue
+    return [entry for _, entry in sorted(dated, reverse=True)]
 
 
 def _hub_caches(home: Path) -> list[tuple[str, Path]]:
@@ -77,11 +104,8 @@ def _hub_caches(home: Path) -> list[tuple[str, Path]]:
     hf_home = Path(os.environ.get("HF_HOME", home / ".cache" / "huggingface"))
     hf_hub = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
     snapshots = hf_hub / "models--FunAudioLLM--SenseVoiceSmall" / "snapshots"
-    if snapshots.is_dir():
-        newest_first = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        places += [("Hugging Face cache", snapshot) for snapshot in newest_first]
-    else:
-        places.append(("Hugging Face cache", snapshots))
+    newest_first = _newest_first(snapshots) if snapshots.is_dir() else []
+    places += [("Hugging Face cache", snapshot) for snapshot in newest_first or [snapshots]]
     return places
 
 
@@ -97,9 +121,9 @@ def diagnose_model_paths(
     home = home or Path.home()
     places: list[tuple[str, Path]] = []
     if hint is not None and str(hint).strip():
-        places.append(("hint", _resolve(hint, base)))
+        places.append(("hint", _resolve(hint, base, home)))
     if env_model_dir is not None and str(env_model_dir).strip():
-        places.append(("SENSEVOICE_MODEL_DIR", _resolve(env_model_dir, base)))
+        places.append(("SENSEVOICE_MODEL_DIR", _resolve(env_model_dir, base, home)))
     places.append(("./model", base / "model"))
     places += [(f"./{name} (misspelling)", base / name) for name in MISSPELLINGS]
     places += _hub_caches(home)

@@ -45,6 +45,7 @@ class PathRecord(BaseModel):
     files: dict[str, FileRecord]  # role -> record, roles as in ROLES
     code_version: str
     fingerprint: str
+    snapshot: FileRecord | None = None  # the L2 file built from these files, as last seen
 
     def short_ids(self) -> dict[str, str]:
         """8-hex ids for log lines: config, weights, code."""
@@ -121,8 +122,12 @@ class PathCache:
                                        mtime_ns=stat.st_mtime_ns, sha256=sha256_file(path))
         if unchanged and cached is not None:
             return cached, True
+        fingerprint = fingerprint_of(records, version)
+        # Touched but identical files keep their fingerprint, and with it the known snapshot.
+        snapshot = cached.snapshot if cached and cached.fingerprint == fingerprint else None
         return PathRecord(model_dir=model_dir, layout=files.layout, files=records,
-                          code_version=version, fingerprint=fingerprint_of(records, version)), False
+                          code_version=version, fingerprint=fingerprint,
+                          snapshot=snapshot), False
 
     def store(self, record: PathRecord) -> None:
         """Record this model as the last one resolved. Raises OSError if the cache is not writable."""

@@ -28,6 +28,16 @@ class Tokenizer:
                                  expected="a sentencepiece .model file") from e
         return cls(path=path, processor=processor)
 
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path) -> Tokenizer:
+        """A tokenizer from a serialized model; path is only a label for errors and logs."""
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(data)
+        except (RuntimeError, TypeError) as e:
+            raise ModelFileError(path, f"cannot load sentencepiece model: {e}") from e
+        return cls(path=path, processor=processor)
+
     @property
     def vocab_size(self) -> int:
         return self.processor.GetPieceSize()

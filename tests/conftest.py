@@ -10,6 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test and subprocess caches under a temporary directory, never the repo's cache/."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    os.environ["SENSEVOICE_CACHE_DIR"] = str(cache_dir)
+    os.environ.pop("SENSEVOICE_MODEL_DIR", None)
+    return cache_dir
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

@@ -1,0 +1,289 @@
+"""The three-level model cache: L1 in memory, L2 snapshot on disk, L3 path + checksums.
+
+``load_sensevoice_cached`` follows the seed's six steps: L3 check -> L2 -> repair -> strict
+local load -> write L2 + L3 -> return. A cache that cannot be read or written degrades to a
+logged warning and a direct load; it never stops a model from loading.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from sensevoice_core.errors import ModelFileError
+from sensevoice_core.loader import ModelFiles, load_model, model_files
+from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
+from sensevoice_core.path_cache import FileRecord, PathCache, PathRecord
+from sensevoice_core.pipeline import SenseVoice
+from sensevoice_core.settings import Settings
+from sensevoice_core.snapshot import (
+    SnapshotError,
+    load_snapshot,
+    read_header,
+    snapshot_path,
+    verify_data,
+    write_snapshot,
+)
+
+logger = logging.getLogger("sensevoice.cache")
+
+SNAPSHOT_LOCK_TIMEOUT_S = 300.0  # another process building the same snapshot
+
+
+@dataclass
+class LoadReport:
+    level: str  # "L1" (already in memory), "L2" (snapshot) or "fresh" (model directory)
+    model_dir: Path
+    layout: str
+    fingerprint: str
+    short_ids: dict[str, str]  # config / weights / code, 8 hex each, for log lines
+    snapshot: Path | None  # the L2 file used or written, None when L2 is off or failed
+    steps_s: dict[str, float] = field(default_factory=dict)  # seconds per step
+    bytes_read: int = 0  # bytes hashed or loaded from disk (an L2 map reads only the header)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.steps_s.values())
+
+    def summary(self) -> str:
+        ids = ", ".join(f"{key}: {value}" for key, value in self.short_ids.items())
+        source = {"L1": "L1 (already loaded)", "L2": "L2", "fresh": "a fresh load"}[self.level]
+        return f"{self.model_dir} ({ids}) in {self.total_s:.2f} s via {source}"
+
+
+class ModelHolder:
+    """L1: the model a process serves, swapped atomically; the old one is released after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._model: SenseVoice | None = None
+        self._report: LoadReport | None = None
+
+    def get_model(self) -> SenseVoice | None:
+        with self._lock:
+            return self._model
+
+    @property
+    def report(self) -> LoadReport | None:
+        with self._lock:
+            return self._report
+
+    @property
+    def fingerprint(self) -> str | None:
+        report = self.report
+        return report.fingerprint if report else None
+
+    def swap_model(self, model: SenseVoice, report: LoadReport) -> None:
+        with self._lock:
+            old, self._model, self._report = self._model, model, report
+        del old  # callers still using it keep it alive until they finish
+        gc.collect()
+
+
+class _StepTimer:
+    def __init__(self, steps: dict[str, float]):
+        self.steps = steps
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - start
+
+
+def resolve_model_dir(path: str | Path | None, settings: Settings) -> ModelFiles:
+    """Steps 1 and 3: the hint or SENSEVOICE_MODEL_DIR or the usual places, repaired."""
+    model_dir = find_or_fix_model_path(path, settings.model_dir)
+    if model_dir is None:
+        candidates = diagnose_model_paths(path, settings.model_dir)
+        asked = path if path is not None else settings.model_dir
+        rejected = "; ".join(f"{c.source} {c.path}: {c.reason}"
+                             for c in candidates if not c.accepted)
+        raise ModelFileError(asked or Path("model"), "no usable model directory",
+                             expected="a SenseVoice model (run `python -m sensevoice_core "
+                                      "doctor` for details)",
+                             found=rejected)
+    return model_files(model_dir)
+
+
+def _snapshot_trusted(record: PathRecord, path: Path) -> bool:
+    """True when L3 saw this exact snapshot file (same size and mtime) when it was written."""
+    if record.snapshot is None or record.snapshot.path != str(path):
+        return False
+    stat = path.stat()
+    return stat.st_size == record.snapshot.size and stat.st_mtime_ns == record.snapshot.mtime_ns
+
+
+def _file_record(path: Path, sha256: str) -> FileRecord:
+    stat = path.stat()
+    return FileRecord(path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=sha256)
+
+
+def _discard(path: Path, reason: str, report: LoadReport) -> None:
+    message = f"L2 snapshot {path} discarded ({reason}); rebuilding it from the model directory"
+    logger.warning(message)
+    report.warnings.append(message)
+    path.unlink(missing_ok=True)
+
+
+def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
+                       report: LoadReport) -> SenseVoice | None:
+    try:
+        if not _snapshot_trusted(record, path):
+            verify_data(path)  # unknown to L3: read it all once before trusting it
+            report.bytes_read += path.stat().st_size
+            _, metadata, _ = read_header(path)
+            record.snapshot = _file_record(path, metadata["data_sha256"])
+        return load_snapshot(path, record.fingerprint, settings.device)
+    except (SnapshotError, ModelFileError, OSError) as e:
+        _discard(path, str(e), report)
+        record.snapshot = None
+        return None
+
+
+def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings: Settings,
+                    report: LoadReport) -> None:
+    """Write L2 under a lock; a second process arriving meanwhile reuses the finished file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.with_suffix(".lock")), timeout=SNAPSHOT_LOCK_TIMEOUT_S):
+            try:
+                _, metadata, _ = read_header(path)
+                if metadata.get("fingerprint") == record.fingerprint:
+                    record.snapshot = _file_record(path, metadata["data_sha256"])
+                    return
+            except SnapshotError:
+                pass  # absent or broken: (re)write it
+            data_sha256 = write_snapshot(path, model, {"fingerprint": record.fingerprint,
+                                                       "code_version": record.code_version})
+            record.snapshot = _file_record(path, data_sha256)
+        prune_snapshots(path.parent, settings.keep_snapshots, keep=path)
+        report.snapshot = path
+    except (OSError, Timeout) as e:
+        message = (f"cannot write L2 snapshot {path} ({e}); serving from a direct load. "
+                   f"Fix: make {settings.cache_dir} writable with free space, or set "
+                   f"SENSEVOICE_DISABLE_CACHE=true")
+        logger.warning(message)
+        report.warnings.append(message)
+        report.snapshot = None
+
+
+def prune_snapshots(directory: Path, keep_count: int, keep: Path) -> list[Path]:
+    """Delete all but the newest keep_count snapshots; never the one just used."""
+    snapshots = sorted(directory.glob("sensevoice-*.safetensors"),
+                       key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    removed = []
+    for old in [p for p in snapshots if p != keep][max(keep_count - 1, 0):]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".lock").unlink(missing_ok=True)
+        removed.append(old)
+    return removed
+
+
+def load_sensevoice_cached(
+    path: str | Path | None = None,
+    force_fresh: bool = False,
+    settings: Settings | None = None,
+    holder: ModelHolder | None = None,
+) -> tuple[SenseVoice, LoadReport]:
+    """Load the model through L1 / L2 / a fresh load, and say which and how long each step took.
+
+    Args:
+        path: model directory; None means SENSEVOICE_MODEL_DIR, then ./model and the usual places.
+        force_fresh: forget this model's L2/L3 entries and load from the model directory.
+        settings: cache location and switches; None reads SENSEVOICE_* from the environment.
+        holder: an L1 holder; if it already holds this exact model, that model is returned.
+    """
+    settings = settings or Settings()
+    steps: dict[str, float] = {}
+    timer = _StepTimer(steps)
+    with timer("resolve"):
+        files = resolve_model_dir(path, settings)
+    path_cache = PathCache(settings.cache_dir)
+    with timer("l3"):
+        if force_fresh:
+            _forget(path_cache, files, settings)
+        record, l3_hit = path_cache.record_for(files)
+    report = LoadReport(level="fresh", model_dir=files.directory.resolve(), layout=files.layout,
+                        fingerprint=record.fingerprint, short_ids=record.short_ids(),
+                        snapshot=None, steps_s=steps, bytes_read=path_cache.bytes_hashed)
+
+    if holder is not None and not force_fresh and holder.fingerprint == record.fingerprint:
+        model = holder.get_model()
+        if model is not None:
+            report.level = "L1"
+            return model, report
+
+    use_l2 = not settings.disable_cache
+    snapshot = snapshot_path(settings.cache_dir, record.fingerprint)
+    if force_fresh and use_l2:
+        snapshot.unlink(missing_ok=True)
+        record.snapshot = None
+    model = None
+    if use_l2 and snapshot.is_file():
+        with timer("l2"):
+            model = _try_load_snapshot(snapshot, record, settings, report)
+        if model is not None:
+            report.level, report.snapshot = "L2", snapshot
+    if model is None:
+        with timer("load"):
+            model = load_model(files.directory, settings.device)
+        report.bytes_read += sum(getattr(files, role).stat().st_size
+                                 for role in ("weights", "config", "tokenizer", "cmvn"))
+        if use_l2:
+            with timer("write_l2"):
+                _write_snapshot(snapshot, model, record, settings, report)
+            if report.snapshot is not None:
+                # Serve from the mapped snapshot too: its pages are shared page cache, where
+                # the freshly loaded copy is private memory of this process.
+                with timer("map_l2"):
+                    mapped = _try_load_snapshot(snapshot, record, settings, report)
+                    if mapped is not None:
+                        model = mapped
+                        _return_freed_memory_to_os()
+    if not (l3_hit and report.level == "L2"):
+        with timer("write_l3"):
+            _store(path_cache, record, report)
+    logger.info("Loaded model %s", report.summary())
+    return model, report
+
+
+def _return_freed_memory_to_os() -> None:
+    """glibc keeps freed heap pages for reuse; give the dropped fresh weights back now."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the allocator keeps its own policy
+
+
+def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings) -> None:
+    cached = path_cache.read().entries.get(str(files.directory.resolve()))
+    if cached is not None:
+        snapshot_path(settings.cache_dir, cached.fingerprint).unlink(missing_ok=True)
+        try:
+            path_cache.forget(files.directory)
+        except OSError as e:
+            logger.warning("cannot update L3 %s (%s)", path_cache.path, e)
+
+
+def _store(path_cache: PathCache, record: PathRecord, report: LoadReport) -> None:
+    try:
+        path_cache.store(record)
+    except OSError as e:
+        message = (f"cannot write L3 {path_cache.path} ({e}); the next start re-hashes the "
+                   f"model files. Fix: make the cache directory writable")
+        logger.warning(message)
+        report.warnings.append(message)

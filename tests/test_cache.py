@@ -1,0 +1,257 @@
+"""The three cache levels on real files: hits, misses, staleness, corruption, races."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sensevoice_core import ModelFileError, ModelHolder, Settings, load_sensevoice_cached
+from sensevoice_core.snapshot import read_header, verify_data
+from model_factory import write_official
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = ROOT / "tests" / "data" / "en.mp3"
+
+
+@pytest.fixture
+def model_dir(official_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(official_dir, tmp_path / "model"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(cache_dir=tmp_path / "cache")
+
+
+def snapshots(settings: Settings) -> list[Path]:
+    return sorted((settings.cache_dir / "snapshots").glob("*.safetensors"))
+
+
+def test_fresh_load_writes_l2_and_l3_then_l2_is_used(model_dir, settings):
+    fresh, report = load_sensevoice_cached(model_dir, settings=settings)
+    assert report.level == "fresh" and report.snapshot is not None
+    assert [report.snapshot] == snapshots(settings)
+    l3 = json.loads((settings.cache_dir / "model_path.json").read_text(encoding="utf-8"))
+    entry = l3["entries"][str(model_dir.resolve())]
+    assert entry["fingerprint"] == report.fingerprint and entry["layout"] == "official"
+    assert set(entry["files"]) == {"weights", "config", "tokenizer", "cmvn"}
+    assert l3["last_model_dir"] == str(model_dir.resolve())
+
+    cached, second = load_sensevoice_cached(model_dir, settings=settings)
+    assert second.level == "L2" and second.fingerprint == report.fingerprint
+    assert second.bytes_read == 0  # nothing changed: L3 validated by stat alone, no hashing
+    assert set(second.steps_s) >= {"resolve", "l3", "l2"}
+    assert cached.transcribe(CLIP) == fresh.transcribe(CLIP)
+    for key, value in fresh.model.state_dict().items():
+        assert torch.equal(value, cached.model.state_dict()[key]), key
+
+
+def test_l2_tensors_are_views_of_one_mapped_file(model_dir, settings):
+    load_sensevoice_cached(model_dir, settings=settings)
+    model, report = load_sensevoice_cached(model_dir, settings=settings)
+    storages = {p.untyped_storage().data_ptr() for p in model.model.parameters()}
+    assert len(storages) == 1  # every parameter lives in the snapshot's single mapping
+    with safe_open(str(report.snapshot), framework="pt") as handle:  # a valid safetensors file
+        assert torch.equal(handle.get_tensor("embed.weight"), model.model.embed.weight)
+
+
+def test_l1_returns_the_held_model(model_dir, settings):
+    holder = ModelHolder()
+    model, report = load_sensevoice_cached(model_dir, settings=settings)
+    holder.swap_model(model, report)
+    again, second = load_sensevoice_cached(model_dir, settings=settings, holder=holder)
+    assert second.level == "L1" and again is model
+    assert holder.get_model() is model and holder.fingerprint == report.fingerprint
+
+
+def test_holder_swap_releases_the_old_model(model_dir, settings):
+    import weakref
+
+    holder = ModelHolder()
+    first, report = load_sensevoice_cached(model_dir, settings=settings)
+    holder.swap_model(first, report)
+    reference = weakref.ref(first)
+    del first
+    second, report = load_sensevoice_cached(model_dir, settings=settings, force_fresh=True)
+    holder.swap_model(second, report)
+    assert reference() is None and holder.get_model() is second
+
+
+@pytest.mark.parametrize("change", ["weights", "config", "tokenizer", "cmvn"])
+def test_a_changed_file_gives_a_new_fingerprint_and_a_rebuild(model_dir, settings, change,
+                                                               tmp_path):
+    _, before = load_sensevoice_cached(model_dir, settings=settings)
+    other = write_official(tmp_path / "other", seed=7)
+    if change == "weights":
+        shutil.copyfile(other / "model.pt", model_dir / "model.pt")
+    elif change == "config":
+        with open(model_dir / "config.yaml", "a", encoding="utf-8") as handle:
+            handle.write("\n# edited\n")
+    elif change == "tokenizer":
+        path = model_dir / "chn_jpn_yue_eng_ko_spectok.bpe.model"
+        from sensevoice_core.tokenizer import all_tag_pieces, build_sentencepiece_model
+        from sensevoice_core.random_model import SMALL_NORMAL_PIECES
+        pieces = list(reversed(SMALL_NORMAL_PIECES))  # same size, other ids
+        path.write_bytes(build_sentencepiece_model(pieces, all_tag_pieces()))
+    else:
+        text = (model_dir / "am.mvn").read_text(encoding="utf-8")
+        (model_dir / "am.mvn").write_text(text.replace("-8.311879", "-8.3"), encoding="utf-8")
+    _, after = load_sensevoice_cached(model_dir, settings=settings)
+    assert after.level == "fresh" and after.fingerprint != before.fingerprint
+    assert after.bytes_read > 0
+
+
+def test_a_touched_but_identical_file_is_rehashed_and_l2_still_used(model_dir, settings):
+    _, before = load_sensevoice_cached(model_dir, settings=settings)
+    stat = (model_dir / "model.pt").stat()
+    os.utime(model_dir / "model.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    _, after = load_sensevoice_cached(model_dir, settings=settings)
+    assert after.level == "L2" and after.fingerprint == before.fingerprint
+    assert after.bytes_read == stat.st_size  # only the touched file was hashed again
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "flipped":
+        middle = len(data) * 3 // 4
+        data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    elif how == "header":
+        data[8:40] = b"{" * 32
+    elif how == "metadata":
+        header_size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_size])
+        header["__metadata__"]["fingerprint"] = "0" * 64
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (header_size - len(encoded))
+        assert len(encoded) == header_size
+        data[8:8 + header_size] = encoded
+    # Damage arrives as a new file (a copy, a crash of another tool): the running process
+    # still maps the old one, which an in-place write would change under its feet.
+    replacement = path.with_suffix(".damaged")
+    replacement.write_bytes(bytes(data))
+    os.replace(replacement, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "header", "metadata"])
+def test_a_damaged_snapshot_is_discarded_and_rebuilt(model_dir, settings, how, caplog):
+    reference, first = load_sensevoice_cached(model_dir, settings=settings)
+    corrupt(first.snapshot, how)
+    with caplog.at_level(logging.WARNING, logger="sensevoice.cache"):
+        model, report = load_sensevoice_cached(model_dir, settings=settings)
+    assert report.level == "fresh"
+    assert any("discarded" in message for message in caplog.messages)
+    assert model.transcribe(CLIP) == reference.transcribe(CLIP)
+    verify_data(report.snapshot)  # rebuilt, whole again
+    _, third = load_sensevoice_cached(model_dir, settings=settings)
+    assert third.level == "L2"
+
+
+def test_a_snapshot_unknown_to_l3_is_verified_before_use(model_dir, settings):
+    _, first = load_sensevoice_cached(model_dir, settings=settings)
+    (settings.cache_dir / "model_path.json").unlink()
+    _, second = load_sensevoice_cached(model_dir, settings=settings)
+    assert second.level == "L2"
+    assert second.bytes_read >= first.snapshot.stat().st_size  # hashed sources and snapshot
+
+
+def test_a_corrupt_l3_file_is_ignored_with_a_warning_and_rewritten(model_dir, settings, caplog):
+    load_sensevoice_cached(model_dir, settings=settings)
+    l3 = settings.cache_dir / "model_path.json"
+    l3.write_text('{"version": 1, "entries": {"x": ', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="sensevoice.cache"):
+        _, report = load_sensevoice_cached(model_dir, settings=settings)
+    assert report.level == "L2"
+    assert any("corrupt" in message and str(l3) in message for message in caplog.messages)
+    assert json.loads(l3.read_text(encoding="utf-8"))["entries"]
+
+
+def test_missing_model_files_are_named(model_dir, settings):
+    (model_dir / "am.mvn").unlink()
+    with pytest.raises(ModelFileError, match="am.mvn"):
+        load_sensevoice_cached(model_dir, settings=settings)
+
+
+def test_an_unwritable_cache_degrades_to_a_direct_load(model_dir, tmp_path, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("", encoding="utf-8")
+    settings = Settings(cache_dir=blocker / "cache")
+    with caplog.at_level(logging.WARNING, logger="sensevoice.cache"):
+        model, report = load_sensevoice_cached(model_dir, settings=settings)
+    assert report.level == "fresh" and report.snapshot is None
+    assert any("cannot write L2" in m and "SENSEVOICE_DISABLE_CACHE" in m
+               for m in caplog.messages)
+    assert model.transcribe(CLIP).token_ids
+
+
+def test_a_full_disk_degrades_to_a_direct_load(model_dir, tmp_path):
+    """RLIMIT_FSIZE makes every large write fail with EFBIG, as a full disk would."""
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+        "from sensevoice_core import Settings, load_sensevoice_cached\n"
+        "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(cache_dir=sys.argv[2]))\n"
+        "print(report.level, report.snapshot, len(report.warnings), model.transcribe(sys.argv[3]).duration_s)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(model_dir), str(tmp_path / "c"),
+                           str(CLIP)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    level, snapshot, warnings, _ = done.stdout.split()
+    assert (level, snapshot) == ("fresh", "None") and int(warnings) >= 1
+    assert "cannot write L2" in done.stderr
+    assert not list((tmp_path / "c" / "snapshots").glob("*.tmp"))  # no partial file left
+
+
+def test_disable_cache_bypasses_l2(model_dir, tmp_path):
+    settings = Settings(cache_dir=tmp_path / "cache", disable_cache=True)
+    for _ in range(2):
+        _, report = load_sensevoice_cached(model_dir, settings=settings)
+        assert report.level == "fresh" and report.snapshot is None
+    assert not (settings.cache_dir / "snapshots").exists()
+
+
+def test_force_fresh_rebuilds(model_dir, settings):
+    _, first = load_sensevoice_cached(model_dir, settings=settings)
+    written = first.snapshot.stat().st_mtime_ns
+    _, second = load_sensevoice_cached(model_dir, settings=settings, force_fresh=True)
+    assert second.level == "fresh" and second.snapshot.stat().st_mtime_ns != written
+
+
+def test_only_the_newest_snapshots_are_kept(tmp_path):
+    settings = Settings(cache_dir=tmp_path / "cache", keep_snapshots=2)
+    reports = [load_sensevoice_cached(write_official(tmp_path / f"m{seed}", seed=seed),
+                                      settings=settings)[1] for seed in range(3)]
+    assert snapshots(settings) == sorted(r.snapshot for r in reports[1:])
+
+
+def test_two_processes_racing_to_build_l2_both_get_a_correct_model(model_dir, settings):
+    script = (
+        "import sys\n"
+        "from sensevoice_core import Settings, load_sensevoice_cached\n"
+        "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(cache_dir=sys.argv[2]))\n"
+        "print(report.level, list(model.transcribe(sys.argv[3]).token_ids))\n"
+    )
+    command = [sys.executable, "-c", script, str(model_dir), str(settings.cache_dir), str(CLIP)]
+    racers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    outputs = [racer.communicate(timeout=120) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), [err for _, err in outputs]
+    token_ids = {out.split(" ", 1)[1] for out, _ in outputs}
+    assert len(token_ids) == 1
+    (snapshot,) = snapshots(settings)
+    verify_data(snapshot)
+    assert read_header(snapshot)[1]["fingerprint"]
+    assert not list(snapshot.parent.glob("*.tmp"))
+    _, report = load_sensevoice_cached(model_dir, settings=settings)
+    assert report.level == "L2"
