@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job.
-# Until the demo model (issue 3) and the service (issues 5, 6) land, the main job runs the whole
-# pipeline on the bundled clips with a freshly generated RANDOM model, and says so: its text is noise.
+# Until the service lands (supervisor, worker and UI: issues 5 and 6), the main job transcribes
+# the bundled example clips with the embedded demo model in model/ (see model/README.md for what
+# it can and cannot recognise). Extra arguments go to `transcribe` (e.g. --itn, --json, files).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-exec .venv/bin/python -m sensevoice_core random-demo tests/data/en.mp3 tests/data/zh.mp3 "$@"
+if [ "$#" -eq 0 ]; then
+    set -- ui/examples/*.flac
+fi
+exec .venv/bin/python -m sensevoice_core transcribe --model model "$@"

@@ -7,6 +7,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# espeak-ng synthesises the demo model's training speech (training/, tests/test_training_data.py).
+if ! command -v espeak-ng >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing espeak-ng (apt-get)..." >&2
+        apt-get update -qq >/dev/null && apt-get install -y -qq espeak-ng >/dev/null
+    else
+        echo "[setup] espeak-ng is missing: run 'sudo apt-get install -y espeak-ng'" >&2
+    fi
+fi
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null 2>&1 || python=python3
 if [ ! -x .venv/bin/python ]; then

@@ -3,9 +3,10 @@
 import os
 
 # Nothing here may reach for the network. Set before anything can import transformers or
-# huggingface_hub, which read these flags once, at import.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# huggingface_hub, which read these flags once, at import; an explicit choice of the host
+# application is kept (every from_pretrained here is local_files_only=True regardless).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # isort: split
 from sensevoice_core.audio import load_audio

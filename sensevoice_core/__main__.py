@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from sensevoice_core.audio import load_audio
 from sensevoice_core.cache import load_sensevoice_cached
@@ -50,8 +51,7 @@ def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOpt
     return EXIT_FAILED if errors else EXIT_OK
 
 
-def command_transcribe(args: argparse.Namespace) -> int:
-    settings = Settings()
+def command_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     if args.device:
         settings = settings.model_copy(update={"device": args.device})
     model, report = load_sensevoice_cached(args.model, settings=settings)
@@ -60,8 +60,8 @@ def command_transcribe(args: argparse.Namespace) -> int:
     return transcribe_files(model, args.files, options, args.json)
 
 
-def command_doctor(args: argparse.Namespace) -> int:
-    checks = run_checks(args.model, Settings(), verify=args.verify)
+def command_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    checks = run_checks(args.model, settings, verify=args.verify)
     problem = first_problem(checks)
     if args.json:
         print(json.dumps({"healthy": problem is None,
@@ -74,7 +74,7 @@ def command_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if problem is None else EXIT_FAILED
 
 
-def command_convert(args: argparse.Namespace) -> int:
+def command_convert(args: argparse.Namespace, settings: Settings) -> int:
     from sensevoice_core.hf import convert_official_to_hf  # transformers is slow to import
 
     target = convert_official_to_hf(args.source, args.target)
@@ -82,7 +82,7 @@ def command_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def command_random_demo(args: argparse.Namespace) -> int:
+def command_random_demo(args: argparse.Namespace, settings: Settings) -> int:
     from sensevoice_core.random_model import write_random_model
 
     print("NOTE: this model has RANDOM weights; it shows the pipeline runs end to end, "
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sensevoice_core",
                                      description="SenseVoice Small speech recognition.")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch (default: torch's choice)")
+                        help="CPU threads for torch (default: SENSEVOICE_THREADS, else torch's)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     model_help = ("model directory, FunASR release or converted (hf) layout; default: "
@@ -138,10 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     try:
-        return args.handler(args)
+        settings = Settings()
+    except ValidationError as e:
+        problems = "; ".join(f"SENSEVOICE_{'_'.join(map(str, err['loc'])).upper()}="
+                             f"{err.get('input')!r}: {err['msg']}" for err in e.errors())
+        print(f"error: invalid setting: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+    threads = args.threads or settings.threads
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        return args.handler(args, settings)
     except SenseVoiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ FILE_MODE = 0o644
 
 @contextmanager
 def staged_directory(target: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield an empty staging directory; on success it becomes ``target``.
+    """Yield an empty staging directory; on success it becomes ``target`` by rename.
 
     With replace=False an existing non-empty target raises FileExistsError before anything is
     written; with replace=True it is swapped out only after the new content is complete.
@@ -35,10 +36,17 @@ def staged_directory(target: Path, replace: bool = False) -> Iterator[Path]:
         for path in staging.iterdir():
             os.chmod(path, FILE_MODE)
         if target.exists():
+            # Two renames: for a moment target is absent, never half-written; a failure of the
+            # second puts the old content back.
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                os.replace(retired / target.name, target)
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
     except BaseException:
@@ -46,17 +54,24 @@ def staged_directory(target: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync it, then rename over path."""
+@contextmanager
+def atomic_file(path: Path, mode: int = FILE_MODE) -> Iterator[BinaryIO]:
+    """Yield a handle to a temporary file beside path; on success it is fsynced, given mode
+    and renamed over path. On failure it is removed and path is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, FILE_MODE)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)

@@ -18,6 +18,7 @@ import torchaudio.functional
 from sensevoice_core.errors import AudioError
 
 SAMPLE_RATE = 16000
+MIN_SAMPLES = 2  # the shortest input Kaldi's fbank can frame (one window of 2 samples)
 
 AudioInput = Union[str, Path, bytes, np.ndarray, torch.Tensor]
 
@@ -96,4 +97,7 @@ def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE) -> torch.Tenso
     mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
     if sample_rate != SAMPLE_RATE:
         mono = torchaudio.functional.resample(mono, sample_rate, SAMPLE_RATE)
+    if mono.numel() < MIN_SAMPLES:
+        raise AudioError(source, f"audio is too short: {mono.numel()} sample(s) at 16 kHz, "
+                                 f"need at least {MIN_SAMPLES}")
     return mono

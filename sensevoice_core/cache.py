@@ -135,7 +135,15 @@ def _discard(path: Path, reason: str, report: LoadReport) -> None:
     message = f"L2 snapshot {path} discarded ({reason}); rebuilding it from the model directory"
     logger.warning(message)
     report.warnings.append(message)
-    path.unlink(missing_ok=True)
+    _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a cache file; a read-only cache keeps it (it is never used unverified)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        logger.warning("cannot delete %s (%s); leaving it", path, e.strerror)
 
 
 def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
@@ -147,7 +155,7 @@ def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
             _, metadata, _ = read_header(path)
             record.snapshot = _file_record(path, metadata["data_sha256"])
         return load_snapshot(path, record.fingerprint, settings.device)
-    except (SnapshotError, ModelFileError, OSError) as e:
+    except (SnapshotError, ModelFileError, OSError, RuntimeError) as e:
         _discard(path, str(e), report)
         record.snapshot = None
         return None
@@ -182,13 +190,17 @@ def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings:
 
 def prune_snapshots(directory: Path, keep_count: int, keep: Path) -> list[Path]:
     """Delete all but the newest keep_count snapshots; never the one just used."""
-    snapshots = sorted(directory.glob("sensevoice-*.safetensors"),
-                       key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    removed = []
-    for old in [p for p in snapshots if p != keep][max(keep_count - 1, 0):]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".lock").unlink(missing_ok=True)
-        removed.append(old)
+    dated = []
+    for snapshot in directory.glob("sensevoice-*.safetensors"):
+        try:
+            dated.append((snapshot.stat().st_mtime_ns, snapshot))
+        except FileNotFoundError:
+            continue  # pruned meanwhile by another process
+    newest_first = [p for _, p in sorted(dated, reverse=True) if p != keep]
+    removed = newest_first[max(keep_count - 1, 0):]
+    # Lock files stay: deleting one another process holds would break its exclusion.
+    for old in removed:
+        _remove(old)
     return removed
 
 
@@ -229,10 +241,11 @@ def load_sensevoice_cached(
     use_l2 = not settings.disable_cache
     snapshot = snapshot_path(settings.cache_dir, record.fingerprint)
     if force_fresh and use_l2:
-        snapshot.unlink(missing_ok=True)
+        _remove(snapshot)
         record.snapshot = None
     model = None
-    if use_l2 and snapshot.is_file():
+    known_snapshot = record.snapshot
+    if use_l2 and snapshot.is_file() and not force_fresh:
         with timer("l2"):
             model = _try_load_snapshot(snapshot, record, settings, report)
         if model is not None:
@@ -245,7 +258,7 @@ def load_sensevoice_cached(
         if use_l2:
             with timer("write_l2"):
                 _write_snapshot(snapshot, model, record, settings, report)
-            if report.snapshot is not None:
+            if report.snapshot is not None and settings.device == "cpu":
                 # Serve from the mapped snapshot too: its pages are shared page cache, where
                 # the freshly loaded copy is private memory of this process.
                 with timer("map_l2"):
@@ -253,7 +266,7 @@ def load_sensevoice_cached(
                     if mapped is not None:
                         model = mapped
                         _return_freed_memory_to_os()
-    if not (l3_hit and report.level == "L2"):
+    if not (l3_hit and report.level == "L2" and record.snapshot == known_snapshot):
         with timer("write_l3"):
             _store(path_cache, record, report)
     logger.info("Loaded model %s", report.summary())
@@ -272,17 +285,17 @@ def _return_freed_memory_to_os() -> None:
 def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings) -> None:
     cached = path_cache.read().entries.get(str(files.directory.resolve()))
     if cached is not None:
-        snapshot_path(settings.cache_dir, cached.fingerprint).unlink(missing_ok=True)
+        _remove(snapshot_path(settings.cache_dir, cached.fingerprint))
         try:
             path_cache.forget(files.directory)
-        except OSError as e:
+        except (OSError, Timeout) as e:
             logger.warning("cannot update L3 %s (%s)", path_cache.path, e)
 
 
 def _store(path_cache: PathCache, record: PathRecord, report: LoadReport) -> None:
     try:
         path_cache.store(record)
-    except OSError as e:
+    except (OSError, Timeout) as e:
         message = (f"cannot write L3 {path_cache.path} ({e}); the next start re-hashes the "
                    f"model files. Fix: make the cache directory writable")
         logger.warning(message)

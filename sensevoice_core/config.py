@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -107,6 +108,16 @@ _FRONTEND_IGNORED = {"cmvn_file", "dither", "filter_length_min", "filter_length_
 _FRONTEND_REQUIRED_VALUES: dict[str, Any] = {"snip_edges": True, "upsacle_samples": True}
 
 
+def _read_mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    try:
+        raw = parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(path, f"cannot read config: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "config is not a mapping", found=type(raw).__name__)
+    return raw
+
+
 def _check_keys(path: Path, section: str, found: dict[str, Any], known: set[str]) -> None:
     for key in found:
         if key not in known:
@@ -137,12 +148,7 @@ def _section(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 def read_config_yaml(path: Path, vocab_size: int) -> tuple[SenseVoiceDims, FrontendConfig]:
     """Read the official FunASR config.yaml; vocab_size comes from the tokenizer."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(path, f"cannot read config: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(path, "config is not a mapping", found=type(raw).__name__)
+    raw = _read_mapping(path, yaml.safe_load)
     _check_keys(path, "", raw, _TOP_LEVEL_USED | _TOP_LEVEL_IGNORED)
     for key, expected in (("model", "SenseVoiceSmall"), ("encoder", "SenseVoiceEncoderSmall")):
         if raw.get(key, expected) != expected:
@@ -190,21 +196,19 @@ def frontend_field_names() -> set[str]:
 
 def read_config_json(path: Path) -> tuple[SenseVoiceDims, FrontendConfig, dict[str, Any]]:
     """Read config.json of the HF-style layout. Returns dims, frontend and the raw mapping."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(path, f"cannot read config: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(path, "config is not a JSON object", found=type(raw).__name__)
+    raw = _read_mapping(path, json.loads)
     if raw.get("model_type") != MODEL_TYPE:
         raise ConfigError(path, "wrong model_type", expected=MODEL_TYPE,
                           found=str(raw.get("model_type")))
     dims_keys, frontend_keys = dims_field_names(), frontend_field_names()
-    frontend_section = raw.get("frontend", {})
+    frontend_section = _section(path, raw, "frontend")
     _check_keys(path, "", raw, dims_keys | {"frontend"} | _JSON_IGNORED)
     _check_keys(path, "frontend.", frontend_section, frontend_keys)
     dims = _build(path, SenseVoiceDims, {k: v for k, v in raw.items() if k in dims_keys})
     frontend = _build(path, FrontendConfig, frontend_section)
+    if frontend.feature_size != dims.input_size:
+        raise ConfigError(path, "frontend n_mels * lfr_m does not match input_size",
+                          expected=str(dims.input_size), found=str(frontend.feature_size))
     return dims, frontend, raw
 
 

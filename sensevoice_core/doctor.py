@@ -138,7 +138,6 @@ def _environment_checks(settings: Settings) -> list[Check]:
               {"flags": flags}),
         Check("settings", True, ", ".join(f"{k}={v}" for k, v in settings.model_dump().items()),
               {"settings": settings.model_dump(mode="json")}),
-        Check("supervisor", True, "not part of this build yet: nothing to ask"),
     ]
 
 

@@ -11,9 +11,11 @@ import hashlib
 import logging
 from pathlib import Path
 
+from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
 from sensevoice_core.atomic import write_bytes_atomic
+from sensevoice_core.errors import ModelFileError
 from sensevoice_core.loader import ModelFiles
 
 logger = logging.getLogger("sensevoice.cache")
@@ -24,6 +26,7 @@ PATH_CACHE_VERSION = 1
 SNAPSHOT_FORMAT = 1
 ROLES = ("weights", "config", "tokenizer", "cmvn")
 HASH_CHUNK = 1 << 24
+LOCK_TIMEOUT_S = 30.0
 
 
 def code_version() -> str:
@@ -110,7 +113,10 @@ class PathCache:
         unchanged = cached is not None and cached.code_version == version
         for role in ROLES:
             path = getattr(files, role).resolve()
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError as e:
+                raise ModelFileError(path, f"cannot read {role} file: {e.strerror}") from e
             old = cached.files.get(role) if cached else None
             if (old is not None and old.path == str(path) and old.size == stat.st_size
                     and old.mtime_ns == stat.st_mtime_ns):
@@ -118,8 +124,12 @@ class PathCache:
                 continue
             unchanged = False
             self.bytes_hashed += stat.st_size
+            try:
+                digest = sha256_file(path)
+            except OSError as e:
+                raise ModelFileError(path, f"cannot read {role} file: {e.strerror}") from e
             records[role] = FileRecord(path=str(path), size=stat.st_size,
-                                       mtime_ns=stat.st_mtime_ns, sha256=sha256_file(path))
+                                       mtime_ns=stat.st_mtime_ns, sha256=digest)
         if unchanged and cached is not None:
             return cached, True
         fingerprint = fingerprint_of(records, version)
@@ -131,14 +141,20 @@ class PathCache:
 
     def store(self, record: PathRecord) -> None:
         """Record this model as the last one resolved. Raises OSError if the cache is not writable."""
-        content = self.read()
-        content.entries[record.model_dir] = record
-        content.last_model_dir = record.model_dir
-        data = content.model_dump_json(indent=2).encode()
-        write_bytes_atomic(self.path, data)
+        with self._locked():
+            content = self.read()
+            content.entries[record.model_dir] = record
+            content.last_model_dir = record.model_dir
+            write_bytes_atomic(self.path, content.model_dump_json(indent=2).encode())
 
     def forget(self, model_dir: Path) -> None:
-        content = self.read()
-        if content.entries.pop(str(model_dir.resolve()), None) is not None:
-            write_bytes_atomic(self.path, content.model_dump_json(indent=2).encode())
+        with self._locked():
+            content = self.read()
+            if content.entries.pop(str(model_dir.resolve()), None) is not None:
+                write_bytes_atomic(self.path, content.model_dump_json(indent=2).encode())
+
+    def _locked(self) -> FileLock:
+        """Read-modify-write under a lock, so processes loading other models keep their entries."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path) + ".lock", timeout=LOCK_TIMEOUT_S)
 

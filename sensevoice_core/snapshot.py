@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 import struct
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from sensevoice_core.atomic import atomic_file
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.frontend import CMVN
@@ -75,27 +75,25 @@ def write_snapshot(path: Path, model: SenseVoice, metadata: dict[str, str]) -> s
         "source_layout": model.layout,
         "data_sha256": data_sha256,
     }
+    metadata["header_sha256"] = _header_digest(entries, metadata)
     header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # keeps the data section 8-byte aligned
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(struct.pack("<Q", len(header)))
-            handle.write(header)
-            for tensor in tensors.values():
-                handle.write(_raw_bytes(tensor))
-            handle.flush()
-            os.fsync(handle.fileno())
-        # Read-only: the file is mapped by every process serving it, and an in-place write
-        # would change (or, truncated, crash) them all. Replace it by rename, as we do.
-        os.chmod(temporary, SNAPSHOT_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    # Read-only: the file is mapped by every process serving it, and an in-place write
+    # would change (or, truncated, crash) them all. It is only ever replaced by rename.
+    with atomic_file(path, SNAPSHOT_MODE) as handle:
+        handle.write(struct.pack("<Q", len(header)))
+        handle.write(header)
+        for tensor in tensors.values():
+            handle.write(_raw_bytes(tensor))
     return data_sha256
+
+
+def _header_digest(entries: dict, metadata: dict[str, str]) -> str:
+    """sha256 of the header's meaning (entries and metadata, its own digest left out)."""
+    signed = {"entries": entries,
+              "metadata": {k: v for k, v in metadata.items() if k != "header_sha256"}}
+    return hashlib.sha256(json.dumps(signed, sort_keys=True).encode()).hexdigest()
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -123,10 +121,14 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
         raise SnapshotError(path, "not a SenseVoice snapshot")
     data_start = 8 + header_size
     expected_end = 0
+    if metadata.get("header_sha256") != _header_digest(header, metadata):
+        raise SnapshotError(path, "header checksum mismatch: the header was altered or damaged")
     try:
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             begin, end = entry["data_offsets"]
-            if begin != expected_end or entry["dtype"] not in _TORCH_DTYPES:
+            dtype = _TORCH_DTYPES.get(entry["dtype"])
+            count = math.prod(entry["shape"])
+            if begin != expected_end or dtype is None or end - begin != count * dtype.itemsize:
                 raise SnapshotError(path, f"bad layout at tensor {name}")
             expected_end = end
     except (KeyError, TypeError, ValueError) as e:
@@ -158,14 +160,14 @@ def load_snapshot(path: Path, expected_fingerprint: str, device: str = "cpu") ->
     try:
         dims = SenseVoiceDims(**json.loads(metadata["dims"]))
         frontend = FrontendConfig(**json.loads(metadata["frontend"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # FrontendConfig/SenseVoiceDims validate
         raise SnapshotError(path, f"bad metadata: {e}") from e
     storage = torch.UntypedStorage.from_file(str(path), shared=False,
                                              nbytes=path.stat().st_size)
     tensors = {}
     for name, entry in entries.items():
         dtype = _TORCH_DTYPES[entry["dtype"]]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         begin = data_start + entry["data_offsets"][0]
         if begin % itemsize:
             raise SnapshotError(path, f"tensor {name} is not aligned")
@@ -175,6 +177,9 @@ def load_snapshot(path: Path, expected_fingerprint: str, device: str = "cpu") ->
     shift, scale = tensors.pop(CMVN_SHIFT, None), tensors.pop(CMVN_SCALE, None)
     if tokenizer_bytes is None or shift is None or scale is None:
         raise SnapshotError(path, "missing tokenizer or CMVN tensors")
+    if not shift.numel() == scale.numel() == dims.input_size == frontend.feature_size:
+        raise SnapshotError(path, f"CMVN size {shift.numel()}, model input {dims.input_size} "
+                                  f"and frontend {frontend.feature_size} disagree")
     model = build_model(path, dims, tensors)
     if torch.device(device) != torch.device("cpu"):
         model = model.to(device)

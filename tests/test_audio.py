@@ -295,3 +295,10 @@ def test_audio_error_is_a_sensevoice_error():
 
     with pytest.raises(SenseVoiceError):
         load_audio(b"")
+
+
+def test_audio_shorter_than_one_frame_is_a_clear_error():
+    with pytest.raises(AudioError, match=r"too short: 1 sample\(s\)"):
+        load_audio(np.zeros(1, dtype=np.float32))
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(np.zeros(2, dtype=np.float32), sample_rate=48000)  # 0 samples at 16 kHz

@@ -128,6 +128,10 @@ def corrupt(path: Path, how: str) -> None:
         data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
     elif how == "header":
         data[8:40] = b"{" * 32
+    elif how == "frontend":  # one byte of the header's meaning, the data untouched
+        marker = b'lfr_n\\": 6'
+        assert data.count(marker) == 1
+        data[data.index(marker) + len(marker) - 1] = ord("5")
     elif how == "metadata":
         header_size = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_size])
@@ -143,7 +147,7 @@ def corrupt(path: Path, how: str) -> None:
     os.replace(replacement, path)
 
 
-@pytest.mark.parametrize("how", ["truncated", "flipped", "header", "metadata"])
+@pytest.mark.parametrize("how", ["truncated", "flipped", "header", "frontend", "metadata"])
 def test_a_damaged_snapshot_is_discarded_and_rebuilt(model_dir, settings, how, caplog):
     reference, first = load_sensevoice_cached(model_dir, settings=settings)
     corrupt(first.snapshot, how)
@@ -163,6 +167,16 @@ def test_a_snapshot_unknown_to_l3_is_verified_before_use(model_dir, settings):
     _, second = load_sensevoice_cached(model_dir, settings=settings)
     assert second.level == "L2"
     assert second.bytes_read >= first.snapshot.stat().st_size  # hashed sources and snapshot
+
+
+def test_a_reverified_snapshot_is_remembered_in_l3(model_dir, settings):
+    _, first = load_sensevoice_cached(model_dir, settings=settings)
+    stat = first.snapshot.stat()
+    os.utime(first.snapshot, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # e.g. cp -p
+    _, second = load_sensevoice_cached(model_dir, settings=settings)
+    assert second.level == "L2" and second.bytes_read == stat.st_size  # verified once
+    _, third = load_sensevoice_cached(model_dir, settings=settings)
+    assert third.level == "L2" and third.bytes_read == 0  # and trusted from then on
 
 
 def test_a_corrupt_l3_file_is_ignored_with_a_warning_and_rewritten(model_dir, settings, caplog):

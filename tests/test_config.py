@@ -99,7 +99,9 @@ def test_config_json_round_trip_and_rejections(hf_dir, tmp_path):
     assert dims.output_size == 64 and frontend == FrontendConfig()
     for change, expected_text in [({"model_type": "whisper"}, "model_type"),
                                   ({"hidden_act": "gelu"}, "hidden_act"),
-                                  ({"output_size": 63}, "divisible")]:
+                                  ({"output_size": 63}, "divisible"),
+                                  ({"frontend": {"lfr_m": 5}}, "does not match input_size"),
+                                  ({"frontend": [1]}, "frontend must be a mapping")]:
         path = tmp_path / "config.json"
         path.write_text(json.dumps({**raw, **change}), encoding="utf-8")
         with pytest.raises(ConfigError, match=expected_text):
