@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from filelock import FileLock, Timeout
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.loader import ModelFiles, load_model, model_files
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
-from sensevoice_core.path_cache import FileRecord, PathCache, PathRecord
+from sensevoice_core.path_cache import ROLES, FileRecord, PathCache, PathRecord
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import (
@@ -49,6 +50,7 @@ class LoadReport:
     snapshot: Path | None  # the L2 file used or written, None when L2 is off or failed
     steps_s: dict[str, float] = field(default_factory=dict)  # seconds per step
     bytes_read: int = 0  # bytes hashed or loaded from disk (an L2 map reads only the header)
+    bytes_hashed: int = 0  # of those, bytes hashed because L3 did not know the file as it is
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -227,10 +229,20 @@ def load_sensevoice_cached(
     with timer("l3"):
         if force_fresh:
             _forget(path_cache, files, settings)
-        record, l3_hit = path_cache.record_for(files)
+        record = path_cache.unchanged_record(files)  # a stat per file, no hashing
+    l3_hit, loaded = record is not None, None
+    if record is None:
+        # New or changed files must be hashed before L2 can be looked up. Load the model
+        # from the directory meanwhile, on the other core: if no snapshot turns out to match,
+        # that load was needed anyway, and the slower of the two sets the time.
+        with timer("hash_and_load"), ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(path_cache.record_for, files)
+            loaded = load_model(files.directory, settings.device)
+            record = hashing.result()
     report = LoadReport(level="fresh", model_dir=files.directory.resolve(), layout=files.layout,
                         fingerprint=record.fingerprint, short_ids=record.short_ids(),
-                        snapshot=None, steps_s=steps, bytes_read=path_cache.bytes_hashed)
+                        snapshot=None, steps_s=steps, bytes_hashed=path_cache.bytes_hashed,
+                        bytes_read=path_cache.bytes_hashed)
 
     if holder is not None and not force_fresh and holder.fingerprint == record.fingerprint:
         model = holder.get_model()
@@ -250,11 +262,13 @@ def load_sensevoice_cached(
             model = _try_load_snapshot(snapshot, record, settings, report)
         if model is not None:
             report.level, report.snapshot = "L2", snapshot
-    if model is None:
+    if model is None and loaded is None:
         with timer("load"):
-            model = load_model(files.directory, settings.device)
-        report.bytes_read += sum(getattr(files, role).stat().st_size
-                                 for role in ("weights", "config", "tokenizer", "cmvn"))
+            loaded = load_model(files.directory, settings.device)
+    if loaded is not None:
+        report.bytes_read += sum(getattr(files, role).stat().st_size for role in ROLES)
+    if model is None:
+        model = loaded
         if use_l2:
             with timer("write_l2"):
                 _write_snapshot(snapshot, model, record, settings, report)
@@ -265,7 +279,9 @@ def load_sensevoice_cached(
                     mapped = _try_load_snapshot(snapshot, record, settings, report)
                     if mapped is not None:
                         model = mapped
-                        _return_freed_memory_to_os()
+    if loaded is not None and loaded is not model:
+        del loaded  # the fresh copy, replaced by a mapped snapshot
+        _return_freed_memory_to_os()
     if not (l3_hit and report.level == "L2" and record.snapshot == known_snapshot):
         with timer("write_l3"):
             _store(path_cache, record, report)

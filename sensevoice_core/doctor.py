@@ -80,7 +80,9 @@ def _cache_checks(model_dir: Path | None, settings: Settings, verify: bool) -> l
                             f"{path_cache.path}: no entry for this model yet (the next load "
                             "hashes its files once)"))
         return checks
-    record, reused = path_cache.record_for(model_files(model_dir))
+    files = model_files(model_dir)
+    reused = path_cache.unchanged_record(files) is not None
+    record = path_cache.record_for(files)
     checks.append(Check("L3 path cache", True,
                         f"{path_cache.path}: {'valid' if reused else 'stale, will be refreshed'}"
                         f", fingerprint {record.fingerprint[:16]}",

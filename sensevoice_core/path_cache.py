@@ -104,8 +104,25 @@ class PathCache:
                            self.path, str(e).splitlines()[0])
             return PathCacheFile()
 
-    def record_for(self, files: ModelFiles) -> tuple[PathRecord, bool]:
-        """A current record for these files, and whether the cached one was reused as is."""
+    def unchanged_record(self, files: ModelFiles) -> PathRecord | None:
+        """The cached record if every file has the size and mtime it had; else None."""
+        cached = self.read().entries.get(str(files.directory.resolve()))
+        if cached is None or cached.code_version != code_version():
+            return None
+        for role in ROLES:
+            path = getattr(files, role).resolve()
+            old = cached.files.get(role)
+            try:
+                stat = path.stat()
+            except OSError:
+                return None  # record_for names the file
+            if old is None or (old.path, old.size, old.mtime_ns) != (
+                    str(path), stat.st_size, stat.st_mtime_ns):
+                return None
+        return cached
+
+    def record_for(self, files: ModelFiles) -> PathRecord:
+        """A current record for these files: cached checksums where size and mtime match."""
         model_dir = str(files.directory.resolve())
         cached = self.read().entries.get(model_dir)
         version = code_version()
@@ -131,13 +148,12 @@ class PathCache:
             records[role] = FileRecord(path=str(path), size=stat.st_size,
                                        mtime_ns=stat.st_mtime_ns, sha256=digest)
         if unchanged and cached is not None:
-            return cached, True
+            return cached
         fingerprint = fingerprint_of(records, version)
         # Touched but identical files keep their fingerprint, and with it the known snapshot.
         snapshot = cached.snapshot if cached and cached.fingerprint == fingerprint else None
         return PathRecord(model_dir=model_dir, layout=files.layout, files=records,
-                          code_version=version, fingerprint=fingerprint,
-                          snapshot=snapshot), False
+                          code_version=version, fingerprint=fingerprint, snapshot=snapshot)
 
     def store(self, record: PathRecord) -> None:
         """Record this model as the last one resolved. Raises OSError if the cache is not writable."""

@@ -57,14 +57,12 @@ def write_snapshot(path: Path, model: SenseVoice, metadata: dict[str, str]) -> s
     tensors[TOKENIZER_BYTES] = torch.frombuffer(
         bytearray(model.tokenizer.processor.serialized_model_proto()), dtype=torch.uint8)
 
-    entries, offset, digest = {}, 0, hashlib.sha256()
+    entries, offset = {}, 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
         entries[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
                          "data_offsets": [offset, offset + size]}
-        digest.update(_raw_bytes(tensor))
         offset += size
-    data_sha256 = digest.hexdigest()
     metadata = {
         **metadata,
         "format": "pt",
@@ -73,20 +71,35 @@ def write_snapshot(path: Path, model: SenseVoice, metadata: dict[str, str]) -> s
         "frontend": json.dumps(asdict(model.frontend)),
         "source_dir": str(model.model_dir),
         "source_layout": model.layout,
-        "data_sha256": data_sha256,
     }
-    metadata["header_sha256"] = _header_digest(entries, metadata)
-    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # keeps the data section 8-byte aligned
 
     # Read-only: the file is mapped by every process serving it, and an in-place write
     # would change (or, truncated, crash) them all. It is only ever replaced by rename.
     with atomic_file(path, SNAPSHOT_MODE) as handle:
-        handle.write(struct.pack("<Q", len(header)))
-        handle.write(header)
+        # The data is hashed as it is written, in one pass; the header, whose checksums are
+        # of fixed length, is written first with placeholders and rewritten at the end.
+        placeholder = _header_bytes(entries, metadata, "0" * 64)
+        handle.write(placeholder)
+        digest = hashlib.sha256()
         for tensor in tensors.values():
-            handle.write(_raw_bytes(tensor))
+            raw = _raw_bytes(tensor)
+            digest.update(raw)
+            handle.write(raw)
+        data_sha256 = digest.hexdigest()
+        header = _header_bytes(entries, metadata, data_sha256)
+        assert len(header) == len(placeholder)
+        handle.seek(0)
+        handle.write(header)
     return data_sha256
+
+
+def _header_bytes(entries: dict, metadata: dict[str, str], data_sha256: str) -> bytes:
+    """u64 length + JSON header (8-byte aligned), checksummed, for the given data checksum."""
+    metadata = {**metadata, "data_sha256": data_sha256}
+    metadata["header_sha256"] = _header_digest(entries, metadata)
+    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # keeps the data section 8-byte aligned
+    return struct.pack("<Q", len(header)) + header
 
 
 def _header_digest(entries: dict, metadata: dict[str, str]) -> str:

@@ -116,7 +116,7 @@ def test_a_touched_but_identical_file_is_rehashed_and_l2_still_used(model_dir, s
     os.utime(model_dir / "model.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     _, after = load_sensevoice_cached(model_dir, settings=settings)
     assert after.level == "L2" and after.fingerprint == before.fingerprint
-    assert after.bytes_read == stat.st_size  # only the touched file was hashed again
+    assert after.bytes_hashed == stat.st_size  # only the touched file was hashed again
 
 
 def corrupt(path: Path, how: str) -> None:
