@@ -81,7 +81,7 @@ class SenseVoice:
         features = [compute_features(w, self.frontend, self.cmvn) for w in waveforms]
         order = sorted(range(len(features)), key=lambda i: features[i].shape[0])
         results: dict[int, Transcription] = {}
-        for batch in _length_batches(order, [f.shape[0] for f in features], batch_frames):
+        for batch in length_batches(order, [f.shape[0] for f in features], batch_frames):
             token_ids = self.decode_features([features[i] for i in batch], options)
             for index, ids in zip(batch, token_ids):
                 duration_s = waveforms[index].numel() / SAMPLE_RATE
@@ -108,7 +108,7 @@ class SenseVoice:
                               text_norm_rows.to(device))
 
 
-def _length_batches(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+def length_batches(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
     """Split indices (sorted by length) into batches whose padded size stays under budget."""
     batches: list[list[int]] = []
     current: list[int] = []

@@ -27,6 +27,7 @@ from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN, fbank, pad_features, stack_low_frame_rate
 from sensevoice_core.loader import save_model_dir
 from sensevoice_core.model import SenseVoiceSmall
+from sensevoice_core.pipeline import length_batches
 from sensevoice_core.tokenizer import Tokenizer, all_tag_pieces, build_sentencepiece_model
 from sensevoice_core.vocab import (
     LANGUAGE_QUERY_ROW,
@@ -92,16 +93,11 @@ def estimate_cmvn(examples: list[Example]) -> CMVN:
     return CMVN(shift=-mean, scale=1.0 / std)
 
 
-def length_batches(examples: list[Example], budget: int, rng: random.Random) -> list[list[int]]:
-    order = sorted(range(len(examples)), key=lambda i: examples[i].features.shape[0])
-    batches, current = [], []
-    for index in order:
-        if current and examples[index].features.shape[0] * (len(current) + 1) > budget:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
+def shuffled_batches(examples: list[Example], budget: int, rng: random.Random
+                     ) -> list[list[int]]:
+    lengths = [e.features.shape[0] for e in examples]
+    batches = length_batches(sorted(range(len(examples)), key=lengths.__getitem__), lengths,
+                             budget)
     rng.shuffle(batches)
     return batches
 
@@ -199,7 +195,7 @@ def train(config: TrainConfig, out_dir: Path, eval_dir: Path | None) -> dict:
         model.train()
         for step in range(config.steps):
             if not batches:
-                batches = length_batches(examples, config.batch_frames, rng)
+                batches = shuffled_batches(examples, config.batch_frames, rng)
             batch = [examples[i] for i in batches.pop()]
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
