@@ -152,10 +152,9 @@ def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
                        report: LoadReport) -> SenseVoice | None:
     try:
         if not _snapshot_trusted(record, path):
-            verify_data(path)  # unknown to L3: read it all once before trusting it
+            data_sha256 = verify_data(path)  # unknown to L3: read it all once, then trust it
             report.bytes_read += path.stat().st_size
-            _, metadata, _ = read_header(path)
-            record.snapshot = _file_record(path, metadata["data_sha256"])
+            record.snapshot = _file_record(path, data_sha256)
         return load_snapshot(path, record.fingerprint, settings.device)
     except (SnapshotError, ModelFileError, OSError, RuntimeError) as e:
         _discard(path, str(e), report)

@@ -152,8 +152,9 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     return header, metadata, data_start
 
 
-def verify_data(path: Path) -> None:
-    """Hash the data section and compare it with the checksum in the metadata (reads it all)."""
+def verify_data(path: Path) -> str:
+    """Hash the data section and compare it with the checksum in the metadata (reads it all);
+    returns that checksum."""
     _, metadata, data_start = read_header(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -162,6 +163,7 @@ def verify_data(path: Path) -> None:
             digest.update(chunk)
     if digest.hexdigest() != metadata.get("data_sha256"):
         raise SnapshotError(path, "data checksum mismatch: the file was altered or damaged")
+    return digest.hexdigest()
 
 
 def load_snapshot(path: Path, expected_fingerprint: str, device: str = "cpu") -> SenseVoice:
