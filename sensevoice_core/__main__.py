@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from sensevoice_core.audio import load_audio
 from sensevoice_core.cache import load_sensevoice_cached
@@ -19,7 +18,7 @@ from sensevoice_core.doctor import first_problem, run_checks
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.loader import load_model
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
-from sensevoice_core.settings import Settings
+from sensevoice_core.settings import Settings, SettingsError, load_settings
 from sensevoice_core.vocab import Language
 
 logger = logging.getLogger("sensevoice.cli")
@@ -139,11 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings()
-    except ValidationError as e:
-        problems = "; ".join(f"SENSEVOICE_{'_'.join(map(str, err['loc'])).upper()}="
-                             f"{err.get('input')!r}: {err['msg']}" for err in e.errors())
-        print(f"error: invalid setting: {problems}", file=sys.stderr)
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     threads = args.threads or settings.threads
     if threads > 0:

@@ -52,6 +52,8 @@ class LoadReport:
     bytes_read: int = 0  # bytes hashed or loaded from disk (an L2 map reads only the header)
     bytes_hashed: int = 0  # of those, bytes hashed because L3 did not know the file as it is
     warnings: list[str] = field(default_factory=list)
+    file_sha256: dict[str, str] = field(default_factory=dict)  # role -> checksum of its file
+    file_paths: dict[str, str] = field(default_factory=dict)  # role -> absolute path
 
     @property
     def total_s(self) -> float:
@@ -241,7 +243,9 @@ def load_sensevoice_cached(
     report = LoadReport(level="fresh", model_dir=files.directory.resolve(), layout=files.layout,
                         fingerprint=record.fingerprint, short_ids=record.short_ids(),
                         snapshot=None, steps_s=steps, bytes_hashed=path_cache.bytes_hashed,
-                        bytes_read=path_cache.bytes_hashed)
+                        bytes_read=path_cache.bytes_hashed,
+                        file_sha256={role: rec.sha256 for role, rec in record.files.items()},
+                        file_paths={role: rec.path for role, rec in record.files.items()})
 
     if holder is not None and not force_fresh and holder.fingerprint == record.fingerprint:
         model = holder.get_model()

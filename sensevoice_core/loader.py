@@ -24,6 +24,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from sensevoice_core.atomic import staged_directory
+from sensevoice_core.client import hot_reload_model  # noqa: F401 - the seed's import path
 from sensevoice_core.config import (
     MODEL_TYPE,
     FrontendConfig,

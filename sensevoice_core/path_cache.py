@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
 from sensevoice_core.atomic import write_bytes_atomic
 from sensevoice_core.errors import ModelFileError
-from sensevoice_core.loader import ModelFiles
+
+if TYPE_CHECKING:  # the loader imports torch; the supervisor hashes files without it
+    from sensevoice_core.loader import ModelFiles
 
 logger = logging.getLogger("sensevoice.cache")
 

@@ -1,27 +1,135 @@
-"""Settings from SENSEVOICE_* environment variables. Construct once per process, pass it down."""
+"""Settings from SENSEVOICE_* environment variables (and a .env file in the working directory).
+
+Construct once per process, in its ``main()``, and pass it down. ``load_settings`` turns an
+invalid value into one line naming the variable, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sensevoice_core.errors import SenseVoiceError
+
+ENV_PREFIX = "SENSEVOICE_"
+IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes; ZeroMQ refuses longer ipc:// paths
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class SettingsError(SenseVoiceError):
+    """A SENSEVOICE_* variable holds a value that is not allowed."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SENSEVOICE_", extra="ignore",
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
                                       protected_namespaces=())
 
+    # Model and cache
     model_dir: Path | None = Field(
         None, description="model directory; unset: search ./model and the usual places")
     cache_dir: Path = Field(Path("cache"), description="where L2 snapshots and L3 live")
     disable_cache: bool = Field(False, description="bypass the L2 snapshot entirely")
     keep_snapshots: int = Field(2, ge=1, description="L2 snapshots kept; older ones are deleted")
     device: str = Field("cpu", description="torch device for inference")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 keeps torch's default")
+    threads: int = Field(0, ge=0, description="torch CPU threads per worker; 0: torch's default")
+
+    # Supervisor and workers
+    supervisor_address: str = Field(
+        "", description="where the supervisor listens for clients: ipc://PATH or "
+                        "tcp://127.0.0.1:PORT; empty: ipc://<cache_dir>/supervisor.ipc")
+    workers: int = Field(1, ge=1, le=64, description="inference worker processes serving")
+    warm_standby: bool = Field(
+        True, description="keep one spare worker with torch imported, so a reload or a "
+                          "crashed worker's replacement skips the import cost")
+    swap_strategy: Literal["blue_green", "stop_first"] = Field(
+        "blue_green", description="blue_green: the new model warms beside the old one, no "
+                                  "downtime; stop_first: stop the old worker first (one model "
+                                  "in memory; requests wait for the new one to load)")
+    hotreload_timeout: float = Field(
+        30.0, gt=0, description="seconds a reload may take before it is abandoned")
+    request_timeout: float = Field(
+        120.0, gt=0, description="seconds one transcription may take before its worker is "
+                                 "declared hung and replaced")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds an old worker may spend finishing its requests")
+    max_queue: int = Field(
+        64, ge=1, description="requests waiting for a worker; beyond that clients get 'busy'")
+    max_request_mb: float = Field(64.0, gt=0, description="largest request accepted, in MiB")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="directories a reload may load from (comma-separated); empty: the "
+                    "served model directory's parent")
+
+    # File watching
+    enable_file_watch: bool = Field(False, description="reload when model files change")
+    watch_quiet_s: float = Field(
+        1.0, gt=0, description="seconds changed model files must stay unchanged before a reload")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="log level of the supervisor and workers")
+
+    # Long audio
+    vad_threshold: float = Field(0.35, ge=0.0, le=1.0,
+                                 description="speech probability above which audio is speech")
 
     @field_validator("model_dir", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         """SENSEVOICE_MODEL_DIR= (empty) is unset, not the current directory."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("supervisor_address")
+    @classmethod
+    def _local_address(cls, value: str) -> str:
+        if not value:
+            return value
+        if value.startswith("ipc://"):
+            if len(value) - len("ipc://") > IPC_PATH_MAX:
+                raise ValueError(f"ipc path longer than {IPC_PATH_MAX} characters")
+            return value
+        if value.startswith("tcp://"):
+            host = value[len("tcp://"):].rsplit(":", 1)[0]
+            if host in LOOPBACK_HOSTS:
+                return value
+            raise ValueError(f"host {host!r} is not loopback; the supervisor has no "
+                             f"authentication, so it binds to 127.0.0.1 or ipc:// only")
+        raise ValueError("expected ipc://PATH or tcp://127.0.0.1:PORT")
+
+    def client_address(self) -> str:
+        """The supervisor's frontend address, with the default filled in."""
+        if self.supervisor_address:
+            return self.supervisor_address
+        path = (self.cache_dir.expanduser().resolve() / "supervisor.ipc")
+        if len(str(path)) > IPC_PATH_MAX:
+            raise SettingsError(
+                f"the default socket {path} is longer than {IPC_PATH_MAX} characters; set "
+                f"{ENV_PREFIX}SUPERVISOR_ADDRESS=ipc:///tmp/sensevoice.ipc or a tcp://127.0.0.1 "
+                f"port")
+        return f"ipc://{path}"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line: SENSEVOICE_NAME='value': what is wrong (for every invalid field)."""
+    problems = []
+    for item in error.errors():
+        name = ENV_PREFIX + "_".join(str(part) for part in item["loc"][:1]).upper()
+        problems.append(f"{name}={item.get('input')!r}: {item['msg']}")
+    return "invalid setting: " + "; ".join(problems)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or SettingsError with a one-line message."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SettingsError(describe_validation_error(e)) from None

@@ -39,3 +39,56 @@ def test_bad_values_name_the_field(monkeypatch, name, value):
     field = name.removeprefix("SENSEVOICE_").lower()
     with pytest.raises(ValidationError, match=field):
         Settings()
+
+
+def test_service_settings_have_the_seed_names_and_safe_defaults(monkeypatch):
+    for name in ("SENSEVOICE_HOTRELOAD_TIMEOUT", "SENSEVOICE_ENABLE_FILE_WATCH",
+                 "SENSEVOICE_VAD_THRESHOLD", "SENSEVOICE_SUPERVISOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert settings.hotreload_timeout == 30.0 and settings.enable_file_watch is False
+    assert settings.vad_threshold == 0.35 and settings.swap_strategy == "blue_green"
+    assert settings.warm_standby is True and settings.workers == 1
+    assert settings.client_address().startswith("ipc://")
+
+
+def test_model_roots_are_comma_separated(monkeypatch, tmp_path):
+    monkeypatch.setenv("SENSEVOICE_MODEL_ROOTS", f"{tmp_path}/a, {tmp_path}/b")
+    assert Settings().model_roots == [tmp_path / "a", tmp_path / "b"]
+
+
+def test_dotenv_file_in_the_working_directory_is_read(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SENSEVOICE_HOTRELOAD_TIMEOUT", raising=False)
+    (tmp_path / ".env").write_text("SENSEVOICE_HOTRELOAD_TIMEOUT=12.5\n")
+    assert Settings().hotreload_timeout == 12.5
+    monkeypatch.setenv("SENSEVOICE_HOTRELOAD_TIMEOUT", "7")  # the environment wins
+    assert Settings().hotreload_timeout == 7
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("SENSEVOICE_HOTRELOAD_TIMEOUT", "0", "greater than 0"),
+    ("SENSEVOICE_VAD_THRESHOLD", "1.5", "less than or equal to 1"),
+    ("SENSEVOICE_SWAP_STRATEGY", "yolo", "'blue_green' or 'stop_first'"),
+    ("SENSEVOICE_SUPERVISOR_ADDRESS", "tcp://0.0.0.0:5555", "not loopback"),
+    ("SENSEVOICE_SUPERVISOR_ADDRESS", "http://127.0.0.1", "expected ipc://PATH"),
+    ("SENSEVOICE_SUPERVISOR_ADDRESS", "ipc:///" + "x" * 120, "longer than"),
+])
+def test_invalid_service_settings_give_one_line_naming_variable_and_value(monkeypatch, name,
+                                                                          value, words):
+    from sensevoice_core.settings import SettingsError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"invalid setting: {name}={value!r}: ")
+    assert words in message
+
+
+def test_a_long_default_socket_path_names_the_fix(tmp_path):
+    from sensevoice_core.settings import SettingsError
+
+    settings = Settings(cache_dir=tmp_path / ("d" * 120))
+    with pytest.raises(SettingsError, match="SENSEVOICE_SUPERVISOR_ADDRESS"):
+        settings.client_address()

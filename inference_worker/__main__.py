@@ -1,0 +1,78 @@
+"""python -m inference_worker --backend ADDRESS --worker-id ID [--parent-pid PID]
+
+Started by the supervisor, not by hand. Exit codes: 0 stopped, 3 could not boot,
+4 the model it was asked to load failed (the supervisor does not respawn it in a loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from sensevoice_core.logs import configure_logging
+from sensevoice_core.protocol import EXIT_BOOT_ERROR
+from sensevoice_core.settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference_worker")
+    parser.add_argument("--backend", required=True, help="the supervisor's worker socket")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--standby", action="store_true",
+                        help="a spare: start up on idle CPU only, so serving is not slowed")
+    args = parser.parse_args(argv)
+    idle_boot = args.standby and enter_idle_priority()
+    # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    configure_logging(f"worker {args.worker_id}", settings.log_level)
+    try:
+        import torch
+
+        from inference_worker.worker import InferenceWorker, die_with_parent, prewarm
+    except ImportError as e:
+        logging.getLogger("sensevoice.worker").error("cannot import the model code: %s", e)
+        return EXIT_BOOT_ERROR
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    worker = InferenceWorker(args.worker_id, args.backend, settings)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    if idle_boot:
+        # Before any thread exists: threads inherit the policy of the thread creating them.
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    prewarm()
+    code = worker.run()
+    # Skip the interpreter's teardown (every module and tensor finalised one by one): the
+    # socket is closed and the logs are flushed; the OS reclaims the rest at once.
+    logging.shutdown()
+    os._exit(code)
+
+
+def enter_idle_priority() -> bool:
+    """SCHED_IDLE for the start-up (imports, first construction), if the OS lets us come back.
+
+    A standby's start-up (mostly importing torch) is seconds of CPU after every reload; at
+    idle priority it only takes CPU the serving worker leaves unused. Returns False, changing nothing, where switching back
+    to normal scheduling would need privileges this process lacks.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""One inference worker: loads a model when told, then serves transcriptions one at a time.
+
+Life of a worker: connect to the supervisor's backend and say Hello (torch is already
+imported and its first construction paid: a warm standby), wait for LoadModel, load through
+the cache (L2 first), transcribe the bundled clip as a warm-up, announce Ready with the model's
+fingerprint and load report, then answer Transcribe and Ping until Stop. Requests arrive one at
+a time, so Stop is read only after the request before it has been answered: that is the drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from importlib.resources import files
+
+import numpy as np
+import torch
+import zmq
+
+from sensevoice_core.cache import LoadReport, load_sensevoice_cached
+from sensevoice_core.errors import AudioError
+from sensevoice_core.model import SenseVoiceSmall
+from sensevoice_core.pipeline import SenseVoice
+from sensevoice_core.protocol import (
+    EXIT_MODEL_LOAD_ERROR,
+    EXIT_OK,
+    HEARTBEAT_INTERVAL_S,
+    SUPERVISOR_SILENCE_S,
+    ErrorReply,
+    Hello,
+    LoadFailed,
+    LoadModel,
+    ModelInfo,
+    Ping,
+    Pong,
+    ProtocolError,
+    Ready,
+    Stop,
+    TranscribeReply,
+    TranscribeRequest,
+    decode_for_worker,
+    encode,
+)
+from sensevoice_core.random_model import random_model, small_dims
+from sensevoice_core.settings import Settings
+
+logger = logging.getLogger("sensevoice.worker")
+
+WARMUP_CLIP = files("inference_worker") / "warmup.flac"
+
+
+def prewarm() -> None:
+    """Pay the first-use costs (meta construction, kernels, thread pool) before any model."""
+    SenseVoiceSmall(small_dims(), device="meta")
+    model = random_model(small_dims())
+    features = torch.randn(1, 50, model.dims.input_size)
+    rows = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        model(features, torch.tensor([50]), rows, rows)
+
+
+def warm_up(model: SenseVoice) -> float:
+    """Transcribe the bundled clip: pages the weights in and proves the model runs.
+
+    One thread: a reload warms up beside the old worker, which is serving on every core;
+    two thread pools spinning on the same cores would slow both far more than half.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        model.transcribe(str(WARMUP_CLIP))
+    finally:
+        torch.set_num_threads(threads)
+    return time.perf_counter() - start
+
+
+def model_info(report: LoadReport, warmup_s: float) -> ModelInfo:
+    return ModelInfo(model_dir=str(report.model_dir), layout=report.layout,
+                     fingerprint=report.fingerprint, short_ids=report.short_ids,
+                     file_sha256=report.file_sha256, file_paths=report.file_paths,
+                     cache_level=report.level, load_s=report.total_s,
+                     steps_s=report.steps_s, warmup_s=warmup_s, warnings=report.warnings)
+
+
+class InferenceWorker:
+    def __init__(self, worker_id: str, backend: str, settings: Settings):
+        self.worker_id = worker_id
+        self.backend = backend
+        self.settings = settings
+        self.model: SenseVoice | None = None
+        self.fingerprint = ""
+        self.stop_requested = False
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.socket.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before exit
+
+    def run(self) -> int:
+        self.socket.connect(self.backend)
+        self.send(Hello(worker_id=self.worker_id, pid=os.getpid()))
+        last_heard = time.monotonic()
+        try:
+            while not self.stop_requested:
+                if not self.socket.poll(HEARTBEAT_INTERVAL_S * 1000):
+                    if time.monotonic() - last_heard > SUPERVISOR_SILENCE_S:
+                        logger.warning("supervisor silent for %.0f s; exiting",
+                                       SUPERVISOR_SILENCE_S)
+                        return EXIT_OK
+                    continue
+                frames = self.socket.recv_multipart()
+                last_heard = time.monotonic()
+                code = self.handle(frames)
+                if code is not None:
+                    return code
+                last_heard = time.monotonic()
+            return EXIT_OK
+        finally:
+            self.socket.close()
+            self.context.term()
+
+    def handle(self, frames: list[bytes]) -> int | None:
+        """Act on one message; an exit code means the worker is done."""
+        try:
+            message, payload = decode_for_worker(frames)
+        except ProtocolError as e:
+            logger.error("ignoring a malformed message from the supervisor: %s", e)
+            return None
+        if isinstance(message, Ping):
+            self.send(Pong(nonce=message.nonce))
+        elif isinstance(message, TranscribeRequest):
+            self.send(self.transcribe(message, payload or b""))
+        elif isinstance(message, LoadModel):
+            return self.load(message)
+        elif isinstance(message, Stop):
+            logger.info("stopping (requests finished)")
+            step_aside()
+            return EXIT_OK
+        return None
+
+    def load(self, request: LoadModel) -> int | None:
+        try:
+            model, report = load_sensevoice_cached(request.path, request.force_fresh,
+                                                   self.settings)
+            warmup_s = warm_up(model)
+        except Exception as e:  # noqa: BLE001 - any failure to load means "not ready"
+            cause = f"{type(e).__name__}: {e}".splitlines()[0]
+            logger.error("cannot load model %s: %s", request.path or "(default)", cause)
+            self.send(LoadFailed(worker_id=self.worker_id, error=cause))
+            return EXIT_MODEL_LOAD_ERROR
+        self.model, self.fingerprint = model, report.fingerprint
+        logger.info("ready after a %.2f s warm-up", warmup_s)
+        self.send(Ready(worker_id=self.worker_id, pid=os.getpid(),
+                        model=model_info(report, warmup_s)))
+        return None
+
+    def transcribe(self, request: TranscribeRequest, payload: bytes) -> TranscribeReply | ErrorReply:
+        if self.model is None:
+            return ErrorReply(request_id=request.request_id, code="unavailable",
+                              message="this worker has no model loaded")
+        start = time.perf_counter()
+        try:
+            if request.audio_format == "pcm_f32le":
+                if len(payload) % 4:
+                    raise AudioError("<pcm_f32le payload>",
+                                     f"{len(payload)} bytes is not a whole number of float32 samples")
+                audio: bytes | np.ndarray = np.frombuffer(payload, dtype="<f4")
+            else:
+                audio = payload
+            result = self.model.transcribe(audio, request.language, request.use_itn,
+                                           request.sample_rate)
+        except AudioError as e:
+            return ErrorReply(request_id=request.request_id, code="bad_audio", message=str(e))
+        except ValueError as e:
+            return ErrorReply(request_id=request.request_id, code="bad_request", message=str(e))
+        return TranscribeReply(
+            request_id=request.request_id, text=result.text, raw=result.raw,
+            language=result.language, emotion=result.emotion, event=result.event,
+            text_norm=result.text_norm, duration_s=result.duration_s,
+            token_ids=list(result.token_ids), fingerprint=self.fingerprint,
+            worker_pid=os.getpid(), inference_s=time.perf_counter() - start)
+
+    def send(self, message: Ready | Hello | LoadFailed | Pong | TranscribeReply | ErrorReply) -> None:
+        self.socket.send_multipart(encode(message))
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        """SIGTERM: finish the request in hand, then exit."""
+        self.stop_requested = True
+
+
+def step_aside() -> None:
+    """Tear down at idle CPU priority: unmapping a model and freeing its memory takes a core
+    for a second or more, which the worker that replaced this one needs for its requests."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: get SIGTERM when the supervisor dies, however it dies (no orphans)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: the worker still exits when the supervisor goes silent
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl took effect
+

@@ -1,0 +1,278 @@
+"""The messages clients, the supervisor and inference workers exchange over ZeroMQ.
+
+A message is one or two frames: a JSON header validated into one of the models below, then,
+for transcription requests only, the audio bytes. Every header carries the protocol version;
+a frame that does not validate is answered with an ``ErrorReply`` and never raises out of a
+receive loop.
+
+Sockets: clients use DEALER sockets connected to the supervisor's ROUTER frontend; workers use
+DEALER sockets connected to its ROUTER backend (identity = worker id). Health is ping/pong:
+the supervisor pings idle workers, a busy one is bounded by the request timeout instead.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+
+HEARTBEAT_INTERVAL_S = 1.0  # the supervisor pings every idle worker this often
+HEARTBEAT_LIVENESS = 3  # missed pongs before an idle worker counts as hung (3..5 is usual)
+SUPERVISOR_SILENCE_S = 10.0  # an idle worker that hears nothing this long exits (orphaned)
+SPAWN_TIMEOUT_S = 60.0  # a fresh worker process must say hello within this (torch import)
+MAX_HEADER_BYTES = 64 * 1024  # a JSON header is small; anything larger is malformed
+STATUS_TIMEOUT_S = 5.0  # client wait for a status reply
+
+# Worker exit codes. The supervisor does not respawn in a loop on the boot/load errors.
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # could not start: imports, settings, socket
+EXIT_MODEL_LOAD_ERROR = 4  # the model it was asked to load failed to load or warm up
+
+ErrorCode = Literal[
+    "bad_request",  # malformed frame, unknown kind, wrong protocol version, bad field
+    "too_large",  # the request is over SENSEVOICE_MAX_REQUEST_MB
+    "bad_audio",  # the audio could not be decoded or is empty
+    "busy",  # the queue is full: retry later
+    "unavailable",  # no worker is serving (starting, or every worker failed)
+    "worker_lost",  # the worker died twice while serving this request
+    "timeout",  # the request took longer than SENSEVOICE_REQUEST_TIMEOUT
+    "reload_refused",  # the reload path is outside SENSEVOICE_MODEL_ROOTS or not a model
+    "shutting_down",
+    "internal",
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# Client -> supervisor (the transcribe request is forwarded on to a worker as it is).
+
+class TranscribeRequest(_Message):
+    kind: Literal["transcribe"] = "transcribe"
+    request_id: str = Field(default_factory=new_request_id, max_length=64)
+    language: str = "auto"
+    use_itn: bool = False
+    # "file": the bytes of a wav/flac/ogg/mp3 file; "pcm_f32le": float32 mono samples
+    audio_format: Literal["file", "pcm_f32le"] = "file"
+    sample_rate: int = Field(16000, gt=0, le=384000)  # of pcm_f32le samples
+
+
+class ReloadRequest(_Message):
+    kind: Literal["reload"] = "reload"
+    request_id: str = Field(default_factory=new_request_id, max_length=64)
+    path: str | None = None  # None: the directory being served now
+    force_fresh: bool = False  # forget this model's L2/L3 entries and load from its files
+    origin: Literal["api", "ui", "watch", "cli"] = "api"
+
+
+class StatusRequest(_Message):
+    kind: Literal["status"] = "status"
+    request_id: str = Field(default_factory=new_request_id, max_length=64)
+
+
+# Supervisor -> client
+
+class TranscribeReply(_Message):
+    kind: Literal["transcription"] = "transcription"
+    request_id: str
+    text: str  # tags removed
+    raw: str  # as the model emitted it, tags included
+    language: str | None
+    emotion: str | None
+    event: str | None
+    text_norm: str | None
+    duration_s: float
+    token_ids: list[int]
+    fingerprint: str  # the model that served this request
+    worker_pid: int
+    inference_s: float  # decode + model time inside the worker
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    model_dir: str
+    layout: str
+    fingerprint: str
+    short_ids: dict[str, str]  # config / weights / code, 8 hex each
+    file_sha256: dict[str, str]  # role (weights, config, tokenizer, cmvn) -> checksum
+    file_paths: dict[str, str]  # role -> absolute path
+    cache_level: str  # L1, L2 or fresh
+    load_s: float
+    steps_s: dict[str, float]
+    warmup_s: float
+    warnings: list[str] = []
+
+
+class ReloadOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    ok: bool
+    origin: str
+    requested_path: str | None
+    model_dir: str | None = None  # what is serving after the attempt
+    old_fingerprint: str | None = None
+    new_fingerprint: str | None = None  # None when the reload failed
+    seconds: float = 0.0  # request received -> traffic on the new model
+    cache_level: str | None = None
+    error: str | None = None
+    coalesced: int = 1  # how many reload requests this one swap answered
+
+
+class ReloadReply(_Message):
+    kind: Literal["reload_result"] = "reload_result"
+    request_id: str
+    outcome: ReloadOutcome
+
+
+class WorkerStatus(BaseModel):
+    worker_id: str
+    pid: int
+    role: Literal["starting", "standby", "loading", "serving", "draining"]
+    age_s: float
+    requests_served: int
+    busy: bool
+    fingerprint: str | None
+
+
+class ServiceStatus(BaseModel):
+    supervisor_pid: int
+    protocol_version: int = PROTOCOL_VERSION
+    uptime_s: float
+    model: ModelInfo | None  # None until a worker is serving
+    workers: list[WorkerStatus]
+    queued: int
+    in_flight: int
+    requests_served: int
+    worker_restarts: int
+    reloading: bool
+    last_reload: ReloadOutcome | None
+    watching: str | None  # the directory watched for changes, None when watching is off
+
+
+class StatusReply(_Message):
+    kind: Literal["status_result"] = "status_result"
+    request_id: str
+    status: ServiceStatus
+
+
+class ErrorReply(_Message):
+    kind: Literal["error"] = "error"
+    request_id: str | None
+    code: ErrorCode
+    message: str
+
+
+# Supervisor <-> worker
+
+class Hello(_Message):
+    kind: Literal["hello"] = "hello"
+    worker_id: str
+    pid: int
+
+
+class LoadModel(_Message):
+    kind: Literal["load"] = "load"
+    path: str | None  # None: SENSEVOICE_MODEL_DIR or the usual places
+    force_fresh: bool = False
+
+
+class Ready(_Message):
+    kind: Literal["ready"] = "ready"
+    worker_id: str
+    pid: int
+    model: ModelInfo
+
+
+class LoadFailed(_Message):
+    kind: Literal["load_failed"] = "load_failed"
+    worker_id: str
+    error: str
+
+
+class Ping(_Message):
+    kind: Literal["ping"] = "ping"
+    nonce: int
+
+
+class Pong(_Message):
+    kind: Literal["pong"] = "pong"
+    nonce: int
+
+
+class Stop(_Message):
+    kind: Literal["stop"] = "stop"
+
+
+ClientMessage = Annotated[Union[TranscribeRequest, ReloadRequest, StatusRequest],
+                          Field(discriminator="kind")]
+ReplyMessage = Annotated[Union[TranscribeReply, ReloadReply, StatusReply, ErrorReply],
+                         Field(discriminator="kind")]
+WorkerMessage = Annotated[Union[Hello, Ready, LoadFailed, Pong, TranscribeReply, ErrorReply],
+                          Field(discriminator="kind")]
+SupervisorMessage = Annotated[Union[LoadModel, Ping, Stop, TranscribeRequest],
+                              Field(discriminator="kind")]
+
+_CLIENT = TypeAdapter(ClientMessage)
+_REPLY = TypeAdapter(ReplyMessage)
+_WORKER = TypeAdapter(WorkerMessage)
+_SUPERVISOR = TypeAdapter(SupervisorMessage)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+def encode(message: BaseModel, payload: bytes | None = None) -> list[bytes]:
+    header = message.model_dump_json().encode()
+    return [header] if payload is None else [header, payload]
+
+
+def _decode(adapter: TypeAdapter, frames: list[bytes], expect_payload: bool) -> tuple[object, bytes | None]:
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(frames[0])} bytes; at most {MAX_HEADER_BYTES}")
+    try:
+        message = adapter.validate_json(frames[0])
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "header"
+        raise ProtocolError(f"invalid message ({where}: {first['msg']})") from None
+    wants = expect_payload and getattr(message, "kind", None) == "transcribe"
+    if len(frames) != (2 if wants else 1):
+        raise ProtocolError(f"{getattr(message, 'kind', '?')} message with {len(frames)} "
+                            f"frames; expected {2 if wants else 1}")
+    return message, frames[1] if wants else None
+
+
+def decode_client(frames: list[bytes]) -> tuple[ClientMessage, bytes | None]:
+    return _decode(_CLIENT, frames, expect_payload=True)  # type: ignore[return-value]
+
+
+def decode_reply(frames: list[bytes]) -> ReplyMessage:
+    return _decode(_REPLY, frames, expect_payload=False)[0]  # type: ignore[return-value]
+
+
+def decode_from_worker(frames: list[bytes]) -> WorkerMessage:
+    return _decode(_WORKER, frames, expect_payload=False)[0]  # type: ignore[return-value]
+
+
+def decode_for_worker(frames: list[bytes]) -> tuple[SupervisorMessage, bytes | None]:
+    return _decode(_SUPERVISOR, frames, expect_payload=True)  # type: ignore[return-value]
+
+
+def request_id_of(header: bytes) -> str | None:
+    """Best effort: the request id of a frame that failed validation, to address the error."""
+    try:
+        value = TypeAdapter(dict).validate_json(header).get("request_id")
+    except ValidationError:
+        return None
+    return value if isinstance(value, str) and len(value) <= 64 else None

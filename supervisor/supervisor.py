@@ -1,0 +1,630 @@
+"""The supervisor: routes client requests to inference workers and swaps models blue-green.
+
+It never imports torch. Clients talk to its ROUTER frontend, workers to its ROUTER backend.
+Each worker serves one request at a time; requests wait in a bounded queue. A reload loads the
+new model in a warm standby (or a fresh worker), checks it with a ping once it has warmed up,
+then moves traffic to it and lets the old worker finish its request and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from sensevoice_core.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    SPAWN_TIMEOUT_S,
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    LoadFailed,
+    LoadModel,
+    ModelInfo,
+    Ping,
+    Pong,
+    ProtocolError,
+    Ready,
+    ReloadOutcome,
+    ReloadReply,
+    ReloadRequest,
+    ServiceStatus,
+    StatusReply,
+    StatusRequest,
+    Stop,
+    TranscribeReply,
+    TranscribeRequest,
+    WorkerStatus,
+    decode_client,
+    decode_from_worker,
+    encode,
+    request_id_of,
+)
+from sensevoice_core.settings import Settings
+from supervisor.reload import (
+    ReloadJob,
+    ReloadRefused,
+    Waiter,
+    check_reload_path,
+    describe_model,
+    failure_line,
+    success_line,
+)
+from supervisor.watcher import ModelWatcher
+from supervisor.workers import Assignment, WorkerHandle, describe_exit, spawn_worker_process
+
+logger = logging.getLogger("sensevoice.supervisor")
+
+TICK_S = 0.05  # the loop wakes at least this often to check deadlines
+FIRST_LOAD_TIMEOUT_S = 300.0  # a first load may hash and convert a large model
+BACKOFF_MAX_S = 30.0
+BURST = 100  # messages handled per socket per tick, so one side cannot starve the other
+
+
+class StartupError(RuntimeError):
+    """The supervisor cannot start (address in use, first model does not load)."""
+
+
+@dataclass
+class Job:
+    job_id: str
+    client: bytes
+    request: TranscribeRequest
+    payload: bytes
+    received_at: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+    dispatched_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.frontend_address = settings.client_address()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="sensevoice-"))
+        self.backend_address = f"ipc://{self.runtime_dir}/workers.ipc"
+        self.context = zmq.Context()
+        self.frontend = self.context.socket(zmq.ROUTER)
+        self.backend = self.context.socket(zmq.ROUTER)
+        self.workers: dict[str, WorkerHandle] = {}
+        self.exiting: list = []  # processes retired but not yet reaped
+        self.jobs: dict[str, Job] = {}
+        self.queue: deque[str] = deque()
+        self.model: ModelInfo | None = None  # what the serving workers run
+        self.reload: ReloadJob | None = None
+        self.next_reload: ReloadJob | None = None
+        self.last_reload: ReloadOutcome | None = None
+        self.signals: deque[int] = deque()
+        self.watcher: ModelWatcher | None = None
+        self.should_exit = False
+        self.shutting_down = False
+        self.exit_code = 0
+        self.started_at = time.monotonic()
+        self.spawned = 0
+        self.job_counter = 0
+        self.restarts = 0
+        self.requests_served = 0
+        self.backoff_s = 0.0
+        self.backoff_until = 0.0
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> int:
+        self.start()
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        try:
+            while not self.should_exit:
+                ready = dict(poller.poll(TICK_S * 1000))
+                if self.backend in ready:
+                    self.drain(self.backend, self.handle_worker)
+                if self.frontend in ready:
+                    self.drain(self.frontend, self.handle_client)
+                self.handle_signals()
+                self.reap_workers()
+                self.check_health()
+                self.manage_workers()
+                self.dispatch()
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def drain(self, socket: zmq.Socket, handle) -> None:
+        for _ in range(BURST):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    # ----------------------------------------------------------------- start and stop
+
+    def start(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.queue_signal)
+        self.bind_frontend()
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.bind(self.backend_address)
+        logger.info("Supervisor listening on %s (%d worker%s, warm standby %s)",
+                    self.frontend_address, self.settings.workers,
+                    "s" if self.settings.workers > 1 else "",
+                    "on" if self.settings.warm_standby else "off")
+
+    def bind_frontend(self) -> None:
+        address = self.frontend_address
+        if address.startswith("ipc://"):
+            path = Path(address[len("ipc://"):])
+            if path.exists():
+                if supervisor_answers(self.context, address):
+                    raise StartupError(f"another supervisor is already serving at {address}; "
+                                       f"stop it or set SENSEVOICE_SUPERVISOR_ADDRESS")
+                path.unlink()  # left by a supervisor that was killed
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.frontend.setsockopt(zmq.LINGER, 500)
+        max_bytes = int(self.settings.max_request_mb * 1024 * 1024)
+        # A hard cap well above the limit: larger frames are dropped by ZeroMQ before they
+        # can fill memory; those between the limit and the cap get a "too_large" reply.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + (1 << 20))
+        try:
+            self.frontend.bind(address)
+        except zmq.ZMQError as e:
+            raise StartupError(f"cannot listen on {address}: {e}; set "
+                               f"SENSEVOICE_SUPERVISOR_ADDRESS to a free address") from None
+
+    def queue_signal(self, signum: int, frame: object) -> None:
+        """Signal handler: no logging, no work; the loop handles it."""
+        self.signals.append(signum)
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum == signal.SIGHUP:
+                logger.info("SIGHUP: reloading the model")
+                self.request_reload(ReloadRequest(origin="cli"), Waiter(None, ""))
+            elif not self.should_exit:
+                logger.info("%s: stopping", signal.Signals(signum).name)
+                self.should_exit = True
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+        if self.watcher is not None:
+            self.watcher.stop()
+        for job_id in list(self.queue):
+            self.fail_job(self.jobs.pop(job_id), "shutting_down", "the service is stopping")
+        self.queue.clear()
+        if self.reload is not None:
+            self.fail_reload("the service is stopping")
+        for worker in self.workers.values():
+            if worker.role in ("serving", "draining", "standby"):
+                self.send_worker(worker, Stop())
+            else:
+                worker.kill()  # still importing or loading: nothing to finish
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while any(w.process.poll() is None for w in self.workers.values()):
+            if time.monotonic() > deadline:
+                break
+            if self.backend.poll(TICK_S * 1000):
+                self.drain(self.backend, self.handle_worker)
+            if self.frontend.poll(0):
+                self.drain(self.frontend, self.handle_client)
+        for worker in self.workers.values():
+            worker.kill()
+            worker.process.wait()
+            if worker.job_id is not None:
+                self.fail_job(self.jobs.pop(worker.job_id), "shutting_down",
+                              "the service stopped before this request finished")
+        for process in self.exiting:
+            process.kill()
+            process.wait()
+        self.frontend.close(linger=500)
+        self.backend.close(linger=0)
+        self.context.term()
+        if self.frontend_address.startswith("ipc://"):
+            Path(self.frontend_address[len("ipc://"):]).unlink(missing_ok=True)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        logger.info("Supervisor stopped")
+
+    # ----------------------------------------------------------------- clients
+
+    def handle_client(self, frames: list[bytes]) -> None:
+        client, body = frames[0], frames[1:]
+        size = sum(len(frame) for frame in body)
+        limit = self.settings.max_request_mb * 1024 * 1024
+        if size > limit:
+            self.reply_error(client, request_id_of(body[0]) if body else None, "too_large",
+                             f"request of {size / 2**20:.1f} MiB; at most "
+                             f"{self.settings.max_request_mb:g} MiB (SENSEVOICE_MAX_REQUEST_MB)")
+            return
+        try:
+            message, payload = decode_client(body)
+        except ProtocolError as e:
+            self.reply_error(client, request_id_of(body[0]) if body else None, "bad_request",
+                             str(e))
+            return
+        if isinstance(message, StatusRequest):
+            self.send_client(client, StatusReply(request_id=message.request_id,
+                                                 status=self.status()))
+        elif self.shutting_down:
+            self.reply_error(client, message.request_id, "shutting_down",
+                             "the service is stopping")
+        elif isinstance(message, ReloadRequest):
+            self.request_reload(message, Waiter(client, message.request_id))
+        else:
+            self.accept_job(client, message, payload or b"")
+
+    def accept_job(self, client: bytes, request: TranscribeRequest, payload: bytes) -> None:
+        if not self.can_serve_soon():
+            self.reply_error(client, request.request_id, "unavailable",
+                             "no inference worker is running; see the supervisor log")
+        elif len(self.queue) >= self.settings.max_queue:
+            self.reply_error(client, request.request_id, "busy",
+                             f"{len(self.queue)} requests are waiting; retry later")
+        else:
+            self.job_counter += 1
+            job = Job(f"j{self.job_counter}", client, request, payload)
+            self.jobs[job.job_id] = job
+            self.queue.append(job.job_id)
+
+    def can_serve_soon(self) -> bool:
+        return self.reload is not None or any(
+            w.role == "serving" or (w.assignment and w.role in ("starting", "loading"))
+            for w in self.workers.values()) or time.monotonic() < self.backoff_until + 1
+
+    def dispatch(self) -> None:
+        idle = sorted((w for w in self.workers.values() if w.role == "serving" and not w.busy),
+                      key=lambda w: w.idle_since)
+        while self.queue and idle:
+            job, worker = self.jobs[self.queue.popleft()], idle.pop(0)
+            job.attempts += 1
+            job.dispatched_at = time.monotonic()
+            worker.job_id = job.job_id
+            forward = job.request.model_copy(update={"request_id": job.job_id})
+            self.backend.send_multipart([worker.worker_id.encode(), *encode(forward, job.payload)])
+
+    def finish_job(self, worker: WorkerHandle, reply: TranscribeReply | ErrorReply) -> None:
+        job = self.jobs.pop(worker.job_id) if worker.job_id else None
+        worker.job_id, worker.idle_since = None, time.monotonic()
+        if job is None or reply.request_id != job.job_id:
+            logger.error("worker %s (pid %s) answered request %s it was not serving; ignored",
+                         worker.worker_id, worker.pid, reply.request_id)
+            return
+        if isinstance(reply, TranscribeReply):
+            worker.requests_served += 1
+            self.requests_served += 1
+        self.send_client(job.client, reply.model_copy(update={"request_id": job.request.request_id}))
+
+    def fail_job(self, job: Job, code: ErrorCode, message: str) -> None:
+        self.reply_error(job.client, job.request.request_id, code, message)
+
+    def reply_error(self, client: bytes, request_id: str | None, code: ErrorCode,
+                    message: str) -> None:
+        self.send_client(client, ErrorReply(request_id=request_id, code=code, message=message))
+
+    def send_client(self, client: bytes, message) -> None:
+        self.frontend.send_multipart([client, *encode(message)])
+
+    def status(self) -> ServiceStatus:
+        now = time.monotonic()
+        workers = [WorkerStatus(worker_id=w.worker_id, pid=w.pid, role=w.role,
+                                age_s=round(now - w.spawned_at, 3),
+                                requests_served=w.requests_served, busy=w.busy,
+                                fingerprint=w.model.fingerprint if w.model else None)
+                   for w in sorted(self.workers.values(), key=lambda w: w.age)]
+        return ServiceStatus(
+            supervisor_pid=os.getpid(), uptime_s=round(now - self.started_at, 3),
+            model=self.model, workers=workers, queued=len(self.queue),
+            in_flight=sum(w.busy for w in self.workers.values()),
+            requests_served=self.requests_served, worker_restarts=self.restarts,
+            reloading=self.reload is not None, last_reload=self.last_reload,
+            watching=str(self.watcher.directory) if self.watcher else None)
+
+    # ----------------------------------------------------------------- workers
+
+    def handle_worker(self, frames: list[bytes]) -> None:
+        worker = self.workers.get(frames[0].decode(errors="replace"))
+        if worker is None:
+            return  # a retired worker's last words
+        try:
+            message = decode_from_worker(frames[1:])
+        except ProtocolError as e:
+            logger.error("malformed message from worker %s (pid %s): %s", worker.worker_id,
+                         worker.pid, e)
+            return
+        worker.last_heard = time.monotonic()
+        if isinstance(message, Hello):
+            self.worker_hello(worker)
+        elif isinstance(message, Ready):
+            worker.model = message.model
+            self.send_worker(worker, Ping(nonce=1))  # the health check before traffic
+        elif isinstance(message, Pong):
+            if worker.role == "loading" and worker.model is not None and not worker.health_checked:
+                worker.health_checked = True
+                self.worker_ready(worker)
+        elif isinstance(message, LoadFailed):
+            worker.load_error = message.error
+        else:
+            self.finish_job(worker, message)
+
+    def worker_hello(self, worker: WorkerHandle) -> None:
+        if worker.assignment is None:
+            worker.role = "standby"
+        else:
+            self.send_load(worker)
+
+    def send_load(self, worker: WorkerHandle) -> None:
+        assignment = worker.assignment
+        assert assignment is not None
+        worker.role = "loading"
+        if assignment.purpose == "reload" and self.reload is not None:
+            worker.deadline = self.reload.deadline
+        else:
+            worker.deadline = time.monotonic() + (
+                FIRST_LOAD_TIMEOUT_S if self.model is None else
+                max(self.settings.hotreload_timeout, 60.0))
+        self.send_worker(worker, LoadModel(path=assignment.path, force_fresh=assignment.force_fresh))
+
+    def worker_ready(self, worker: WorkerHandle) -> None:
+        assert worker.model is not None and worker.assignment is not None
+        reload = self.reload
+        if worker.assignment.purpose == "reload" and reload and worker.worker_id in reload.green:
+            greens = [self.workers[g] for g in reload.green]
+            if all(g.health_checked for g in greens):
+                self.switch_to_green(greens)
+            return
+        first = self.model is None
+        worker.role, worker.idle_since = "serving", time.monotonic()
+        self.model = worker.model
+        self.backoff_s = 0.0
+        if first:
+            logger.info("Serving model %s, loaded in %.2f s via %s", describe_model(worker.model),
+                        worker.model.load_s, worker.model.cache_level)
+            self.start_watcher()
+        else:
+            logger.info("Worker %s (pid %s) serving %s", worker.worker_id, worker.pid,
+                        describe_model(worker.model))
+
+    def send_worker(self, worker: WorkerHandle, message) -> None:
+        self.backend.send_multipart([worker.worker_id.encode(), *encode(message)])
+
+    def spawn_worker(self, assignment: Assignment | None) -> WorkerHandle:
+        self.spawned += 1
+        worker_id = f"w{self.spawned}"
+        process = spawn_worker_process(worker_id, self.backend_address,
+                                       standby=assignment is None)
+        worker = WorkerHandle(worker_id, process, age=self.spawned, assignment=assignment)
+        self.workers[worker_id] = worker
+        return worker
+
+    def assign(self, assignment: Assignment) -> WorkerHandle:
+        """Give a load to the warm standby if there is one, else to a new worker.
+
+        A standby still starting is not waited for: it starts at idle priority, which on a
+        saturated machine could take longer than the reload may.
+        """
+        standby = next((w for w in self.workers.values()
+                        if w.role == "standby" and w.assignment is None), None)
+        if standby is None:
+            return self.spawn_worker(assignment)
+        standby.assignment = assignment
+        self.send_load(standby)
+        return standby
+
+    def drain_worker(self, worker: WorkerHandle) -> None:
+        """No new work; finish the request in hand (Stop queues behind it), then exit."""
+        worker.role = "draining"
+        worker.deadline = time.monotonic() + self.settings.drain_timeout
+        self.send_worker(worker, Stop())
+
+    def retire(self, worker: WorkerHandle) -> None:
+        self.workers.pop(worker.worker_id, None)
+        worker.kill()
+        self.exiting.append(worker.process)
+
+    def reap_workers(self) -> None:
+        for worker in list(self.workers.values()):
+            code = worker.process.poll()
+            if code is None:
+                continue
+            del self.workers[worker.worker_id]
+            self.worker_exited(worker, code)
+        self.exiting = [p for p in self.exiting if p.poll() is None]
+
+    def worker_exited(self, worker: WorkerHandle, code: int) -> None:
+        cause = worker.load_error or describe_exit(code)
+        self.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {describe_exit(code)}")
+        if worker.role == "draining" or self.shutting_down:
+            logger.info("Worker %s (pid %s) drained and exited", worker.worker_id, worker.pid)
+        elif self.reload is not None and worker.worker_id in self.reload.green:
+            self.fail_reload(f"the new worker (pid {worker.pid}): {cause}")
+        elif worker.role == "serving":
+            self.restarts += 1
+            logger.warning("Worker %s (pid %s) %s Replacing it.", worker.worker_id, worker.pid,
+                           describe_exit(code))
+        elif worker.role in ("starting", "loading") and worker.assignment is not None:
+            if self.model is None and self.reload is None:
+                logger.error("Cannot start: the model did not load: %s. Fix the model directory "
+                             "(python -m sensevoice_core doctor) and start again", cause)
+                self.should_exit, self.exit_code = True, 4
+                return
+            self.back_off()
+            logger.error("Worker %s (pid %s) could not load %s: %s; retrying in %.0f s",
+                         worker.worker_id, worker.pid, worker.assignment.path, cause,
+                         self.backoff_s)
+        else:
+            self.back_off()
+            logger.warning("Standby worker %s (pid %s) %s", worker.worker_id, worker.pid,
+                           describe_exit(code))
+
+    def back_off(self) -> None:
+        self.backoff_s = min(max(self.backoff_s * 2, 1.0), BACKOFF_MAX_S)
+        self.backoff_until = time.monotonic() + self.backoff_s
+
+    def requeue(self, worker: WorkerHandle, cause: str) -> None:
+        """The request a dead worker held is retried once on another worker, then fails."""
+        job = self.jobs.get(worker.job_id) if worker.job_id else None
+        worker.job_id = None
+        if job is None:
+            return
+        if job.attempts < 2 and not self.shutting_down:
+            logger.warning("%s while serving request %s; retrying it on another worker",
+                           cause, job.request.request_id)
+            self.queue.appendleft(job.job_id)
+        else:
+            del self.jobs[job.job_id]
+            self.fail_job(job, "worker_lost", f"{cause} while serving this request, twice")
+
+    def check_health(self) -> None:
+        now = time.monotonic()
+        silence_limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+        for worker in list(self.workers.values()):
+            if worker.process.poll() is not None:
+                continue  # reaped next tick
+            if worker.role == "starting" and now - worker.spawned_at > SPAWN_TIMEOUT_S:
+                logger.error("Worker %s (pid %s) did not start within %.0f s; killing it",
+                             worker.worker_id, worker.pid, SPAWN_TIMEOUT_S)
+                worker.kill()
+            elif worker.role in ("loading", "draining") and now > worker.deadline:
+                logger.error("Worker %s (pid %s) still %s after its deadline; killing it",
+                             worker.worker_id, worker.pid, worker.role)
+                worker.kill()
+            elif worker.busy:
+                job = self.jobs[worker.job_id]
+                if now - job.dispatched_at > self.settings.request_timeout:
+                    worker.job_id = None
+                    del self.jobs[job.job_id]
+                    self.fail_job(job, "timeout", f"no result within "
+                                  f"{self.settings.request_timeout:g} s (SENSEVOICE_REQUEST_TIMEOUT)")
+                    logger.error("Worker %s (pid %s) hung on a request for %.0f s; replacing it",
+                                 worker.worker_id, worker.pid, self.settings.request_timeout)
+                    worker.kill()
+            elif worker.role in ("standby", "serving"):
+                if now - worker.last_heard > silence_limit:
+                    logger.error("Worker %s (pid %s) missed %d heartbeats; killing it as hung",
+                                 worker.worker_id, worker.pid, HEARTBEAT_LIVENESS)
+                    worker.kill()
+                elif now - worker.last_ping >= HEARTBEAT_INTERVAL_S:
+                    worker.last_ping = now
+                    self.send_worker(worker, Ping(nonce=int(now * 1000)))
+        if self.reload is not None and self.reload.started and now > self.reload.deadline:
+            self.fail_reload(f"not ready within {self.settings.hotreload_timeout:g} s "
+                             f"(SENSEVOICE_HOTRELOAD_TIMEOUT)")
+        while self.queue and now - self.jobs[self.queue[0]].received_at > self.settings.request_timeout:
+            self.fail_job(self.jobs.pop(self.queue.popleft()), "timeout",
+                          "no worker became free in time")
+
+    def manage_workers(self) -> None:
+        if self.shutting_down or self.should_exit:
+            return
+        now = time.monotonic()
+        workers = list(self.workers.values())
+        if self.reload is None and now >= self.backoff_until:
+            serving = sum(w.role == "serving" for w in workers)
+            filling = sum(w.assignment is not None and w.assignment.purpose == "serve"
+                          and w.role in ("starting", "loading") for w in workers)
+            path = self.model.model_dir if self.model else (
+                str(self.settings.model_dir) if self.settings.model_dir else None)
+            for _ in range(self.settings.workers - serving - filling):
+                self.assign(Assignment(path, False, "serve"))
+        wants_standby = (self.settings.warm_standby and self.model is not None
+                         and self.reload is None and now >= self.backoff_until)
+        if wants_standby and not any(w.role in ("standby", "draining", "loading")
+                                     or (w.role == "starting" and w.assignment is None)
+                                     for w in workers):
+            standby = self.spawn_worker(None)
+            logger.debug("Spawned warm standby %s (pid %s)", standby.worker_id, standby.pid)
+
+    # ----------------------------------------------------------------- reload
+
+    def request_reload(self, request: ReloadRequest, waiter: Waiter) -> None:
+        try:
+            path = check_reload_path(request.path, self.model, self.settings.model_roots)
+        except ReloadRefused as e:
+            logger.error(failure_line(self.model, str(e), verb="refused"))
+            if waiter.client is not None:
+                self.reply_error(waiter.client, waiter.request_id, "reload_refused", str(e))
+            return
+        if self.reload is None:
+            self.reload = ReloadJob(path, request.force_fresh, request.origin, [waiter])
+            self.start_reload()
+        elif self.next_reload is None:
+            self.next_reload = ReloadJob(path, request.force_fresh, request.origin, [waiter])
+        else:
+            self.next_reload.merge(request, path, waiter)
+
+    def start_reload(self) -> None:
+        job = self.reload
+        assert job is not None
+        job.started, job.old_model = True, self.model
+        job.deadline = time.monotonic() + self.settings.hotreload_timeout
+        if self.settings.swap_strategy == "stop_first":
+            for worker in [w for w in self.workers.values() if w.role == "serving"]:
+                self.drain_worker(worker)
+            logger.info("[HOTRELOAD] stop_first: old worker stopped; requests wait until the "
+                        "new model is ready (downtime = its load time)")
+        for _ in range(self.settings.workers):
+            worker = self.assign(Assignment(job.path, job.force_fresh, "reload"))
+            job.green.add(worker.worker_id)
+
+    def switch_to_green(self, greens: list[WorkerHandle]) -> None:
+        job = self.reload
+        assert job is not None
+        for worker in [w for w in self.workers.values() if w.role == "serving"]:
+            self.drain_worker(worker)
+        now = time.monotonic()
+        for worker in greens:
+            worker.role, worker.idle_since = "serving", now
+        self.model = greens[0].model
+        assert self.model is not None
+        outcome = job.outcome(self.model, self.model)
+        logger.info(success_line(self.model, outcome.seconds))
+        self.finish_reload(outcome)
+
+    def fail_reload(self, cause: str) -> None:
+        job = self.reload
+        assert job is not None
+        for worker_id in job.green:
+            if worker_id in self.workers:
+                self.retire(self.workers[worker_id])
+        outcome = job.outcome(None, self.model, error=cause)
+        logger.error(failure_line(self.model, cause))
+        self.finish_reload(outcome)
+
+    def finish_reload(self, outcome: ReloadOutcome) -> None:
+        assert self.reload is not None
+        self.last_reload = outcome
+        for waiter in self.reload.waiters:
+            if waiter.client is not None:
+                self.send_client(waiter.client, ReloadReply(request_id=waiter.request_id,
+                                                            outcome=outcome))
+        self.reload, self.next_reload = self.next_reload, None
+        if self.reload is not None and not self.shutting_down:
+            self.start_reload()
+        elif self.reload is not None:
+            self.fail_reload("the service is stopping")
+
+    def start_watcher(self) -> None:
+        if self.settings.enable_file_watch and self.watcher is None:
+            self.watcher = ModelWatcher(self.frontend_address, lambda: self.model,
+                                        self.settings.watch_quiet_s)
+            self.watcher.start()
+
+
+def supervisor_answers(context: zmq.Context, address: str, timeout_s: float = 0.5) -> bool:
+    """True when a live supervisor replies to a status request at this address."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(address)
+        socket.send_multipart(encode(StatusRequest()))
+        return bool(socket.poll(timeout_s * 1000))
+    finally:
+        socket.close()

@@ -1,0 +1,124 @@
+"""Run the real service (supervisor + workers) as a subprocess for a test, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sensevoice_core.client import ServiceError, SupervisorClient
+from sensevoice_core.protocol import ServiceStatus
+from sensevoice_core.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def process_alive(pid: int) -> bool:
+    """Alive and not a zombie (an exited child nobody has reaped yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+    client: SupervisorClient
+    seen_pids: set[int]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> ServiceStatus:
+        status = self.client.status()
+        self.seen_pids.update(w.pid for w in status.workers)
+        return status
+
+    def wait_until(self, condition, timeout: float = 60.0, what: str = "condition") -> ServiceStatus:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"supervisor exited ({self.process.returncode}) waiting for "
+                                     f"{what}:\n{self.log()}")
+            try:
+                status = self.status()
+                if condition(status):
+                    return status
+            except ServiceError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+
+    def wait_ready(self, standby: bool = True, timeout: float = 90.0) -> ServiceStatus:
+        def ready(status: ServiceStatus) -> bool:
+            roles = [w.role for w in status.workers]
+            return (status.model is not None and "serving" in roles
+                    and (not standby or "standby" in roles) and not status.reloading)
+        return self.wait_until(ready, timeout, "a serving worker" + (" and a standby" * standby))
+
+    def serving_pid(self) -> int:
+        return next(w.pid for w in self.status().workers if w.role == "serving")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stop the supervisor; assert it exits and leaves no worker behind."""
+        try:
+            self.status()
+        except ServiceError:
+            pass
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"supervisor did not stop on {sig}:\n{self.log()}")
+        deadline = time.monotonic() + 5
+        while any(process_alive(pid) for pid in self.seen_pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        orphans = [pid for pid in self.seen_pids if process_alive(pid)]
+        assert not orphans, f"worker processes left running: {orphans}\n{self.log()}"
+        return code
+
+
+def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
+                  standby: bool = True, **env: str) -> Service:
+    """Start `python -m supervisor` in work_dir, with its own cache and socket."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    socket_dir = tempfile.mkdtemp(prefix="sv", dir="/tmp")  # ipc paths must be short
+    address = f"ipc://{socket_dir}/s.ipc"
+    environment = {
+        **os.environ,
+        "SENSEVOICE_CACHE_DIR": str(work_dir / "cache"),
+        "SENSEVOICE_SUPERVISOR_ADDRESS": address,
+        "SENSEVOICE_THREADS": "1",
+        "SENSEVOICE_WARM_STANDBY": "true" if standby else "false",
+        "SENSEVOICE_LOG_LEVEL": "DEBUG",
+        **{f"SENSEVOICE_{key.upper()}": value for key, value in env.items()},
+    }
+    if model_dir is not None:
+        environment["SENSEVOICE_MODEL_DIR"] = str(model_dir)
+    log_path = work_dir / "service.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "supervisor"], cwd=work_dir,
+                                   env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    client = SupervisorClient(address, Settings(supervisor_address=address))
+    service = Service(process, address, log_path, client, set())
+    if wait:
+        deadline = time.monotonic() + 30
+        while not Path(address[6:]).exists() and time.monotonic() < deadline:
+            if process.poll() is not None:
+                break
+            time.sleep(0.02)
+        service.wait_ready(standby=standby)
+    return service

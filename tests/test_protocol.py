@@ -1,0 +1,89 @@
+"""Protocol frames: every message round-trips, every malformed frame is a ProtocolError."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sensevoice_core.protocol import (
+    PROTOCOL_VERSION,
+    ErrorReply,
+    Hello,
+    LoadModel,
+    Ping,
+    ProtocolError,
+    ReloadOutcome,
+    ReloadReply,
+    ReloadRequest,
+    StatusRequest,
+    Stop,
+    TranscribeRequest,
+    decode_client,
+    decode_for_worker,
+    decode_from_worker,
+    decode_reply,
+    encode,
+    request_id_of,
+)
+
+
+def test_client_messages_round_trip():
+    request = TranscribeRequest(language="en", use_itn=True, audio_format="pcm_f32le")
+    assert decode_client(encode(request, b"\0" * 8)) == (request, b"\0" * 8)
+    reload = ReloadRequest(path="/m", force_fresh=True, origin="watch")
+    assert decode_client(encode(reload)) == (reload, None)
+    assert decode_client(encode(StatusRequest()))[0].kind == "status"
+
+
+def test_worker_messages_round_trip():
+    assert decode_for_worker(encode(LoadModel(path=None)))[0] == LoadModel(path=None)
+    assert decode_for_worker(encode(Stop()))[0] == Stop()
+    assert decode_for_worker(encode(Ping(nonce=3)))[0] == Ping(nonce=3)
+    assert decode_from_worker(encode(Hello(worker_id="w1", pid=5))) == Hello(worker_id="w1", pid=5)
+
+
+def test_replies_round_trip():
+    outcome = ReloadOutcome(ok=False, origin="api", requested_path=None, error="broken")
+    reply = ReloadReply(request_id="r", outcome=outcome)
+    assert decode_reply(encode(reply)) == reply
+    error = ErrorReply(request_id=None, code="busy", message="retry later")
+    assert decode_reply(encode(error)) == error
+
+
+def test_every_header_carries_the_protocol_version():
+    assert encode(StatusRequest())[0].startswith(b'{"v":%d' % PROTOCOL_VERSION)
+
+
+@pytest.mark.parametrize("frames, words", [
+    ([], "empty message"),
+    ([b"\xff\xfe"], "Invalid JSON"),
+    ([b'{"kind": "status", "v": 2}'], "Input should be 1"),
+    ([b'{"kind": "status", "surprise": 1}'], "Extra inputs"),
+    ([b'{"kind": "transcribe"}'], "expected 2"),
+    ([b'{"kind": "status"}', b"payload"], "expected 1"),
+    ([b'{"kind": "transcribe", "audio_format": "mp4"}', b""], "audio_format"),
+    ([b'{"kind": "transcribe", "request_id": "' + b"x" * 100 + b'"}', b""], "request_id"),
+    ([b" " * 70000], "at most"),
+])
+def test_malformed_client_frames_are_protocol_errors(frames, words):
+    with pytest.raises(ProtocolError, match=words):
+        decode_client(frames)
+
+
+def test_a_worker_cannot_send_client_requests():
+    with pytest.raises(ProtocolError):
+        decode_from_worker(encode(StatusRequest()))
+
+
+def test_request_id_is_recovered_from_a_bad_frame_when_possible():
+    assert request_id_of(b'{"kind": "nope", "request_id": "abc"}') == "abc"
+    assert request_id_of(b"not json") is None
+    assert request_id_of(b'{"request_id": 5}') is None
+
+
+def test_processes_without_a_model_never_import_torch():
+    code = ("import sys, sensevoice_core.client, sensevoice_core.protocol, supervisor.supervisor, "
+            "supervisor.watcher; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

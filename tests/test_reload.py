@@ -1,0 +1,244 @@
+"""Blue-green hot reload through the real service: triggers, coalescing, failures, strategies."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from model_factory import write_hf
+from sensevoice_core.client import ServiceError, SupervisorClient
+from sensevoice_core.settings import Settings
+from service import Service, start_service
+
+pytestmark = pytest.mark.slow
+
+CLIP = Path(__file__).parent / "data" / "demo_eval" / "en_02.flac"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    write_hf(root / "a", seed=1)
+    write_hf(root / "b", seed=2)
+    broken = write_hf(root / "broken", seed=3)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def service(models: Path, tmp_path_factory: pytest.TempPathFactory):
+    running = start_service(tmp_path_factory.mktemp("service"), models / "a")
+    yield running
+    assert running.stop() == 0
+
+
+def fingerprint_of(service: Service, path: Path) -> str:
+    outcome = service.client.hot_reload_model(path)
+    assert outcome.ok, outcome
+    return outcome.new_fingerprint
+
+
+def test_reload_to_another_model_changes_the_serving_fingerprint(service: Service, models: Path):
+    before = service.client.transcribe(CLIP).fingerprint
+    outcome = service.client.hot_reload_model(models / "b")
+    assert outcome.ok and outcome.error is None
+    assert outcome.old_fingerprint == before != outcome.new_fingerprint
+    assert outcome.model_dir == str((models / "b").resolve())
+    assert outcome.cache_level in ("fresh", "L2") and 0 < outcome.seconds < 30
+    assert service.client.transcribe(CLIP).fingerprint == outcome.new_fingerprint
+    assert "[HOTRELOAD] Swapped model successfully: reloaded from " + str((models / "b").resolve()) \
+        in service.log()
+    back = service.client.hot_reload_model(models / "a")
+    assert back.ok and back.new_fingerprint == before
+
+
+def test_continuous_client_sees_no_failure_across_ten_reloads(service: Service, models: Path):
+    fingerprints = {path: fingerprint_of(service, models / path) for path in ("b", "a")}
+    service.wait_ready()
+    replies, failures = [], []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
+        while not stop.is_set():
+            try:
+                replies.append(client.transcribe(CLIP))
+            except ServiceError as e:
+                failures.append(e)
+        client.close()
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(replies) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    order = ["b", "a"] * 6  # 12 reloads, each to the other model
+    try:
+        for name in order:
+            outcome = service.client.hot_reload_model(models / name)
+            assert outcome.ok, outcome
+            assert outcome.new_fingerprint == fingerprints[name]
+            served_before = len(replies)
+            deadline = time.monotonic() + 30
+            while len(replies) < served_before + 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures
+    assert all(reply.fingerprint in fingerprints.values() for reply in replies)
+    sequence = [reply.fingerprint for reply in replies]
+    switches = sum(a != b for a, b in zip(sequence, sequence[1:]))
+    runs = [(fp[:4], sum(1 for _ in group)) for fp, group in itertools.groupby(sequence)]
+    assert switches == len(order), f"{switches} switches for {len(order)} reloads: {runs}"
+    assert sequence[-1] == fingerprints["a"]
+
+
+def test_reload_of_the_same_model_comes_from_l2(service: Service):
+    serving = service.status().model
+    outcome = service.client.hot_reload_model()
+    assert outcome.ok and outcome.new_fingerprint == serving.fingerprint
+    assert outcome.cache_level == "L2"
+    assert outcome.model_dir == serving.model_dir
+
+
+def test_force_fresh_reloads_from_the_model_files(service: Service):
+    outcome = service.client.hot_reload_model(force_fresh=True)
+    assert outcome.ok and outcome.cache_level == "fresh"
+    assert service.client.hot_reload_model().cache_level == "L2"
+
+
+def test_broken_model_leaves_the_old_one_serving(service: Service, models: Path):
+    serving = service.status().model.fingerprint
+    outcome = service.client.hot_reload_model(models / "broken")
+    assert not outcome.ok and outcome.new_fingerprint is None
+    assert "model.safetensors" in outcome.error
+    assert outcome.old_fingerprint == serving
+    assert service.client.transcribe(CLIP).fingerprint == serving
+    assert service.status().last_reload == outcome
+    assert f"[HOTRELOAD] Reload failed, still serving {service.status().model.model_dir}" \
+        in service.log()
+
+
+def test_reload_outside_the_model_roots_is_refused(service: Service, tmp_path: Path):
+    elsewhere = write_hf(tmp_path / "elsewhere")
+    with pytest.raises(ServiceError) as error:
+        service.client.hot_reload_model(elsewhere)
+    assert error.value.code == "reload_refused"
+    assert "outside the allowed model roots" in error.value.message
+    assert "SENSEVOICE_MODEL_ROOTS" in error.value.message
+    with pytest.raises(ServiceError, match="not a directory"):
+        service.client.hot_reload_model(Path(service.status().model.model_dir).parent / "missing")
+
+
+def test_concurrent_triggers_coalesce_into_at_most_two_swaps(service: Service, models: Path):
+    service.wait_ready()
+    swaps_before = service.log().count("Swapped model successfully")
+    outcomes = []
+
+    def trigger() -> None:
+        client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
+        outcomes.append(client.hot_reload_model(models / "b"))
+        client.close()
+
+    threads = [threading.Thread(target=trigger) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) == 6 and all(outcome.ok for outcome in outcomes)
+    swaps = service.log().count("Swapped model successfully") - swaps_before
+    assert 1 <= swaps <= 2
+    assert sum(outcome.coalesced for outcome in {o.seconds: o for o in outcomes}.values()) == 6
+    fingerprint_of(service, models / "a")
+
+
+def test_sighup_reloads_the_served_model(service: Service):
+    service.wait_ready()
+    count = service.log().count("Swapped model successfully")
+    service.process.send_signal(signal.SIGHUP)
+    service.wait_until(lambda s: service.log().count("Swapped model successfully") == count + 1,
+                       30, "a SIGHUP reload")
+
+
+def test_command_line_reload_and_status(service: Service, models: Path):
+    environment = {**os.environ, "SENSEVOICE_SUPERVISOR_ADDRESS": service.address}
+    status = subprocess.run([sys.executable, "-m", "supervisor", "status"], env=environment,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and '"fingerprint"' in status.stdout
+    failed = subprocess.run([sys.executable, "-m", "supervisor", "reload", str(models / "broken")],
+                            env=environment, capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and '"ok": false' in failed.stdout
+    transcribed = subprocess.run([sys.executable, "-m", "supervisor", "transcribe", str(CLIP),
+                                  "missing.flac", "--json"], env=environment,
+                                 capture_output=True, text=True, timeout=60)
+    lines = [json.loads(line) for line in transcribed.stdout.splitlines()]
+    assert transcribed.returncode == 1  # one of the two files is missing
+    assert lines[0]["file"] == str(CLIP) and lines[0]["fingerprint"] == service.status().model.fingerprint
+    assert lines[1]["file"] == "missing.flac" and "cannot read file" in lines[1]["error"]
+
+
+def test_reload_api_is_importable_from_loader_and_client():
+    from sensevoice_core.client import hot_reload_model as from_client
+    from sensevoice_core.loader import hot_reload_model as from_loader
+
+    assert from_loader is from_client
+
+
+def test_reload_timeout_abandons_the_new_worker(models: Path, tmp_path: Path):
+    running = start_service(tmp_path, models / "a", hotreload_timeout="0.05")
+    try:
+        serving = running.status().model.fingerprint
+        outcome = running.client.hot_reload_model(models / "b")
+        assert not outcome.ok and "SENSEVOICE_HOTRELOAD_TIMEOUT" in outcome.error
+        assert running.client.transcribe(CLIP).fingerprint == serving
+        running.wait_ready()  # a new standby replaces the abandoned one
+    finally:
+        assert running.stop() == 0
+
+
+def test_stop_first_strategy_swaps_and_recovers_from_a_failed_load(models: Path, tmp_path: Path):
+    running = start_service(tmp_path, models / "a", swap_strategy="stop_first", standby=False)
+    try:
+        serving = running.status().model.fingerprint
+        outcome = running.client.hot_reload_model(models / "b")
+        assert outcome.ok and outcome.new_fingerprint != serving
+        assert running.client.transcribe(CLIP).fingerprint == outcome.new_fingerprint
+        failed = running.client.hot_reload_model(models / "broken")
+        assert not failed.ok
+        # The old worker was stopped first, so the last good model is loaded again.
+        reply = running.client.transcribe(CLIP)
+        assert reply.fingerprint == outcome.new_fingerprint
+        assert "stop_first" in running.log()
+    finally:
+        assert running.stop() == 0
+
+
+def test_reload_without_warm_standby_spawns_a_worker(models: Path, tmp_path: Path):
+    running = start_service(tmp_path, models / "a", standby=False)
+    try:
+        outcome = running.client.hot_reload_model(models / "b")
+        assert outcome.ok
+        running.wait_until(lambda s: [w.role for w in s.workers] == ["serving"], 30,
+                           "the old worker to drain, with no standby spawned")
+    finally:
+        assert running.stop() == 0
+
+
+def test_a_copied_model_directory_can_be_reloaded(service: Service, models: Path, tmp_path: Path):
+    copy = models / "copy"
+    shutil.copytree(models / "b", copy, dirs_exist_ok=True)
+    outcome = service.client.hot_reload_model(copy)
+    assert outcome.ok and outcome.model_dir == str(copy.resolve())
+    fingerprint_of(service, models / "a")
