@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import zmq
 
+from sensevoice_core.audio import SAMPLE_RATE, load_audio
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
 from sensevoice_core.errors import AudioError
 from sensevoice_core.model import SenseVoiceSmall
-from sensevoice_core.pipeline import SenseVoice
+from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
 from sensevoice_core.protocol import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_OK,
@@ -169,8 +170,15 @@ class InferenceWorker:
                 audio: bytes | np.ndarray = np.frombuffer(payload, dtype="<f4")
             else:
                 audio = payload
-            result = self.model.transcribe(audio, request.language, request.use_itn,
-                                           request.sample_rate)
+            options = TranscribeOptions.create(request.language, request.use_itn)
+            waveform = load_audio(audio, request.sample_rate)
+            duration_s = waveform.numel() / SAMPLE_RATE
+            if duration_s > self.settings.max_audio_s:
+                return ErrorReply(
+                    request_id=request.request_id, code="too_long",
+                    message=f"the audio is {duration_s:.1f} s long; the limit is "
+                            f"{self.settings.max_audio_s:g} s (SENSEVOICE_MAX_AUDIO_S)")
+            result = self.model.transcribe_waveforms([waveform], options)[0]
         except AudioError as e:
             return ErrorReply(request_id=request.request_id, code="bad_audio", message=str(e))
         except ValueError as e:

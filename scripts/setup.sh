@@ -7,13 +7,17 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# espeak-ng synthesises the demo model's training speech (training/, tests/test_training_data.py).
-if ! command -v espeak-ng >/dev/null 2>&1; then
+# espeak-ng synthesises the demo model's training speech (training/, tests/test_training_data.py);
+# chromium runs the browser test (tests/test_ui_browser.py), driven by Playwright.
+missing=()
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        echo "[setup] installing espeak-ng (apt-get)..." >&2
-        apt-get update -qq >/dev/null && apt-get install -y -qq espeak-ng >/dev/null
+        echo "[setup] installing ${missing[*]} (apt-get)..." >&2
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "[setup] espeak-ng is missing: run 'sudo apt-get install -y espeak-ng'" >&2
+        echo "[setup] missing ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}'" >&2
     fi
 fi
 

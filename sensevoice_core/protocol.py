@@ -35,6 +35,7 @@ ErrorCode = Literal[
     "bad_request",  # malformed frame, unknown kind, wrong protocol version, bad field
     "too_large",  # the request is over SENSEVOICE_MAX_REQUEST_MB
     "bad_audio",  # the audio could not be decoded or is empty
+    "too_long",  # the audio is longer than SENSEVOICE_MAX_AUDIO_S
     "busy",  # the queue is full: retry later
     "unavailable",  # no worker is serving (starting, or every worker failed)
     "worker_lost",  # the worker died twice while serving this request
@@ -154,6 +155,7 @@ class ServiceStatus(BaseModel):
     worker_restarts: int
     reloading: bool
     last_reload: ReloadOutcome | None
+    reload_counts: dict[str, int] = {}  # outcome (ok, failed, refused) -> reloads since start
     watching: str | None  # the directory watched for changes, None when watching is off
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.errors import SenseVoiceError
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         64, ge=1, description="requests waiting for a worker; beyond that clients get 'busy'")
     max_request_mb: float = Field(64.0, gt=0, description="largest request accepted, in MiB")
+    max_audio_s: float = Field(
+        300.0, gt=0, description="longest audio a request may hold, in seconds")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="directories a reload may load from (comma-separated); empty: the "
@@ -71,6 +73,15 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="log level of the supervisor and workers")
 
+    # UI and HTTP API (python -m ui)
+    ui_host: str = Field("127.0.0.1", description="address the UI and HTTP API listen on")
+    ui_port: int = Field(7860, ge=1, le=65535, description="port of the UI and HTTP API")
+    admin_token: SecretStr | None = Field(
+        None, description="required to reload from the UI/HTTP API when set, and always when "
+                          "SENSEVOICE_UI_HOST is not loopback (without it reloading is off)")
+    max_upload_mb: float = Field(
+        32.0, gt=0, description="largest upload the UI and HTTP API accept, in MiB")
+
     # Long audio
     vad_threshold: float = Field(0.35, ge=0.0, le=1.0,
                                  description="speech probability above which audio is speech")
@@ -79,6 +90,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         """SENSEVOICE_MODEL_DIR= (empty) is unset, not the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_means_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("model_roots", mode="before")
@@ -104,6 +120,12 @@ class Settings(BaseSettings):
             raise ValueError(f"host {host!r} is not loopback; the supervisor has no "
                              f"authentication, so it binds to 127.0.0.1 or ipc:// only")
         raise ValueError("expected ipc://PATH or tcp://127.0.0.1:PORT")
+
+    def ui_is_loopback(self) -> bool:
+        return self.ui_host in LOOPBACK_HOSTS or self.ui_host == "::1"
+
+    def reload_needs_token(self) -> bool:
+        return self.admin_token is not None or not self.ui_is_loopback()
 
     def client_address(self) -> str:
         """The supervisor's frontend address, with the default filled in."""

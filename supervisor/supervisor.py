@@ -14,7 +14,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +102,7 @@ class Supervisor:
         self.reload: ReloadJob | None = None
         self.next_reload: ReloadJob | None = None
         self.last_reload: ReloadOutcome | None = None
+        self.reload_counts: Counter[str] = Counter()  # outcome -> count, for /metrics
         self.signals: deque[int] = deque()
         self.watcher: ModelWatcher | None = None
         self.should_exit = False
@@ -325,6 +326,7 @@ class Supervisor:
             in_flight=sum(w.busy for w in self.workers.values()),
             requests_served=self.requests_served, worker_restarts=self.restarts,
             reloading=self.reload is not None, last_reload=self.last_reload,
+            reload_counts=dict(self.reload_counts),
             watching=str(self.watcher.directory) if self.watcher else None)
 
     # ----------------------------------------------------------------- workers
@@ -441,13 +443,13 @@ class Supervisor:
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
         cause = worker.load_error or describe_exit(code)
         self.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {describe_exit(code)}")
-        if worker.role == "draining" or self.shutting_down:
+        if worker.role == "draining" or self.shutting_down or self.should_exit:
             logger.info("Worker %s (pid %s) drained and exited", worker.worker_id, worker.pid)
         elif self.reload is not None and worker.worker_id in self.reload.green:
             self.fail_reload(f"the new worker (pid {worker.pid}): {cause}")
         elif worker.role == "serving":
             self.restarts += 1
-            logger.warning("Worker %s (pid %s) %s Replacing it.", worker.worker_id, worker.pid,
+            logger.warning("Worker %s (pid %s) %s; replacing it", worker.worker_id, worker.pid,
                            describe_exit(code))
         elif worker.role in ("starting", "loading") and worker.assignment is not None:
             if self.model is None and self.reload is None:
@@ -549,6 +551,7 @@ class Supervisor:
             path = check_reload_path(request.path, self.model, self.settings.model_roots)
         except ReloadRefused as e:
             logger.error(failure_line(self.model, str(e), verb="refused"))
+            self.reload_counts["refused"] += 1
             if waiter.client is not None:
                 self.reply_error(waiter.client, waiter.request_id, "reload_refused", str(e))
             return
@@ -601,6 +604,7 @@ class Supervisor:
     def finish_reload(self, outcome: ReloadOutcome) -> None:
         assert self.reload is not None
         self.last_reload = outcome
+        self.reload_counts["ok" if outcome.ok else "failed"] += 1
         for waiter in self.reload.waiters:
             if waiter.client is not None:
                 self.send_client(waiter.client, ReloadReply(request_id=waiter.request_id,

@@ -76,8 +76,8 @@ def describe_exit(code: int) -> str:
     """Why a worker exited, in words a user can act on."""
     if code < 0:
         name = signal.Signals(-code).name
-        hint = " Perhaps out of memory?" if -code == signal.SIGKILL else ""
-        return f"was killed by {name}.{hint}"
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
     if code == EXIT_MODEL_LOAD_ERROR:
         return "could not load its model (exit code 4)"
     if code == EXIT_BOOT_ERROR:

@@ -40,3 +40,27 @@ def write_official(directory: Path, seed: int = 0) -> Path:
 def write_hf(directory: Path, seed: int = 0) -> Path:
     """The hf layout (config.json + model.safetensors + tokenizer.model + am.mvn)."""
     return write_random_model(directory, seed, CMVN.from_kaldi_nnet(OFFICIAL_REFERENCE / "am.mvn"))
+
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "model"
+
+
+def copy_demo_model(directory: Path) -> Path:
+    """A writable copy of the embedded demo model (it really transcribes the example clips)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "am.mvn"):
+        (directory / name).write_bytes((DEMO_MODEL / name).read_bytes())
+    return directory
+
+
+def nudge_weights(model_dir: Path, amount: float = 1e-4) -> None:
+    """Change the weights slightly (new fingerprint, same transcriptions); atomic replace."""
+    from safetensors.numpy import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    name = next(key for key in sorted(tensors) if key.endswith(".bias"))
+    tensors[name] = tensors[name] + amount
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary))
+    temporary.replace(path)

@@ -166,7 +166,7 @@ def test_killed_worker_is_replaced_without_failing_requests(service: Service):
     thread.join()
     assert not failures, failures
     assert replies[-1].worker_pid != old_pid
-    assert "was killed by SIGKILL" in service.log() and "Replacing it" in service.log()
+    assert "was killed by SIGKILL" in service.log() and "replacing it" in service.log()
     assert status.model is not None
 
 

@@ -1,0 +1,305 @@
+"""The UI process (python -m ui) over real HTTP and through gradio_client, against a real
+supervisor serving a copy of the embedded demo model."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+from gradio_client import Client, handle_file
+
+from model_factory import copy_demo_model, nudge_weights
+from service import Service, start_service
+from ui_process import UiProcess, start_ui
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "ui" / "examples"
+HELLO = EXAMPLES / "en_02.flac"  # the demo model says "Hello world." with ITN
+MAX_AUDIO_S = 8.0
+MAX_UPLOAD_MB = 1.0
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+@pytest.fixture(scope="module")
+def service(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    service = start_service(tmp_path_factory.mktemp("service"), demo_dir,
+                            max_audio_s=str(MAX_AUDIO_S))
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def ui(service: Service, tmp_path_factory: pytest.TempPathFactory):
+    ui = start_ui(tmp_path_factory.mktemp("ui"), service.address,
+                  max_upload_mb=str(MAX_UPLOAD_MB))
+    yield ui
+    ui.stop()
+
+
+@pytest.fixture(scope="module")
+def http(ui: UiProcess):
+    with httpx.Client(base_url=ui.url, timeout=60) as client:
+        yield client
+
+
+def post_audio(http: httpx.Client, data: bytes, name: str = "clip.flac",
+               **fields: str) -> httpx.Response:
+    return http.post("/v1/audio/transcriptions", files={"file": (name, data)}, data=fields)
+
+
+def flac_bytes(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, 16000, format="FLAC")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- OpenAI-compatible endpoint
+
+
+def test_json_is_the_default_format(http: httpx.Client, service: Service):
+    response = post_audio(http, HELLO.read_bytes(), model="whisper-1")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"text": "Hello world."}
+    assert response.headers["x-sensevoice-fingerprint"] == service.status().model.fingerprint
+
+
+def test_text_format(http: httpx.Client):
+    response = post_audio(http, HELLO.read_bytes(), response_format="text")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text == "Hello world.\n"
+
+
+def test_verbose_json_carries_language_duration_segments_and_tags(http: httpx.Client):
+    duration = soundfile.info(str(HELLO)).duration
+    body = post_audio(http, HELLO.read_bytes(), response_format="verbose_json",
+                      language="en").json()
+    assert body["task"] == "transcribe"
+    assert body["language"] == "english"
+    assert body["duration"] == pytest.approx(duration, abs=1e-3)
+    assert body["text"] == "Hello world."
+    assert body["emotion"] and body["event"] and len(body["fingerprint"]) == 64
+    [segment] = body["segments"]
+    assert segment["start"] == 0.0 and segment["end"] == pytest.approx(duration, abs=1e-3)
+    assert segment["text"] == "Hello world."
+
+
+def test_srt_and_vtt(http: httpx.Client):
+    srt = post_audio(http, HELLO.read_bytes(), response_format="srt").text
+    assert re.fullmatch(r"1\n00:00:00,000 --> 00:00:01,\d{3}\nHello world\.\n", srt), srt
+    vtt = post_audio(http, HELLO.read_bytes(), response_format="vtt")
+    assert vtt.headers["content-type"].startswith("text/vtt")
+    assert re.fullmatch(r"WEBVTT\n\n00:00:00\.000 --> 00:00:01\.\d{3}\nHello world\.\n", vtt.text)
+
+
+def test_language_and_itn_fields_are_honoured(http: httpx.Client):
+    digits = (EXAMPLES / "zh_04.flac").read_bytes()
+    with_itn = post_audio(http, digits, language="chinese").json()["text"]
+    without = post_audio(http, digits, language="zh", use_itn="false").json()["text"]
+    assert with_itn == "8975。"
+    assert without != with_itn and not re.search(r"\d", without)
+
+
+def openai_error(response: httpx.Response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    return error
+
+
+def test_missing_file_is_an_openai_shaped_error(http: httpx.Client):
+    response = http.post("/v1/audio/transcriptions", data={"model": "x"},
+                         files={"other": ("a.txt", b"x")})
+    error = openai_error(response, 400, "file")
+    assert "'file' field is missing" in error["message"]
+
+
+def test_not_multipart_is_refused(http: httpx.Client):
+    error = openai_error(http.post("/v1/audio/transcriptions", json={"file": "x"}), 400, "file")
+    assert "multipart/form-data" in error["message"]
+
+
+def test_unknown_response_format_names_the_choices(http: httpx.Client):
+    error = openai_error(post_audio(http, HELLO.read_bytes(), response_format="docx"), 400,
+                         "response_format")
+    assert "'docx'" in error["message"] and "verbose_json" in error["message"]
+
+
+def test_unknown_language_names_the_choices(http: httpx.Client):
+    error = openai_error(post_audio(http, HELLO.read_bytes(), language="klingon"), 400,
+                         "language")
+    assert "'klingon'" in error["message"] and "yue" in error["message"]
+
+
+def test_undecodable_audio_names_the_file(http: httpx.Client):
+    error = openai_error(post_audio(http, b"this is not audio" * 10, name="notes.txt"), 400,
+                         "file")
+    assert error["code"] == "bad_audio"
+    assert error["message"].startswith("notes.txt: cannot decode audio")
+
+
+def test_upload_over_the_limit_is_refused_before_transcription(http: httpx.Client):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(16000 * 20, np.float32), 16000, format="WAV",
+                    subtype="FLOAT")
+    data = buffer.getvalue()
+    assert len(data) > MAX_UPLOAD_MB * 2**20
+    error = openai_error(post_audio(http, data, name="big.wav"), 413, "file")
+    assert error["code"] == "too_large" and "SENSEVOICE_MAX_UPLOAD_MB" in error["message"]
+
+
+def test_audio_over_the_duration_limit_is_refused(http: httpx.Client):
+    long_silence = np.zeros(int(16000 * (MAX_AUDIO_S + 2)), dtype=np.float32)
+    error = openai_error(post_audio(http, flac_bytes(long_silence), name="long.flac"), 413,
+                         "file")
+    assert error["code"] == "too_long"
+    assert "10.0 s" in error["message"] and "SENSEVOICE_MAX_AUDIO_S" in error["message"]
+
+
+def test_models_endpoint_lists_the_served_model(http: httpx.Client):
+    assert http.get("/v1/models").json()["data"][0]["id"] == "sensevoice-small"
+
+
+# ---------------------------------------------------------------- health, readiness, metrics
+
+
+def test_health_and_ready(http: httpx.Client, service: Service):
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["fingerprint"] == service.status().model.fingerprint
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = re.escape(name + (f"{{{label_text}}}" if labels else "")) + r" ([0-9.e+-]+)"
+    match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
+    assert match, f"{name} {labels} not in:\n{text}"
+    return float(match.group(1))
+
+
+def test_metrics_count_requests_audio_and_errors(http: httpx.Client):
+    before = http.get("/metrics").text
+    post_audio(http, HELLO.read_bytes())
+    post_audio(http, b"garbage" * 20)
+    after = http.get("/metrics").text
+    ok = dict(endpoint="openai", outcome="ok")
+    assert metric(after, "sensevoice_requests_total", **ok) == \
+        metric(before, "sensevoice_requests_total", **ok) + 1
+    assert metric(after, "sensevoice_requests_total", endpoint="openai", outcome="bad_audio") >= 1
+    assert metric(after, "sensevoice_audio_seconds_total") > metric(before, "sensevoice_audio_seconds_total")
+    assert metric(after, "sensevoice_request_latency_seconds_count", endpoint="openai") >= 2
+    assert metric(after, "sensevoice_supervisor_up") == 1
+    assert metric(after, "sensevoice_worker_restarts_total") == 0
+    assert sum(metric(after, "sensevoice_model_cache_level", level=level)
+               for level in ("L1", "L2", "fresh")) == 1
+
+
+# ---------------------------------------------------------------- gradio_client
+
+
+@pytest.fixture(scope="module")
+def gradio(ui: UiProcess):
+    return Client(ui.url, verbose=False)
+
+
+def test_gradio_api_names_are_pinned(gradio: Client):
+    endpoints = gradio.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/transcribe", "/reload", "/status"}
+
+
+def test_gradio_transcribe_returns_text_and_tags(gradio: Client):
+    text, tags = gradio.predict(handle_file(str(HELLO)), "auto", True, api_name="/transcribe")
+    assert text == "Hello world."
+    assert 'data-language="🌐 English"' in tags and "sv-emotion" in tags and "sv-event" in tags
+
+
+def test_gradio_errors_are_sentences_not_tracebacks(gradio: Client, tmp_path: Path):
+    with pytest.raises(Exception, match="Upload or record some audio first"):
+        gradio.predict(None, "auto", True, api_name="/transcribe")
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF....not really a wave file" * 4)
+    with pytest.raises(Exception, match=r"broken\.wav: cannot decode audio") as caught:
+        gradio.predict(handle_file(str(bad)), "auto", True, api_name="/transcribe")
+    assert "Traceback" not in str(caught.value)
+
+
+def test_gradio_status_shows_model_and_workers(gradio: Client, service: Service):
+    markdown, details = gradio.predict(api_name="/status")
+    status = service.status()
+    assert status.model.fingerprint[:12] in markdown and status.model.model_dir in markdown
+    assert details["model"]["fingerprint"] == status.model.fingerprint
+    assert f"pid {service.serving_pid()} serving" in markdown
+
+
+def test_gradio_reload_switches_to_the_changed_model_while_serving(
+        gradio: Client, http: httpx.Client, service: Service, demo_dir: Path):
+    old = service.status().model.fingerprint
+    nudge_weights(demo_dir)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            response = post_audio(http, HELLO.read_bytes())
+            if response.status_code != 200 or response.json()["text"] != "Hello world.":
+                failures.append(response.text)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        markdown, details = gradio.predict("", api_name="/reload")
+    finally:
+        stop.set()
+        sender.join()
+    new = service.status().model.fingerprint
+    assert new != old and details["model"]["fingerprint"] == new
+    assert "Model updated, new requests use it" in markdown
+    assert f"`{old[:12]}` → `{new[:12]}`" in markdown
+    assert failures == []
+    assert post_audio(http, HELLO.read_bytes()).headers["x-sensevoice-fingerprint"] == new
+    assert metric(http.get("/metrics").text, "sensevoice_reloads_total", outcome="ok") >= 1
+
+
+# ---------------------------------------------------------------- without a supervisor
+
+
+@pytest.fixture(scope="module")
+def lonely_ui(tmp_path_factory: pytest.TempPathFactory):
+    """A UI whose supervisor is not running, with an admin token set."""
+    ui = start_ui(tmp_path_factory.mktemp("lonely"), "ipc:///tmp/sv-nobody-here.ipc",
+                  admin_token="s3cret")
+    yield ui
+    ui.stop()
+
+
+def test_without_a_supervisor_ready_and_transcribe_say_unavailable(lonely_ui: UiProcess):
+    with httpx.Client(base_url=lonely_ui.url, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        ready = http.get("/ready")
+        assert ready.status_code == 503 and "python -m supervisor" in ready.json()["reason"]
+        error = openai_error(post_audio(http, HELLO.read_bytes()), 503, None)
+        assert error["code"] == "unavailable"
+        assert "sensevoice_supervisor_up 0.0" in http.get("/metrics").text
+
+
+def test_admin_token_guards_reload(lonely_ui: UiProcess):
+    gradio = Client(lonely_ui.url, verbose=False)
+    with pytest.raises(Exception, match="needs the admin token"):
+        gradio.predict("wrong", api_name="/reload")
+    # The right token passes the check and reaches the (absent) supervisor.
+    with pytest.raises(Exception, match="no supervisor at"):
+        gradio.predict("s3cret", api_name="/reload")

@@ -1,0 +1,70 @@
+"""Run `python -m ui` as a subprocess for a test, on a free port, and stop it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class UiProcess:
+    process: subprocess.Popen
+    url: str  # http://127.0.0.1:PORT
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                raise AssertionError(f"the UI did not stop on SIGTERM:\n{self.log()}")
+
+
+def start_ui(work_dir: Path, supervisor_address: str, **env: str) -> UiProcess:
+    """Start the UI against a supervisor address and wait until /health answers."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    environment = {
+        **os.environ,
+        "SENSEVOICE_SUPERVISOR_ADDRESS": supervisor_address,
+        "SENSEVOICE_UI_PORT": str(port),
+        "SENSEVOICE_CACHE_DIR": str(work_dir / "cache"),
+        "GRADIO_TEMP_DIR": str(work_dir / "gradio"),
+        **{f"SENSEVOICE_{key.upper()}": value for key, value in env.items()},
+    }
+    log_path = work_dir / "ui.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "ui"], cwd=work_dir, env=environment,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    ui = UiProcess(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the UI exited ({process.returncode}):\n{ui.log()}")
+        try:
+            with urllib.request.urlopen(ui.url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return ui
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    ui.stop()
+    raise AssertionError(f"the UI did not answer /health within 60 s:\n{ui.log()}")

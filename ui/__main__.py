@@ -1,0 +1,69 @@
+"""python -m ui: the Gradio page and HTTP API on SENSEVOICE_UI_HOST:SENSEVOICE_UI_PORT.
+
+It talks to the supervisor (python -m supervisor) and holds no model; it can start before the
+supervisor does (GET /ready says 503 until a worker serves).
+Exit codes: 0 stopped, 1 could not start (port in use), 2 invalid settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+EXIT_CANNOT_START = 1
+EXIT_SETTINGS = 2
+
+logger = logging.getLogger("sensevoice.ui")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            return True
+    return False
+
+
+def main() -> int:
+    # Gradio reads these at import; nothing here may reach for the network.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sensevoice_core.logs import configure_logging
+    from sensevoice_core.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+        address = settings.client_address()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_SETTINGS
+    configure_logging("ui", settings.log_level)
+    if port_in_use(settings.ui_host, settings.ui_port):
+        logger.error("Cannot start: %s:%d is in use; stop what listens there or set "
+                     "SENSEVOICE_UI_PORT", settings.ui_host, settings.ui_port)
+        return EXIT_CANNOT_START
+    if not settings.ui_is_loopback():
+        logger.warning("Listening on %s: transcription is open to that network; reloading %s",
+                       settings.ui_host, "needs SENSEVOICE_ADMIN_TOKEN" if settings.admin_token
+                       else "is off (set SENSEVOICE_ADMIN_TOKEN to allow it)")
+
+    import uvicorn
+
+    from ui.app import create_app
+
+    app = create_app(settings)
+    host = f"[{settings.ui_host.strip('[]')}]" if ":" in settings.ui_host else settings.ui_host
+    logger.info("Serving the UI on http://%s:%d (supervisor at %s)", host, settings.ui_port,
+                address)
+    uvicorn.run(app, host=settings.ui_host.strip("[]"), port=settings.ui_port,
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The Gradio page: upload or record, transcribe, read the tags, reload the model.
+
+Handlers are plain functions over the ``Gateway``; every failure reaches the user as a
+``gr.Error`` sentence, never a stack trace. API names are pinned: transcribe, reload, status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import soundfile
+
+from sensevoice_core.client import ServiceError
+from ui.gateway import LANGUAGE_CHOICES, Gateway, RequestFailed
+from ui.views import reload_summary, short_fingerprint, status_markdown, tags_html
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+STATUS_REFRESH_S = 5.0
+CSS = """
+.sv-tags { display: flex; gap: .5rem; flex-wrap: wrap; margin: .25rem 0; }
+.sv-badge { border-radius: 999px; padding: .2rem .75rem; font-weight: 600;
+            background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
+.sv-detail { color: var(--body-text-color-subdued); font-size: .85rem; margin-top: .25rem; }
+"""
+
+
+def example_rows() -> list[list[object]]:
+    return [[str(path), "auto", True] for path in sorted(EXAMPLES_DIR.glob("*.flac"))]
+
+
+def audio_seconds(path: str) -> float | None:
+    try:
+        return soundfile.info(path).duration
+    except Exception:  # libsndfile cannot tell; the worker will say what is wrong
+        return None
+
+
+class PageHandlers:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def transcribe(self, audio_path: str | None, language: str, use_itn: bool,
+                   progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+        if not audio_path:
+            raise gr.Error("Upload or record some audio first.")
+        path = Path(audio_path)
+        try:
+            audio = path.read_bytes()
+        except OSError as e:
+            raise gr.Error(f"Cannot read the uploaded file {path.name}: {e.strerror}.") from None
+        seconds = audio_seconds(audio_path)
+        progress(0.0, desc=f"Transcribing {seconds:.1f} s of audio…" if seconds else
+                 "Transcribing…")
+        try:
+            reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui")
+        except RequestFailed as e:
+            raise gr.Error(e.message) from None
+        return reply.text, tags_html(reply)
+
+    def status(self) -> tuple[str, dict]:
+        try:
+            status = self.gateway.status()
+        except RequestFailed as e:
+            return status_markdown(None, e.message), {}
+        return status_markdown(status), status.model_dump(mode="json")
+
+    def reload(self, admin_token: str | None) -> Iterator[tuple[str, dict]]:
+        try:
+            self.gateway.check_admin(admin_token)
+            before = self.gateway.status()
+        except RequestFailed as e:
+            raise gr.Error(e.message) from None
+        serving = short_fingerprint(before.model.fingerprint if before.model else None)
+        yield (status_markdown(before, note=f"⏳ Reloading… requests are still served by "
+                                            f"`{serving}` until the new model is ready."),
+               before.model_dump(mode="json"))
+        try:
+            outcome = self.gateway.reload(admin_token)
+        except (RequestFailed, ServiceError) as e:
+            raise gr.Error(f"Reload failed: {e}. The old model is still serving.") from None
+        try:
+            after = self.gateway.status()
+        except RequestFailed as e:
+            yield status_markdown(None, e.message, note=reload_summary(outcome)), {}
+            return
+        yield (status_markdown(after, note=reload_summary(outcome)),
+               after.model_dump(mode="json"))
+
+
+def build_blocks(gateway: Gateway) -> gr.Blocks:
+    handlers = PageHandlers(gateway)
+    needs_token = gateway.settings.reload_needs_token()
+    with gr.Blocks(title="SenseVoice Serve") as page:
+        gr.Markdown("## SenseVoice Serve\nSpeech recognition with language, emotion and "
+                    "audio-event tags. Upload or record audio, then Transcribe.")
+        with gr.Row():
+            with gr.Column():
+                audio = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                                 label="Audio", elem_id="audio-input")
+                language = gr.Radio(list(LANGUAGE_CHOICES), value="auto", label="Language",
+                                    elem_id="language")
+                itn = gr.Checkbox(value=True, label="Punctuation and numerals (ITN)",
+                                  elem_id="itn")
+                transcribe_button = gr.Button("Transcribe", variant="primary",
+                                              elem_id="transcribe-btn")
+            with gr.Column():
+                transcript = gr.Textbox(label="Transcript", lines=6, interactive=False,
+                                        elem_id="transcript")
+                tags = gr.HTML(elem_id="tags")
+        examples = example_rows()
+        if examples:
+            gr.Examples(examples, inputs=[audio, language, itn], label="Examples (demo clips)")
+        with gr.Group():
+            model_status = gr.Markdown("Loading status…", elem_id="model-status")
+            with gr.Row():
+                admin_token = gr.Textbox(label="Admin token", type="password",
+                                         visible=needs_token, elem_id="admin-token", scale=3)
+                reload_button = gr.Button("Reload model", elem_id="reload-btn", scale=1)
+            with gr.Accordion("Status details", open=False):
+                details = gr.JSON(elem_id="status-details")
+
+        transcribe_button.click(handlers.transcribe, [audio, language, itn], [transcript, tags],
+                                api_name="transcribe", concurrency_limit=gateway.settings.max_queue)
+        reload_button.click(handlers.reload, [admin_token], [model_status, details],
+                            api_name="reload", concurrency_limit=1)
+        page.load(handlers.status, None, [model_status, details], api_name="status")
+        gr.Timer(STATUS_REFRESH_S).tick(handlers.status, None, [model_status, details],
+                                        api_visibility="private", show_progress="hidden")
+    return page

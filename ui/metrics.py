@@ -1,0 +1,92 @@
+"""Prometheus metrics for GET /metrics.
+
+Requests, latency and audio seconds are counted here, at the front door. Reloads, worker
+restarts and the cache level of the last load belong to the supervisor: they are read from its
+status at scrape time, so reloads triggered by the watcher or the CLI count too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sensevoice_core.protocol import ServiceStatus
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+CACHE_LEVELS = ("L1", "L2", "fresh")
+WORKER_ROLES = ("starting", "standby", "loading", "serving", "draining")
+
+
+class SupervisorCollector(Collector):
+    """Service-wide figures from the supervisor's status, fetched on each scrape."""
+
+    def __init__(self, fetch_status: Callable[[], ServiceStatus | None]):
+        self.fetch_status = fetch_status
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        status = self.fetch_status()
+        up = GaugeMetricFamily("sensevoice_supervisor_up",
+                               "1 when the supervisor answered this scrape")
+        up.add_metric([], 0.0 if status is None else 1.0)
+        yield up
+        if status is None:
+            return
+        reloads = CounterMetricFamily("sensevoice_reloads", "model reloads by outcome",
+                                      labels=["outcome"])
+        for outcome in ("ok", "failed", "refused"):
+            reloads.add_metric([outcome], status.reload_counts.get(outcome, 0))
+        yield reloads
+        restarts = CounterMetricFamily("sensevoice_worker_restarts",
+                                       "workers replaced after a crash or hang")
+        restarts.add_metric([], status.worker_restarts)
+        yield restarts
+        level = GaugeMetricFamily("sensevoice_model_cache_level",
+                                  "1 for the cache level the serving model was loaded from",
+                                  labels=["level"])
+        load = GaugeMetricFamily("sensevoice_model_load_seconds",
+                                 "load time of the serving model")
+        if status.model is not None:
+            for name in CACHE_LEVELS:
+                level.add_metric([name], 1.0 if status.model.cache_level == name else 0.0)
+            load.add_metric([], status.model.load_s)
+        yield level
+        yield load
+        workers = GaugeMetricFamily("sensevoice_workers", "worker processes by role",
+                                    labels=["role"])
+        for role in WORKER_ROLES:
+            workers.add_metric([role], sum(w.role == role for w in status.workers))
+        yield workers
+        for name, value, text in (("sensevoice_queued_requests", status.queued,
+                                   "requests waiting for a worker"),
+                                  ("sensevoice_in_flight_requests", status.in_flight,
+                                   "requests being transcribed")):
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], value)
+            yield gauge
+
+
+class ServiceMetrics:
+    def __init__(self, fetch_status: Callable[[], ServiceStatus | None]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sensevoice_requests", "transcription requests by endpoint "
+                                "and outcome (ok or an error code)",
+                                ["endpoint", "outcome"], registry=self.registry)
+        self.latency = Histogram("sensevoice_request_latency_seconds",
+                                 "transcription latency seen by the UI process",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.audio = Counter("sensevoice_audio_seconds", "seconds of audio transcribed",
+                             registry=self.registry)
+        self.registry.register(SupervisorCollector(fetch_status))
+
+    def request_done(self, endpoint: str, outcome: str, seconds: float,
+                     audio_seconds: float) -> None:
+        self.requests.labels(endpoint, outcome).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if audio_seconds:
+            self.audio.inc(audio_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,142 @@
+"""POST /v1/audio/transcriptions, compatible with OpenAI's audio API (and GET /v1/models).
+
+Multipart fields: ``file`` (required), ``model`` (accepted, any name: one model is served),
+``language`` (auto, zh, en, yue, ja, ko; ISO names such as "english" too), ``response_format``
+(json, text, verbose_json, srt, vtt), and an extension, ``use_itn`` (default true: punctuation and
+numerals, as OpenAI's models return). ``prompt`` and ``temperature`` are accepted and ignored
+(CTC decoding has neither). Errors have OpenAI's shape: ``{"error": {"message", "type", "param",
+"code"}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from sensevoice_core.protocol import TranscribeReply
+from sensevoice_core.subtitles import TimedText, to_srt, to_vtt
+from ui.gateway import Gateway, RequestFailed
+
+MODEL_ID = "sensevoice-small"
+RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+LANGUAGE_NAMES = {"zh": "chinese", "en": "english", "yue": "cantonese", "ja": "japanese",
+                  "ko": "korean"}
+LANGUAGE_ALIASES = {name: code for code, name in LANGUAGE_NAMES.items()}
+MULTIPART_OVERHEAD = 1024 * 1024  # form fields and boundaries on top of the file itself
+KNOWN_FIELDS = {"file", "model", "language", "response_format", "use_itn", "prompt",
+                "temperature", "timestamp_granularities[]", "stream"}
+
+
+def openai_error(failure: RequestFailed) -> JSONResponse:
+    kind = "invalid_request_error" if failure.status < 500 else "server_error"
+    if failure.status == 429:
+        kind = "rate_limit_error"
+    return JSONResponse({"error": {"message": failure.message, "type": kind,
+                                   "param": failure.param, "code": failure.code}},
+                        status_code=failure.status)
+
+
+def parse_bool(value: str, field: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise RequestFailed(400, "bad_request", f"{field} must be true or false, got {value!r}", field)
+
+
+def render(reply: TranscribeReply, response_format: str) -> Response:
+    headers = {"X-SenseVoice-Fingerprint": reply.fingerprint}
+    cues = [TimedText(0.0, reply.duration_s, reply.text)]
+    if response_format == "text":
+        return PlainTextResponse(reply.text + "\n", headers=headers)
+    if response_format == "srt":
+        return PlainTextResponse(to_srt(cues), headers=headers)
+    if response_format == "vtt":
+        return PlainTextResponse(to_vtt(cues), media_type="text/vtt", headers=headers)
+    if response_format == "json":
+        return JSONResponse({"text": reply.text}, headers=headers)
+    segments = [{"id": index, "seek": 0, "start": round(cue.start, 3), "end": round(cue.end, 3),
+                 "text": cue.text, "tokens": reply.token_ids, "temperature": 0.0}
+                for index, cue in enumerate(cues)]
+    body = {
+        "task": "transcribe",
+        "language": LANGUAGE_NAMES.get(reply.language or "", reply.language),
+        "duration": round(reply.duration_s, 3),
+        "text": reply.text,
+        "segments": segments,
+        # SenseVoice's own tags, beyond OpenAI's fields
+        "emotion": reply.emotion,
+        "event": reply.event,
+        "fingerprint": reply.fingerprint,
+    }
+    return JSONResponse(body, headers=headers)
+
+
+def build_openai_router(gateway: Gateway) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model",
+                                            "owned_by": "sensevoice-serve"}]}
+
+    @router.post("/v1/audio/transcriptions")
+    async def create_transcription(request: Request) -> Response:
+        try:
+            form = await read_form(request, gateway)
+            reply = await run_in_threadpool(gateway.transcribe, form.audio, form.name,
+                                            form.language, form.use_itn, "openai")
+        except RequestFailed as failure:
+            return openai_error(failure)
+        return render(reply, form.response_format)
+
+    return router
+
+
+@dataclass(frozen=True)
+class TranscriptionForm:
+    audio: bytes
+    name: str  # the upload's file name, for error messages
+    language: str
+    use_itn: bool
+    response_format: str
+
+
+async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > gateway.max_upload_bytes + MULTIPART_OVERHEAD:
+        raise RequestFailed(413, "too_large",
+                            f"the request is {int(declared) / 2**20:.1f} MiB; the limit is "
+                            f"{gateway.settings.max_upload_mb:g} MiB (SENSEVOICE_MAX_UPLOAD_MB)",
+                            "file")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestFailed(400, "bad_request", "expected a multipart/form-data body with a "
+                                                "'file' field", "file")
+    try:
+        form = await request.form(max_files=1, max_fields=len(KNOWN_FIELDS))
+    except Exception as e:  # Starlette raises its own errors for malformed multipart bodies
+        raise RequestFailed(400, "bad_request", f"could not read the form: {e}") from None
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise RequestFailed(400, "bad_request", "the 'file' field is missing (an audio file "
+                                                    "upload)", "file")
+        name = file.filename or "the uploaded file"
+        audio = await file.read(gateway.max_upload_bytes + 1)
+        gateway.check_upload(len(audio), name)
+        response_format = str(form.get("response_format") or "json").strip().lower()
+        if response_format not in RESPONSE_FORMATS:
+            raise RequestFailed(400, "bad_request",
+                                f"response_format {response_format!r} is not supported; expected "
+                                f"one of: {', '.join(RESPONSE_FORMATS)}", "response_format")
+        language = str(form.get("language") or "auto").strip().lower()
+        language = LANGUAGE_ALIASES.get(language, language)
+        use_itn = parse_bool(str(form.get("use_itn") or "true"), "use_itn")
+    finally:
+        await form.close()
+    return TranscriptionForm(audio, name, language, use_itn, response_format)
