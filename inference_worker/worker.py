@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import zmq
 
-from sensevoice_core.audio import SAMPLE_RATE, load_audio
+from sensevoice_core.audio import load_audio
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
-from sensevoice_core.errors import AudioError
+from sensevoice_core.errors import AudioError, AudioTooLongError
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
 from sensevoice_core.protocol import (
@@ -171,18 +171,20 @@ class InferenceWorker:
             else:
                 audio = payload
             options = TranscribeOptions.create(request.language, request.use_itn)
-            waveform = load_audio(audio, request.sample_rate)
-            duration_s = waveform.numel() / SAMPLE_RATE
-            if duration_s > self.settings.max_audio_s:
-                return ErrorReply(
-                    request_id=request.request_id, code="too_long",
-                    message=f"the audio is {duration_s:.1f} s long; the limit is "
-                            f"{self.settings.max_audio_s:g} s (SENSEVOICE_MAX_AUDIO_S)")
+            waveform = load_audio(audio, request.sample_rate, self.settings.max_audio_s)
             result = self.model.transcribe_waveforms([waveform], options)[0]
+        except AudioTooLongError as e:
+            return ErrorReply(request_id=request.request_id, code="too_long",
+                              message=f"{e} (SENSEVOICE_MAX_AUDIO_S)")
         except AudioError as e:
             return ErrorReply(request_id=request.request_id, code="bad_audio", message=str(e))
         except ValueError as e:
             return ErrorReply(request_id=request.request_id, code="bad_request", message=str(e))
+        except Exception as e:  # e.g. out of memory: answer, and keep serving the next request
+            logger.exception("Request %s failed", request.request_id)
+            return ErrorReply(request_id=request.request_id, code="internal",
+                              message=f"the worker failed on this request: {type(e).__name__}: "
+                                      f"{e}"[:500])
         return TranscribeReply(
             request_id=request.request_id, text=result.text, raw=result.raw,
             language=result.language, emotion=result.emotion, event=result.event,

@@ -7,6 +7,7 @@ no ffmpeg and no temp files); resampling uses torchaudio's windowed-sinc resampl
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Union
 
@@ -15,9 +16,10 @@ import soundfile
 import torch
 import torchaudio.functional
 
-from sensevoice_core.errors import AudioError
+from sensevoice_core.errors import AudioError, AudioTooLongError
 
 SAMPLE_RATE = 16000
+MAX_RESAMPLE_PHASES = 1000  # 16000 / gcd: 160 for 44.1 kHz, 640 for 11.025 kHz, 1 for 48 kHz
 MIN_SAMPLES = 2  # the shortest input Kaldi's fbank can frame (one window of 2 samples)
 
 AudioInput = Union[str, Path, bytes, np.ndarray, torch.Tensor]
@@ -74,13 +76,27 @@ def _to_float32(samples: np.ndarray, source: str) -> np.ndarray:
     raise AudioError(source, f"unsupported sample type {samples.dtype}; expected float or int16/32")
 
 
-def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+def _to_friendly_rate(samples: np.ndarray, sample_rate: int) -> tuple[np.ndarray, int]:
+    """Move an odd rate (e.g. 22051 Hz) to the nearest multiple of 100 Hz by linear
+    interpolation: torchaudio's polyphase kernel has 16000 / gcd(rate, 16000) phases, which for
+    such rates takes gigabytes and seconds. The shift is below 0.25%, inaudible to the model."""
+    if SAMPLE_RATE // math.gcd(sample_rate, SAMPLE_RATE) <= MAX_RESAMPLE_PHASES:
+        return samples, sample_rate
+    target = max(100, round(sample_rate / 100) * 100)
+    count = max(1, round(samples.shape[0] * target / sample_rate))
+    positions = np.arange(count, dtype=np.float64) * (sample_rate / target)
+    return np.interp(positions, np.arange(samples.shape[0]), samples).astype(np.float32), target
+
+
+def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE,
+               max_seconds: float | None = None) -> torch.Tensor:
     """Decode, downmix and resample any supported input to a (samples,) float32 16 kHz tensor.
 
     Args:
         audio: a file path, the bytes of an audio file, or an array of samples shaped
             (samples,), (samples, channels) or (channels, samples).
         sample_rate: the rate of an array input; ignored for files and bytes, which carry their own.
+        max_seconds: refuse longer audio (AudioTooLongError) before spending time resampling it.
     """
     source = describe(audio)
     if isinstance(audio, (str, Path, bytes)):
@@ -94,9 +110,16 @@ def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE) -> torch.Tenso
         raise AudioError(source, "audio is empty (0 samples)")
     if not np.isfinite(samples).all():
         raise AudioError(source, "audio contains NaN or infinite samples")
-    mono = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
+    seconds = samples.shape[0] / sample_rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioTooLongError(source, seconds, max_seconds)
+    mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))
     if sample_rate != SAMPLE_RATE:
-        mono = torchaudio.functional.resample(mono, sample_rate, SAMPLE_RATE)
+        mono, sample_rate = _to_friendly_rate(mono, sample_rate)
+    tensor = torch.from_numpy(mono)
+    if sample_rate != SAMPLE_RATE:
+        tensor = torchaudio.functional.resample(tensor, sample_rate, SAMPLE_RATE)
+    mono = tensor
     if mono.numel() < MIN_SAMPLES:
         raise AudioError(source, f"audio is too short: {mono.numel()} sample(s) at 16 kHz, "
                                  f"need at least {MIN_SAMPLES}")

@@ -7,8 +7,9 @@
     outcome = hot_reload_model("/models/b") # another model, for an A/B test
 
 The address comes from SENSEVOICE_SUPERVISOR_ADDRESS (default ipc://<cache_dir>/supervisor.ipc).
-Each thread gets its own socket; a request that times out drops its socket (Lazy Pirate), so
-a late reply can never be mistaken for the next one.
+Safe to share between threads: each request checks a socket out of a small pool and returns
+it after the reply; a request that times out closes its socket instead (Lazy Pirate), so a late
+reply can never be mistaken for the next one, and sockets never outnumber concurrent requests.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from sensevoice_core.protocol import (
 )
 from sensevoice_core.settings import Settings, load_settings
 
-REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for queueing and transfer
+REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
+MAX_IDLE_SOCKETS = 16  # sockets kept for reuse; more concurrent requests open (and close) more
 
 
 class ServiceError(SenseVoiceError):
@@ -64,17 +66,24 @@ class SupervisorClient:
         self.settings = settings or load_settings()
         self.address = address or self.settings.client_address()
         self._context = zmq.Context.instance()
-        self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._idle: list[zmq.Socket] = []
+        self._generation = 0  # close() bumps it; sockets of an older one are not reused
         self._lock = threading.Lock()
 
     def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
                    sample_rate: int = 16000, timeout: float | None = None) -> TranscribeReply:
         """audio: a path, the bytes of an audio file, or a 1-D float array at sample_rate."""
         audio_format, payload = _encode_audio(audio)
+        if len(payload) > self.settings.max_request_mb * 1024 * 1024:
+            raise ServiceError("too_large", f"the audio is {len(payload) / 2**20:.1f} MiB; at most "
+                                            f"{self.settings.max_request_mb:g} MiB "
+                                            f"(SENSEVOICE_MAX_REQUEST_MB)")
         request = TranscribeRequest(language=language, use_itn=use_itn,
                                     audio_format=audio_format, sample_rate=sample_rate)
-        limit = timeout if timeout is not None else self.settings.request_timeout + REPLY_MARGIN_S
+        # The service may queue a request for request_timeout, run it for as long, and retry
+        # it once on another worker if the first one dies: it always answers within 3x.
+        limit = timeout if timeout is not None else (
+            3 * self.settings.request_timeout + REPLY_MARGIN_S)
         reply = self.request(request, payload, limit)
         assert isinstance(reply, TranscribeReply)
         return reply
@@ -103,50 +112,54 @@ class SupervisorClient:
         if self.address.startswith("ipc://") and not Path(self.address[6:]).exists():
             raise ServiceUnavailableError(f"no supervisor at {self.address}; start the service "
                                           f"with `python -m supervisor`")
-        socket = self._socket()
-        socket.send_multipart(encode(message, payload), copy=False)
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not socket.poll(remaining * 1000):
-                break
-            try:
-                reply = decode_reply(socket.recv_multipart())
-            except ProtocolError:
-                continue
-            if reply.request_id not in (message.request_id, None):
-                continue  # a late reply to an earlier request on this socket
-            if isinstance(reply, ErrorReply):
-                raise ServiceError(reply.code, reply.message)
-            return reply
-        self._drop_socket()
+        socket, generation = self._checkout()
+        try:
+            socket.send_multipart(encode(message, payload), copy=False)
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                if not socket.poll(remaining * 1000):
+                    break
+                try:
+                    reply = decode_reply(socket.recv_multipart())
+                except ProtocolError:
+                    continue
+                if reply.request_id not in (message.request_id, None):
+                    continue
+                self._checkin(socket, generation)
+                socket = None
+                if isinstance(reply, ErrorReply):
+                    raise ServiceError(reply.code, reply.message)
+                return reply
+        finally:
+            if socket is not None:  # timed out or failed: its late reply must never be read
+                socket.close(linger=0)
         raise ServiceUnavailableError(f"no reply from the supervisor at {self.address} within "
                                       f"{timeout:g} s")
 
     def close(self) -> None:
+        """Close idle sockets; sockets in use close when their request ends."""
         with self._lock:
-            for socket in self._sockets:
-                socket.close(linger=0)
-            self._sockets.clear()
-        self._local = threading.local()
-
-    def _socket(self) -> zmq.Socket:
-        socket = getattr(self._local, "socket", None)
-        if socket is None:
-            socket = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self.address)
-            self._local.socket = socket
-            with self._lock:
-                self._sockets.append(socket)
-        return socket
-
-    def _drop_socket(self) -> None:
-        socket = getattr(self._local, "socket", None)
-        if socket is not None:
+            self._generation += 1
+            idle, self._idle = self._idle, []
+        for socket in idle:
             socket.close(linger=0)
-            with self._lock:
-                self._sockets.remove(socket)
-            self._local.socket = None
+
+    def _checkout(self) -> tuple[zmq.Socket, int]:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), self._generation
+            generation = self._generation
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.address)
+        return socket, generation
+
+    def _checkin(self, socket: zmq.Socket, generation: int) -> None:
+        with self._lock:
+            if generation == self._generation and len(self._idle) < MAX_IDLE_SOCKETS:
+                self._idle.append(socket)
+                return
+        socket.close(linger=0)
 
 
 def _encode_audio(audio: Any) -> tuple[str, bytes]:

@@ -59,3 +59,12 @@ class AudioError(SenseVoiceError):
         self.source = source
         self.problem = problem
         super().__init__(f"{source}: {problem}")
+
+
+class AudioTooLongError(AudioError):
+    """Audio longer than the caller allows (SENSEVOICE_MAX_AUDIO_S in the service)."""
+
+    def __init__(self, source: str, seconds: float, limit: float):
+        self.seconds = seconds
+        self.limit = limit
+        super().__init__(source, f"the audio is {seconds:.1f} s long; the limit is {limit:g} s")

@@ -33,12 +33,20 @@ class ReloadJob:
     old_model: ModelInfo | None = None
     started: bool = False
 
-    def merge(self, request: ReloadRequest, path: str | None, waiter: Waiter) -> None:
-        """A trigger arriving while this job waits its turn: the latest path wins."""
+    def merge(self, request: ReloadRequest, path: str | None, waiter: Waiter) -> list[Waiter]:
+        """A trigger arriving while this job waits its turn: the latest path wins.
+
+        Returns the waiters that asked for another path: they are answered "superseded", so
+        nobody is told their model loaded when another one did.
+        """
+        superseded = [] if path == self.path else self.waiters
+        if superseded:
+            self.waiters, self.force_fresh = [], False
         self.path = path
         self.force_fresh = self.force_fresh or request.force_fresh
         self.origin = request.origin
         self.waiters.append(waiter)
+        return superseded
 
     def outcome(self, new_model: ModelInfo | None, serving: ModelInfo | None,
                 error: str | None = None) -> ReloadOutcome:
@@ -60,19 +68,24 @@ def check_reload_path(path: str | None, served: ModelInfo | None, roots: list[Pa
     """
     if path is None:
         return served.model_dir if served else None
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        raise ReloadRefused(f"reload path {path!r} is relative; send an absolute path")
-    resolved = candidate.resolve()
-    allowed = [root.expanduser().resolve() for root in roots]
-    if not allowed and served is not None:
-        allowed = [Path(served.model_dir).parent]
-    if allowed and not any(resolved.is_relative_to(root) for root in allowed):
-        listed = ", ".join(str(root) for root in allowed)
-        raise ReloadRefused(f"reload path {resolved} is outside the allowed model roots "
-                            f"({listed}); add its parent to SENSEVOICE_MODEL_ROOTS")
-    if not resolved.is_dir():
-        raise ReloadRefused(f"reload path {resolved} is not a directory")
+    try:
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            raise ReloadRefused(f"reload path {path!r} is relative; send an absolute path")
+        resolved = candidate.resolve()
+        allowed = [root.expanduser().resolve() for root in roots]
+        if not allowed and served is not None:
+            allowed = [Path(served.model_dir).parent]
+        if allowed and not any(resolved.is_relative_to(root) for root in allowed):
+            listed = ", ".join(str(root) for root in allowed)
+            raise ReloadRefused(f"reload path {resolved} is outside the allowed model roots "
+                                f"({listed}); add its parent to SENSEVOICE_MODEL_ROOTS")
+        if not resolved.is_dir():
+            raise ReloadRefused(f"reload path {resolved} is not a directory")
+    except ReloadRefused:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, ~nosuchuser, EACCES
+        raise ReloadRefused(f"reload path {path[:200]!r} is not usable: {e}") from None
     return str(resolved)
 
 

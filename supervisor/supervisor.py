@@ -60,7 +60,13 @@ from supervisor.reload import (
     success_line,
 )
 from supervisor.watcher import ModelWatcher
-from supervisor.workers import Assignment, WorkerHandle, describe_exit, spawn_worker_process
+from supervisor.workers import (
+    Assignment,
+    Backoff,
+    WorkerHandle,
+    describe_exit,
+    spawn_worker_process,
+)
 
 logger = logging.getLogger("sensevoice.supervisor")
 
@@ -113,13 +119,20 @@ class Supervisor:
         self.job_counter = 0
         self.restarts = 0
         self.requests_served = 0
-        self.backoff_s = 0.0
-        self.backoff_until = 0.0
+        self.backoff = Backoff(BACKOFF_MAX_S)  # serving workers that fail to load
+        self.standby_backoff = Backoff(BACKOFF_MAX_S)  # kept apart: never delays serving
 
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> int:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.frontend.close(linger=0)
+            self.backend.close(linger=0)
+            self.context.term()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            raise
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -133,7 +146,13 @@ class Supervisor:
                 self.handle_signals()
                 self.reap_workers()
                 self.check_health()
-                self.manage_workers()
+                try:
+                    self.manage_workers()
+                except OSError as e:  # fork/exec failed: out of processes or memory
+                    self.backoff.fail()
+                    self.standby_backoff.fail()
+                    logger.error("Cannot start a worker process: %s; retrying in %.0f s", e,
+                                 self.backoff.delay_s)
                 self.dispatch()
         finally:
             self.shutdown()
@@ -145,7 +164,15 @@ class Supervisor:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handle(frames)
+            try:
+                handle(frames)
+            except Exception:  # a bug handling one message must not stop the service
+                logger.exception("Unexpected error handling a message; the service goes on "
+                                 "(please report this with the lines above)")
+                if socket is self.frontend and len(frames) > 1:
+                    self.reply_error(frames[0], request_id_of(frames[1]), "internal",
+                                     "the supervisor hit an unexpected error with this request; "
+                                     "see its log")
 
     # ----------------------------------------------------------------- start and stop
 
@@ -197,18 +224,18 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.shutting_down = True
-        if self.watcher is not None:
-            self.watcher.stop()
         for job_id in list(self.queue):
             self.fail_job(self.jobs.pop(job_id), "shutting_down", "the service is stopping")
         self.queue.clear()
         if self.reload is not None:
             self.fail_reload("the service is stopping")
+        if self.watcher is not None:  # after the reload it may be waiting for is answered
+            self.watcher.stop()
         for worker in self.workers.values():
             if worker.role in ("serving", "draining", "standby"):
                 self.send_worker(worker, Stop())
             else:
-                worker.kill()  # still importing or loading: nothing to finish
+                worker.kill("the service is stopping")  # importing or loading: nothing to finish
         deadline = time.monotonic() + self.settings.drain_timeout
         while any(w.process.poll() is None for w in self.workers.values()):
             if time.monotonic() > deadline:
@@ -218,7 +245,7 @@ class Supervisor:
             if self.frontend.poll(0):
                 self.drain(self.frontend, self.handle_client)
         for worker in self.workers.values():
-            worker.kill()
+            worker.kill(f"still running {self.settings.drain_timeout:g} s after the stop")
             worker.process.wait()
             if worker.job_id is not None:
                 self.fail_job(self.jobs.pop(worker.job_id), "shutting_down",
@@ -278,10 +305,11 @@ class Supervisor:
     def can_serve_soon(self) -> bool:
         return self.reload is not None or any(
             w.role == "serving" or (w.assignment and w.role in ("starting", "loading"))
-            for w in self.workers.values()) or time.monotonic() < self.backoff_until + 1
+            for w in self.workers.values()) or time.monotonic() < self.backoff.until + 1
 
     def dispatch(self) -> None:
-        idle = sorted((w for w in self.workers.values() if w.role == "serving" and not w.busy),
+        idle = sorted((w for w in self.workers.values()
+                       if w.role == "serving" and not w.busy and not w.killed),
                       key=lambda w: w.idle_since)
         while self.queue and idle:
             job, worker = self.jobs[self.queue.popleft()], idle.pop(0)
@@ -292,12 +320,13 @@ class Supervisor:
             self.backend.send_multipart([worker.worker_id.encode(), *encode(forward, job.payload)])
 
     def finish_job(self, worker: WorkerHandle, reply: TranscribeReply | ErrorReply) -> None:
-        job = self.jobs.pop(worker.job_id) if worker.job_id else None
-        worker.job_id, worker.idle_since = None, time.monotonic()
-        if job is None or reply.request_id != job.job_id:
-            logger.error("worker %s (pid %s) answered request %s it was not serving; ignored",
-                         worker.worker_id, worker.pid, reply.request_id)
+        if worker.job_id is None or reply.request_id != worker.job_id:
+            # A late answer to a request that already timed out; the one in hand stays.
+            logger.warning("Worker %s (pid %s) answered request %s, which it is no longer "
+                           "serving; ignored", worker.worker_id, worker.pid, reply.request_id)
             return
+        job = self.jobs.pop(worker.job_id)
+        worker.job_id, worker.idle_since = None, time.monotonic()
         if isinstance(reply, TranscribeReply):
             worker.requests_served += 1
             self.requests_served += 1
@@ -341,7 +370,7 @@ class Supervisor:
             logger.error("malformed message from worker %s (pid %s): %s", worker.worker_id,
                          worker.pid, e)
             return
-        worker.last_heard = time.monotonic()
+        worker.last_heard, worker.unanswered_pings = time.monotonic(), 0
         if isinstance(message, Hello):
             self.worker_hello(worker)
         elif isinstance(message, Ready):
@@ -359,6 +388,7 @@ class Supervisor:
     def worker_hello(self, worker: WorkerHandle) -> None:
         if worker.assignment is None:
             worker.role = "standby"
+            self.standby_backoff.reset()
         else:
             self.send_load(worker)
 
@@ -385,7 +415,7 @@ class Supervisor:
         first = self.model is None
         worker.role, worker.idle_since = "serving", time.monotonic()
         self.model = worker.model
-        self.backoff_s = 0.0
+        self.backoff.reset()
         if first:
             logger.info("Serving model %s, loaded in %.2f s via %s", describe_model(worker.model),
                         worker.model.load_s, worker.model.cache_level)
@@ -426,9 +456,9 @@ class Supervisor:
         worker.deadline = time.monotonic() + self.settings.drain_timeout
         self.send_worker(worker, Stop())
 
-    def retire(self, worker: WorkerHandle) -> None:
+    def retire(self, worker: WorkerHandle, reason: str) -> None:
         self.workers.pop(worker.worker_id, None)
-        worker.kill()
+        worker.kill(reason)
         self.exiting.append(worker.process)
 
     def reap_workers(self) -> None:
@@ -441,34 +471,32 @@ class Supervisor:
         self.exiting = [p for p in self.exiting if p.poll() is None]
 
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
-        cause = worker.load_error or describe_exit(code)
-        self.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {describe_exit(code)}")
+        how = f"was killed: {worker.kill_reason}" if worker.killed else describe_exit(code)
+        cause = worker.load_error or how
+        self.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how}")
         if worker.role == "draining" or self.shutting_down or self.should_exit:
-            logger.info("Worker %s (pid %s) drained and exited", worker.worker_id, worker.pid)
+            logger.info("Worker %s (pid %s) %s", worker.worker_id, worker.pid,
+                        how if worker.killed else "drained and exited")
         elif self.reload is not None and worker.worker_id in self.reload.green:
             self.fail_reload(f"the new worker (pid {worker.pid}): {cause}")
         elif worker.role == "serving":
             self.restarts += 1
             logger.warning("Worker %s (pid %s) %s; replacing it", worker.worker_id, worker.pid,
-                           describe_exit(code))
+                           how)
         elif worker.role in ("starting", "loading") and worker.assignment is not None:
             if self.model is None and self.reload is None:
                 logger.error("Cannot start: the model did not load: %s. Fix the model directory "
                              "(python -m sensevoice_core doctor) and start again", cause)
                 self.should_exit, self.exit_code = True, 4
                 return
-            self.back_off()
+            self.backoff.fail()
             logger.error("Worker %s (pid %s) could not load %s: %s; retrying in %.0f s",
                          worker.worker_id, worker.pid, worker.assignment.path, cause,
-                         self.backoff_s)
+                         self.backoff.delay_s)
         else:
-            self.back_off()
-            logger.warning("Standby worker %s (pid %s) %s", worker.worker_id, worker.pid,
-                           describe_exit(code))
-
-    def back_off(self) -> None:
-        self.backoff_s = min(max(self.backoff_s * 2, 1.0), BACKOFF_MAX_S)
-        self.backoff_until = time.monotonic() + self.backoff_s
+            self.standby_backoff.fail()
+            logger.warning("Standby worker %s (pid %s) %s; next one in %.0f s", worker.worker_id,
+                           worker.pid, how, self.standby_backoff.delay_s)
 
     def requeue(self, worker: WorkerHandle, cause: str) -> None:
         """The request a dead worker held is retried once on another worker, then fails."""
@@ -486,18 +514,17 @@ class Supervisor:
 
     def check_health(self) -> None:
         now = time.monotonic()
-        silence_limit = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
         for worker in list(self.workers.values()):
-            if worker.process.poll() is not None:
+            if worker.process.poll() is not None or worker.killed:
                 continue  # reaped next tick
             if worker.role == "starting" and now - worker.spawned_at > SPAWN_TIMEOUT_S:
                 logger.error("Worker %s (pid %s) did not start within %.0f s; killing it",
                              worker.worker_id, worker.pid, SPAWN_TIMEOUT_S)
-                worker.kill()
+                worker.kill(f"did not start within {SPAWN_TIMEOUT_S:.0f} s")
             elif worker.role in ("loading", "draining") and now > worker.deadline:
                 logger.error("Worker %s (pid %s) still %s after its deadline; killing it",
                              worker.worker_id, worker.pid, worker.role)
-                worker.kill()
+                worker.kill(f"still {worker.role} after its deadline")
             elif worker.busy:
                 job = self.jobs[worker.job_id]
                 if now - job.dispatched_at > self.settings.request_timeout:
@@ -507,14 +534,19 @@ class Supervisor:
                                   f"{self.settings.request_timeout:g} s (SENSEVOICE_REQUEST_TIMEOUT)")
                     logger.error("Worker %s (pid %s) hung on a request for %.0f s; replacing it",
                                  worker.worker_id, worker.pid, self.settings.request_timeout)
-                    worker.kill()
-            elif worker.role in ("standby", "serving"):
-                if now - worker.last_heard > silence_limit:
+                    worker.kill(f"hung on a request for {self.settings.request_timeout:g} s")
+            elif worker.role in ("standby", "serving") or worker.health_checked:
+                # Idle workers, and new ones waiting for the rest of a reload, are pinged; a
+                # worker is hung only after that many pings went unanswered.
+                if now - worker.last_ping < HEARTBEAT_INTERVAL_S:
+                    continue
+                if worker.unanswered_pings >= HEARTBEAT_LIVENESS:
                     logger.error("Worker %s (pid %s) missed %d heartbeats; killing it as hung",
                                  worker.worker_id, worker.pid, HEARTBEAT_LIVENESS)
-                    worker.kill()
-                elif now - worker.last_ping >= HEARTBEAT_INTERVAL_S:
+                    worker.kill(f"missed {HEARTBEAT_LIVENESS} heartbeats")
+                else:
                     worker.last_ping = now
+                    worker.unanswered_pings += 1
                     self.send_worker(worker, Ping(nonce=int(now * 1000)))
         if self.reload is not None and self.reload.started and now > self.reload.deadline:
             self.fail_reload(f"not ready within {self.settings.hotreload_timeout:g} s "
@@ -528,7 +560,7 @@ class Supervisor:
             return
         now = time.monotonic()
         workers = list(self.workers.values())
-        if self.reload is None and now >= self.backoff_until:
+        if self.reload is None and now >= self.backoff.until:
             serving = sum(w.role == "serving" for w in workers)
             filling = sum(w.assignment is not None and w.assignment.purpose == "serve"
                           and w.role in ("starting", "loading") for w in workers)
@@ -537,7 +569,7 @@ class Supervisor:
             for _ in range(self.settings.workers - serving - filling):
                 self.assign(Assignment(path, False, "serve"))
         wants_standby = (self.settings.warm_standby and self.model is not None
-                         and self.reload is None and now >= self.backoff_until)
+                         and self.reload is None and now >= self.standby_backoff.until)
         if wants_standby and not any(w.role in ("standby", "draining", "loading")
                                      or (w.role == "starting" and w.assignment is None)
                                      for w in workers):
@@ -561,7 +593,16 @@ class Supervisor:
         elif self.next_reload is None:
             self.next_reload = ReloadJob(path, request.force_fresh, request.origin, [waiter])
         else:
-            self.next_reload.merge(request, path, waiter)
+            replaced = self.next_reload.path
+            for superseded in self.next_reload.merge(request, path, waiter):
+                if superseded.client is not None:
+                    outcome = ReloadOutcome(
+                        ok=False, origin=request.origin, requested_path=replaced,
+                        model_dir=self.model.model_dir if self.model else None,
+                        old_fingerprint=self.model.fingerprint if self.model else None,
+                        error=f"superseded by a later reload request for {path}")
+                    self.send_client(superseded.client, ReloadReply(
+                        request_id=superseded.request_id, outcome=outcome))
 
     def start_reload(self) -> None:
         job = self.reload
@@ -582,6 +623,9 @@ class Supervisor:
         assert job is not None
         for worker in [w for w in self.workers.values() if w.role == "serving"]:
             self.drain_worker(worker)
+        for worker in [w for w in self.workers.values() if w.assignment is not None
+                       and w.assignment.purpose == "serve" and w.role in ("starting", "loading")]:
+            self.retire(worker, "it was loading the model being replaced")  # refilled after
         now = time.monotonic()
         for worker in greens:
             worker.role, worker.idle_since = "serving", now
@@ -596,7 +640,7 @@ class Supervisor:
         assert job is not None
         for worker_id in job.green:
             if worker_id in self.workers:
-                self.retire(self.workers[worker_id])
+                self.retire(self.workers[worker_id], "its reload failed")
         outcome = job.outcome(None, self.model, error=cause)
         logger.error(failure_line(self.model, cause))
         self.finish_reload(outcome)

@@ -33,6 +33,22 @@ class Assignment:
 
 
 @dataclass
+class Backoff:
+    """After a failure wait 1 s, doubling per failure up to max_s; a success resets it."""
+
+    max_s: float
+    delay_s: float = 0.0
+    until: float = 0.0  # monotonic time before which nothing is retried
+
+    def fail(self) -> None:
+        self.delay_s = min(max(self.delay_s * 2, 1.0), self.max_s)
+        self.until = time.monotonic() + self.delay_s
+
+    def reset(self) -> None:
+        self.delay_s = 0.0
+
+
+@dataclass
 class WorkerHandle:
     worker_id: str
     process: subprocess.Popen
@@ -43,12 +59,14 @@ class WorkerHandle:
     deadline: float = 0.0  # for starting / loading / draining; 0 when none applies
     last_heard: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
+    unanswered_pings: int = 0  # pings sent since the worker was last heard from
     idle_since: float = field(default_factory=time.monotonic)
     job_id: str | None = None  # the request it is serving, if any
     model: ModelInfo | None = None
     requests_served: int = 0
     health_checked: bool = False  # answered a ping after Ready
     load_error: str | None = None  # what the worker said when its load failed
+    kill_reason: str | None = None  # why the supervisor killed it (set: awaiting reaping)
 
     @property
     def pid(self) -> int:
@@ -58,7 +76,13 @@ class WorkerHandle:
     def busy(self) -> bool:
         return self.job_id is not None
 
-    def kill(self) -> None:
+    @property
+    def killed(self) -> bool:
+        return self.kill_reason is not None
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
         if self.process.poll() is None:
             self.process.kill()
 
@@ -75,7 +99,10 @@ def spawn_worker_process(worker_id: str, backend: str, standby: bool) -> subproc
 def describe_exit(code: int) -> str:
     """Why a worker exited, in words a user can act on."""
     if code < 0:
-        name = signal.Signals(-code).name
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-code}"
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""
         return f"was killed by {name}{hint}"
     if code == EXIT_MODEL_LOAD_ERROR:

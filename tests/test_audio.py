@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from sensevoice_core import AudioError, load_audio
 from sensevoice_core.audio import SAMPLE_RATE
+from sensevoice_core.errors import AudioTooLongError
 
 DATA = Path(__file__).parent / "data"
 EN_MP3 = DATA / "en.mp3"  # 48 kHz mono mp3
@@ -157,6 +159,27 @@ def test_resampling_keeps_length_frequency_and_level(rate, frequency, seconds):
     assert dominant_frequency(samples) == pytest.approx(frequency, abs=2 / seconds)
     inner = samples[200:-200]  # the resampler's edges taper
     assert rms(inner) == pytest.approx(0.5 / math.sqrt(2), rel=0.02)
+
+
+@pytest.mark.parametrize(("rate", "frequency"), [(22051, 1000), (383999, 3000), (11025, 440)])
+def test_odd_sample_rates_resample_quickly_and_faithfully(rate, frequency):
+    """A rate sharing few factors with 16 kHz would need a huge polyphase kernel (gigabytes,
+    seconds); such rates are first moved to a nearby multiple of 100 Hz."""
+    tone = sine(frequency, rate, 1.0)
+    start = time.perf_counter()
+    samples = load_audio(tone, sample_rate=rate)
+    assert time.perf_counter() - start < 2.0
+    assert_16k_mono(samples)
+    assert abs(samples.numel() - SAMPLE_RATE) <= 40
+    assert dominant_frequency(samples) == pytest.approx(frequency, abs=5)
+    assert rms(samples[200:-200]) == pytest.approx(0.5 / math.sqrt(2), rel=0.02)
+
+
+def test_audio_over_max_seconds_is_refused_before_resampling():
+    with pytest.raises(AudioTooLongError, match="12.0 s long; the limit is 10 s") as error:
+        load_audio(np.zeros(44100 * 12, dtype=np.float32), sample_rate=44100, max_seconds=10)
+    assert error.value.seconds == pytest.approx(12.0)
+    assert isinstance(error.value, AudioError)
 
 
 def test_resampling_removes_tones_above_the_16k_nyquist():

@@ -17,6 +17,7 @@ import pytest
 
 from model_factory import write_hf
 from sensevoice_core.client import ServiceError, SupervisorClient
+from sensevoice_core.protocol import ReloadRequest
 from sensevoice_core.settings import Settings
 from service import Service, start_service
 
@@ -242,3 +243,61 @@ def test_a_copied_model_directory_can_be_reloaded(service: Service, models: Path
     outcome = service.client.hot_reload_model(copy)
     assert outcome.ok and outcome.model_dir == str(copy.resolve())
     fingerprint_of(service, models / "a")
+
+
+@pytest.mark.parametrize("bad_path", ["/" + "a" * 300 + "/model", "/tmp/nul\x00byte",
+                                      "~no-such-user-here/model"])
+def test_unusable_reload_paths_are_refused_and_the_service_keeps_serving(service: Service,
+                                                                         bad_path: str):
+    serving = service.status().model.fingerprint
+    request = ReloadRequest(path=bad_path)
+    with pytest.raises(ServiceError) as error:
+        service.client.reload(request, timeout=10)
+    assert error.value.code == "reload_refused"
+    assert service.client.transcribe(CLIP).fingerprint == serving
+
+
+def test_a_superseded_reload_request_is_told_so(service: Service, models: Path):
+    """Requests queued behind a running swap coalesce only when they ask for the same model."""
+    service.wait_ready()
+    start = service.status().model.fingerprint
+    results: dict[str, object] = {}
+
+    def trigger(name: str, path: Path, delay: float) -> None:
+        time.sleep(delay)
+        client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
+        results[name] = client.hot_reload_model(path)
+        client.close()
+
+    threads = [threading.Thread(target=trigger, args=("first", models / "b", 0.0)),
+               threading.Thread(target=trigger, args=("queued", models / "a", 0.02)),
+               threading.Thread(target=trigger, args=("latest", models / "b", 0.04))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    queued, latest = results["queued"], results["latest"]
+    if queued.ok:  # the first swap ended before the others arrived: nothing was coalesced
+        assert queued.requested_path == str(models / "a")
+    else:
+        assert "superseded by a later reload request" in queued.error
+        assert latest.ok and latest.requested_path == str(models / "b")
+    fingerprint_of(service, models / "a")
+    assert start
+
+
+def test_reload_with_two_serving_workers(models: Path, tmp_path: Path):
+    running = start_service(tmp_path, models / "a", workers="2")
+    try:
+        running.wait_until(lambda s: sum(w.role == "serving" for w in s.workers) == 2, 60,
+                           "two serving workers")
+        for target in ("b", "a", "b"):
+            outcome = running.client.hot_reload_model(models / target)
+            assert outcome.ok, outcome
+            status = running.wait_until(
+                lambda s: [w.fingerprint for w in s.workers if w.role == "serving"]
+                == [outcome.new_fingerprint] * 2, 60, "both workers on the new model")
+            assert status.model.fingerprint == outcome.new_fingerprint
+        assert "missed" not in running.log() and "replacing it" not in running.log()
+    finally:
+        assert running.stop() == 0

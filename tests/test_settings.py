@@ -92,3 +92,26 @@ def test_a_long_default_socket_path_names_the_fix(tmp_path):
     settings = Settings(cache_dir=tmp_path / ("d" * 120))
     with pytest.raises(SettingsError, match="SENSEVOICE_SUPERVISOR_ADDRESS"):
         settings.client_address()
+
+
+def test_ui_defaults_bind_loopback_and_reload_needs_no_token(monkeypatch):
+    for name in ("UI_HOST", "UI_PORT", "ADMIN_TOKEN"):
+        monkeypatch.delenv(f"SENSEVOICE_{name}", raising=False)
+    settings = Settings()
+    assert (settings.ui_host, settings.ui_port) == ("127.0.0.1", 7860)
+    assert settings.ui_is_loopback() and not settings.reload_needs_token()
+
+
+@pytest.mark.parametrize(("host", "token", "needs"), [
+    ("0.0.0.0", "", True),  # reloading is off until a token is set
+    ("0.0.0.0", "s3cret", True),
+    ("127.0.0.1", "s3cret", True),  # a token that is set is always required
+    ("localhost", "", False),
+])
+def test_reload_token_rules(monkeypatch, host, token, needs):
+    monkeypatch.setenv("SENSEVOICE_UI_HOST", host)
+    monkeypatch.setenv("SENSEVOICE_ADMIN_TOKEN", token)
+    settings = Settings()
+    assert settings.reload_needs_token() is needs
+    assert (settings.admin_token is None) is (token == "")
+    assert "s3cret" not in repr(settings)  # the token never shows up in logs or reprs

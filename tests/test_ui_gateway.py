@@ -1,0 +1,45 @@
+"""The UI's admin and upload checks, which decide before anything reaches the supervisor."""
+
+from __future__ import annotations
+
+import pytest
+
+from sensevoice_core.client import SupervisorClient
+from sensevoice_core.settings import Settings
+from ui.gateway import Gateway, RequestFailed
+from ui.metrics import ServiceMetrics
+
+
+def gateway(**values) -> Gateway:
+    settings = Settings(supervisor_address="ipc:///tmp/sv-gateway-test.ipc", **values)
+    return Gateway(settings, SupervisorClient(settings=settings), ServiceMetrics(lambda: None))
+
+
+def test_reload_is_off_on_a_public_address_without_a_token():
+    with pytest.raises(RequestFailed) as failure:
+        gateway(ui_host="0.0.0.0").check_admin("anything")
+    assert failure.value.status == 403 and failure.value.code == "reload_disabled"
+    assert "SENSEVOICE_ADMIN_TOKEN" in failure.value.message
+
+
+def test_the_token_must_match():
+    guarded = gateway(ui_host="0.0.0.0", admin_token="s3cret")
+    for wrong in (None, "", "s3cre", "s3cret "):
+        with pytest.raises(RequestFailed, match="needs the admin token"):
+            guarded.check_admin(wrong)
+    guarded.check_admin("s3cret")
+
+
+def test_loopback_without_a_token_reloads_freely():
+    gateway().check_admin(None)
+
+
+def test_upload_limits_name_the_file_and_the_setting():
+    small = gateway(max_upload_mb=0.5)
+    with pytest.raises(RequestFailed) as failure:
+        small.check_upload(2**20, "talk.wav")
+    assert failure.value.status == 413
+    assert failure.value.message == ("talk.wav is 1.0 MiB; the limit is 0.5 MiB "
+                                     "(SENSEVOICE_MAX_UPLOAD_MB)")
+    with pytest.raises(RequestFailed, match="talk.wav is empty"):
+        small.check_upload(0, "talk.wav")
