@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,3 +123,44 @@ def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
             time.sleep(0.02)
         service.wait_ready(standby=standby)
     return service
+
+
+class BackgroundTraffic:
+    """One client sending a clip back to back from a thread, collecting replies and failures.
+
+        with BackgroundTraffic(service, clip) as traffic:
+            ...  # reload, kill workers
+        assert not traffic.failures
+    """
+
+    def __init__(self, service: Service, clip: Path):
+        self.service = service
+        self.clip = clip
+        self.replies: list = []
+        self.failures: list[ServiceError] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        client = SupervisorClient(self.service.address,
+                                  Settings(supervisor_address=self.service.address))
+        while not self._stop.is_set():
+            try:
+                self.replies.append(client.transcribe(self.clip))
+            except ServiceError as e:
+                self.failures.append(e)
+        client.close()
+
+    def wait_for_more(self, count: int = 3, timeout: float = 30.0) -> None:
+        target = len(self.replies) + count
+        deadline = time.monotonic() + timeout
+        while len(self.replies) < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def __enter__(self) -> BackgroundTraffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()

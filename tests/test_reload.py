@@ -19,7 +19,7 @@ from model_factory import write_hf
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import ReloadRequest
 from sensevoice_core.settings import Settings
-from service import Service, start_service
+from service import BackgroundTraffic, Service, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -67,36 +67,15 @@ def test_reload_to_another_model_changes_the_serving_fingerprint(service: Servic
 def test_continuous_client_sees_no_failure_across_ten_reloads(service: Service, models: Path):
     fingerprints = {path: fingerprint_of(service, models / path) for path in ("b", "a")}
     service.wait_ready()
-    replies, failures = [], []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
-        while not stop.is_set():
-            try:
-                replies.append(client.transcribe(CLIP))
-            except ServiceError as e:
-                failures.append(e)
-        client.close()
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while len(replies) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
     order = ["b", "a"] * 6  # 12 reloads, each to the other model
-    try:
+    with BackgroundTraffic(service, CLIP) as traffic:
+        traffic.wait_for_more()
         for name in order:
             outcome = service.client.hot_reload_model(models / name)
             assert outcome.ok, outcome
             assert outcome.new_fingerprint == fingerprints[name]
-            served_before = len(replies)
-            deadline = time.monotonic() + 30
-            while len(replies) < served_before + 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
-    finally:
-        stop.set()
-        thread.join()
+            traffic.wait_for_more()
+    replies, failures = traffic.replies, traffic.failures
     assert not failures, failures
     assert all(reply.fingerprint in fingerprints.values() for reply in replies)
     sequence = [reply.fingerprint for reply in replies]

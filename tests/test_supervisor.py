@@ -27,7 +27,7 @@ from sensevoice_core.protocol import (
     encode,
 )
 from sensevoice_core.settings import Settings
-from service import Service, process_alive, start_service
+from service import BackgroundTraffic, Service, process_alive, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -185,28 +185,13 @@ def test_status_reports_model_workers_and_counts(service: Service, models: Path)
 def test_killed_worker_is_replaced_without_failing_requests(service: Service):
     old_pid = service.serving_pid()
     restarts = service.status().worker_restarts
-    failures, replies = [], []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
-        while not stop.is_set():
-            try:
-                replies.append(client.transcribe(CLIP))
-            except ServiceError as e:
-                failures.append(e)
-        client.close()
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    time.sleep(0.5)
-    os.kill(old_pid, signal.SIGKILL)
-    status = service.wait_until(lambda s: s.worker_restarts == restarts + 1 and any(
-        w.role == "serving" and w.pid != old_pid for w in s.workers), 60, "a replacement")
-    count = len(replies)
-    service.wait_until(lambda s: len(replies) > count + 2, 30, "requests on the replacement")
-    stop.set()
-    thread.join()
+    with BackgroundTraffic(service, CLIP) as traffic:
+        time.sleep(0.5)
+        os.kill(old_pid, signal.SIGKILL)
+        status = service.wait_until(lambda s: s.worker_restarts == restarts + 1 and any(
+            w.role == "serving" and w.pid != old_pid for w in s.workers), 60, "a replacement")
+        traffic.wait_for_more()
+    replies, failures = traffic.replies, traffic.failures
     assert not failures, failures
     assert replies[-1].worker_pid != old_pid
     assert "was killed by SIGKILL" in service.log() and "replacing it" in service.log()
