@@ -22,18 +22,24 @@ def timestamp(seconds: float, decimal_mark: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_mark}{millis:03d}"
 
 
+def cue_text(text: str) -> str:
+    """One line of cue text: a blank line would end the cue, an arrow would start a new one."""
+    return " ".join(text.split()).replace("-->", "->")
+
+
 def to_srt(cues: Sequence[TimedText]) -> str:
     """Numbered SRT cues; cues without text are left out (a subtitle cannot be empty)."""
     blocks = []
-    for cue in (c for c in cues if c.text.strip()):
+    for cue in (c for c in cues if cue_text(c.text)):
         blocks.append(f"{len(blocks) + 1}\n{timestamp(cue.start, ',')} --> "
-                      f"{timestamp(cue.end, ',')}\n{cue.text.strip()}\n")
+                      f"{timestamp(cue.end, ',')}\n{cue_text(cue.text)}\n")
     return "\n".join(blocks)
 
 
 def to_vtt(cues: Sequence[TimedText]) -> str:
+    """WebVTT; &, < and > are escaped, as its cue text is markup."""
     blocks = ["WEBVTT\n"]
-    for cue in (c for c in cues if c.text.strip()):
-        blocks.append(f"{timestamp(cue.start, '.')} --> {timestamp(cue.end, '.')}\n"
-                      f"{cue.text.strip()}\n")
+    for cue in (c for c in cues if cue_text(c.text)):
+        text = cue_text(cue.text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        blocks.append(f"{timestamp(cue.start, '.')} --> {timestamp(cue.end, '.')}\n{text}\n")
     return "\n".join(blocks)

@@ -35,3 +35,12 @@ def test_vtt_has_its_header_and_dot_milliseconds():
 def test_no_speech_gives_empty_documents():
     assert to_srt([TimedText(0, 1, "")]) == ""
     assert to_vtt([]) == "WEBVTT\n"
+
+
+def test_cue_text_cannot_break_the_format():
+    cue = [TimedText(0, 1, "Hello & <b>world</b>\n\n2\n00:00:00,000 --> 00:00:01,000")]
+    srt = to_srt(cue)
+    assert srt.count("-->") == 1 and srt.count("\n\n") == 0
+    vtt = to_vtt(cue)
+    assert "Hello &amp; &lt;b&gt;world&lt;/b&gt; 2 00:00:00.000" not in vtt  # SRT times stay SRT
+    assert "Hello &amp; &lt;b&gt;world&lt;/b&gt; 2 00:00:00,000 -&gt; 00:00:01,000" in vtt

@@ -170,7 +170,31 @@ def test_audio_over_the_duration_limit_is_refused(http: httpx.Client):
 
 
 def test_models_endpoint_lists_the_served_model(http: httpx.Client):
-    assert http.get("/v1/models").json()["data"][0]["id"] == "sensevoice-small"
+    [card] = http.get("/v1/models").json()["data"]
+    assert card["id"] == "sensevoice-small" and card["created"] > 0
+    assert http.get("/v1/models/sensevoice-small").json() == card
+    openai_error(http.get("/v1/models/whisper-1"), 404, "model")
+
+
+def test_streaming_is_refused_not_silently_ignored(http: httpx.Client):
+    error = openai_error(post_audio(http, HELLO.read_bytes(), stream="true"), 400, "stream")
+    assert "not supported" in error["message"]
+
+
+def test_a_body_without_a_length_is_refused(http: httpx.Client):
+    def chunks():
+        yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.flac\"\r\n\r\n"
+        yield HELLO.read_bytes()
+        yield b"\r\n--x--\r\n"
+
+    response = http.post("/v1/audio/transcriptions", content=chunks(),
+                         headers={"content-type": "multipart/form-data; boundary=x"})
+    openai_error(response, 411, "file")
+
+
+def test_errors_that_retrying_cannot_fix_tell_openai_clients_not_to_retry(http: httpx.Client):
+    response = post_audio(http, b"garbage" * 20)
+    assert response.headers["x-should-retry"] == "false"
 
 
 # ---------------------------------------------------------------- health, readiness, metrics

@@ -39,7 +39,20 @@ def test_upload_limits_name_the_file_and_the_setting():
     with pytest.raises(RequestFailed) as failure:
         small.check_upload(2**20, "talk.wav")
     assert failure.value.status == 413
-    assert failure.value.message == ("talk.wav is 1.0 MiB; the limit is 0.5 MiB "
+    assert failure.value.message == ("talk.wav is larger than the limit of 0.5 MiB "
                                      "(SENSEVOICE_MAX_UPLOAD_MB)")
     with pytest.raises(RequestFailed, match="talk.wav is empty"):
         small.check_upload(0, "talk.wav")
+
+
+def test_status_panel_shows_outside_text_inert():
+    """Paths and error messages come from outside; they must not become markup in the page."""
+    from sensevoice_core.protocol import ReloadOutcome
+    from ui.views import code, reload_summary, status_markdown
+
+    hostile = '<img src=x onerror="alert(1)"> **bold** `tick`'
+    failed = ReloadOutcome(ok=False, origin="ui", requested_path=None, error=hostile)
+    rendered = reload_summary(failed) + status_markdown(None, hostile)
+    assert "<img" not in rendered and "&lt;img" in rendered
+    assert "\\*\\*bold\\*\\*" in rendered and "\\`tick\\`" in rendered
+    assert code("/models/a`b") == "`` /models/a`b ``"

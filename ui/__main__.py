@@ -2,11 +2,12 @@
 
 It talks to the supervisor (python -m supervisor) and holds no model; it can start before the
 supervisor does (GET /ready says 503 until a worker serves).
-Exit codes: 0 stopped, 1 could not start (port in use), 2 invalid settings.
+Exit codes: 0 stopped, 1 could not start (port in use, host not local), 2 invalid settings.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -18,15 +19,23 @@ EXIT_SETTINGS = 2
 logger = logging.getLogger("sensevoice.ui")
 
 
-def port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+def bind_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on (in use, not a local address, unknown), or None."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), port,
+                                                         type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return f"cannot resolve {host}: {e.strerror}; set SENSEVOICE_UI_HOST"
+    with socket.socket(family, kind) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((host.strip("[]"), port))
-        except OSError:
-            return True
-    return False
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"{host}:{port} is in use; stop what listens there or set "
+                        f"SENSEVOICE_UI_PORT")
+            return f"cannot listen on {host}:{port}: {e.strerror}; set SENSEVOICE_UI_HOST"
+    return None
 
 
 def main() -> int:
@@ -43,9 +52,9 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_SETTINGS
     configure_logging("ui", settings.log_level)
-    if port_in_use(settings.ui_host, settings.ui_port):
-        logger.error("Cannot start: %s:%d is in use; stop what listens there or set "
-                     "SENSEVOICE_UI_PORT", settings.ui_host, settings.ui_port)
+    problem = bind_problem(settings.ui_host, settings.ui_port)
+    if problem:
+        logger.error("Cannot start: %s", problem)
         return EXIT_CANNOT_START
     if not settings.ui_is_loopback():
         logger.warning("Listening on %s: transcription is open to that network; reloading %s",

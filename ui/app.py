@@ -34,4 +34,5 @@ def create_app(settings: Settings, client: SupervisorClient | None = None) -> Fa
         app, build_blocks(gateway), path="/", server_name=settings.ui_host,
         server_port=settings.ui_port, allowed_paths=[str(EXAMPLES_DIR)],
         max_file_size=int(settings.max_upload_mb * 1024 * 1024), footer_links=["api"],
-        ssr_mode=False, css=CSS)
+        ssr_mode=False, css=CSS,
+        show_error=False)  # gr.Error sentences still show; an unexpected exception's text does not

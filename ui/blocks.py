@@ -7,6 +7,7 @@ Handlers are plain functions over the ``Gateway``; every failure reaches the use
 from __future__ import annotations
 
 from collections.abc import Iterator
+from html import escape
 from pathlib import Path
 
 import gradio as gr
@@ -18,6 +19,7 @@ from ui.views import reload_summary, short_fingerprint, status_markdown, tags_ht
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 STATUS_REFRESH_S = 5.0
+TRANSCRIBE_THREADS = 32  # of Gradio's 40 worker threads; the rest stay free for status and reload
 CSS = """
 .sv-tags { display: flex; gap: .5rem; flex-wrap: wrap; margin: .25rem 0; }
 .sv-badge { border-radius: 999px; padding: .2rem .75rem; font-weight: 600;
@@ -28,6 +30,11 @@ CSS = """
 
 def example_rows() -> list[list[object]]:
     return [[str(path), "auto", True] for path in sorted(EXAMPLES_DIR.glob("*.flac"))]
+
+
+def user_error(message: str) -> gr.Error:
+    """A message for the page (shown as HTML, so escaped); expected, so no traceback logged."""
+    return gr.Error(escape(message), print_exception=False)
 
 
 def audio_seconds(path: str) -> float | None:
@@ -44,19 +51,19 @@ class PageHandlers:
     def transcribe(self, audio_path: str | None, language: str, use_itn: bool,
                    progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
         if not audio_path:
-            raise gr.Error("Upload or record some audio first.")
+            raise user_error("Upload or record some audio first.")
         path = Path(audio_path)
         try:
             audio = path.read_bytes()
         except OSError as e:
-            raise gr.Error(f"Cannot read the uploaded file {path.name}: {e.strerror}.") from None
+            raise user_error(f"Cannot read the uploaded file {path.name}: {e.strerror}.") from None
         seconds = audio_seconds(audio_path)
         progress(0.0, desc=f"Transcribing {seconds:.1f} s of audio…" if seconds else
                  "Transcribing…")
         try:
             reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui")
         except RequestFailed as e:
-            raise gr.Error(e.message) from None
+            raise user_error(e.message) from None
         return reply.text, tags_html(reply)
 
     def status(self) -> tuple[str, dict]:
@@ -71,7 +78,7 @@ class PageHandlers:
             self.gateway.check_admin(admin_token)
             before = self.gateway.status()
         except RequestFailed as e:
-            raise gr.Error(e.message) from None
+            raise user_error(e.message) from None
         serving = short_fingerprint(before.model.fingerprint if before.model else None)
         yield (status_markdown(before, note=f"⏳ Reloading… requests are still served by "
                                             f"`{serving}` until the new model is ready."),
@@ -79,7 +86,7 @@ class PageHandlers:
         try:
             outcome = self.gateway.reload(admin_token)
         except (RequestFailed, ServiceError) as e:
-            raise gr.Error(f"Reload failed: {e}. The old model is still serving.") from None
+            raise user_error(f"Reload failed: {e}. The old model is still serving.") from None
         try:
             after = self.gateway.status()
         except RequestFailed as e:
@@ -122,10 +129,13 @@ def build_blocks(gateway: Gateway) -> gr.Blocks:
                 details = gr.JSON(elem_id="status-details")
 
         transcribe_button.click(handlers.transcribe, [audio, language, itn], [transcript, tags],
-                                api_name="transcribe", concurrency_limit=gateway.settings.max_queue)
+                                api_name="transcribe",
+                                concurrency_limit=min(gateway.settings.max_queue, TRANSCRIBE_THREADS))
         reload_button.click(handlers.reload, [admin_token], [model_status, details],
                             api_name="reload", concurrency_limit=1)
-        page.load(handlers.status, None, [model_status, details], api_name="status")
+        page.load(handlers.status, None, [model_status, details], api_name="status",
+                  concurrency_limit=None)
         gr.Timer(STATUS_REFRESH_S).tick(handlers.status, None, [model_status, details],
-                                        api_visibility="private", show_progress="hidden")
+                                        api_visibility="private", show_progress="hidden",
+                                        concurrency_limit=None)
     return page

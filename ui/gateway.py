@@ -11,6 +11,8 @@ import re
 import time
 from dataclasses import dataclass
 
+import anyio
+
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus, TranscribeReply
 from sensevoice_core.settings import Settings
@@ -50,6 +52,9 @@ class Gateway:
         self.settings = settings
         self.client = client
         self.metrics = metrics
+        # Their own thread slots, so slow transcriptions never starve /ready or /metrics.
+        self.transcribe_slots = anyio.CapacityLimiter(settings.max_queue)
+        self.status_slots = anyio.CapacityLimiter(4)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -58,7 +63,7 @@ class Gateway:
     def check_upload(self, size: int, name: str) -> None:
         if size > self.max_upload_bytes:
             raise RequestFailed(
-                413, "too_large", f"{name} is {size / 2**20:.1f} MiB; the limit is "
+                413, "too_large", f"{name} is larger than the limit of "
                                   f"{self.settings.max_upload_mb:g} MiB (SENSEVOICE_MAX_UPLOAD_MB)",
                 "file")
         if size == 0:

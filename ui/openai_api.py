@@ -4,7 +4,7 @@ Multipart fields: ``file`` (required), ``model`` (accepted, any name: one model 
 ``language`` (auto, zh, en, yue, ja, ko; ISO names such as "english" too), ``response_format``
 (json, text, verbose_json, srt, vtt), and an extension, ``use_itn`` (default true: punctuation and
 numerals, as OpenAI's models return). ``prompt`` and ``temperature`` are accepted and ignored
-(CTC decoding has neither). Errors have OpenAI's shape: ``{"error": {"message", "type", "param",
+(CTC decoding has neither); ``stream=true`` is refused. Errors have OpenAI's shape: ``{"error": {"message", "type", "param",
 "code"}}``.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from sensevoice_core.protocol import TranscribeReply
@@ -22,22 +22,28 @@ from sensevoice_core.subtitles import TimedText, to_srt, to_vtt
 from ui.gateway import Gateway, RequestFailed
 
 MODEL_ID = "sensevoice-small"
+MODEL_CARD = {"id": MODEL_ID, "object": "model", "created": 1719792000, "owned_by": "sensevoice-serve"}
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 LANGUAGE_NAMES = {"zh": "chinese", "en": "english", "yue": "cantonese", "ja": "japanese",
                   "ko": "korean"}
 LANGUAGE_ALIASES = {name: code for code, name in LANGUAGE_NAMES.items()}
 MULTIPART_OVERHEAD = 1024 * 1024  # form fields and boundaries on top of the file itself
-KNOWN_FIELDS = {"file", "model", "language", "response_format", "use_itn", "prompt",
-                "temperature", "timestamp_granularities[]", "stream"}
+MAX_FORM_FIELDS = 32  # OpenAI SDKs send list fields (include[], ...) once per item
+NOT_WORTH_RETRYING = {"worker_lost", "timeout", "bad_audio", "internal", "too_long"}
 
 
 def openai_error(failure: RequestFailed) -> JSONResponse:
     kind = "invalid_request_error" if failure.status < 500 else "server_error"
     if failure.status == 429:
         kind = "rate_limit_error"
+    headers = {}
+    if failure.code in NOT_WORTH_RETRYING:
+        headers["x-should-retry"] = "false"  # OpenAI SDKs retry 5xx twice otherwise
+    elif failure.status in (429, 503):
+        headers["Retry-After"] = "1"
     return JSONResponse({"error": {"message": failure.message, "type": kind,
                                    "param": failure.param, "code": failure.code}},
-                        status_code=failure.status)
+                        status_code=failure.status, headers=headers)
 
 
 def parse_bool(value: str, field: str) -> bool:
@@ -60,8 +66,12 @@ def render(reply: TranscribeReply, response_format: str) -> Response:
         return PlainTextResponse(to_vtt(cues), media_type="text/vtt", headers=headers)
     if response_format == "json":
         return JSONResponse({"text": reply.text}, headers=headers)
+    # avg_logprob, compression_ratio and no_speech_prob are Whisper's; neutral values keep
+    # clients that read them working.
     segments = [{"id": index, "seek": 0, "start": round(cue.start, 3), "end": round(cue.end, 3),
-                 "text": cue.text, "tokens": reply.token_ids, "temperature": 0.0}
+                 "text": cue.text, "tokens": reply.token_ids, "temperature": 0.0,
+                 "avg_logprob": 0.0, "compression_ratio": 1.0,
+                 "no_speech_prob": 1.0 if reply.language == "nospeech" else 0.0}
                 for index, cue in enumerate(cues)]
     body = {
         "task": "transcribe",
@@ -82,15 +92,27 @@ def build_openai_router(gateway: Gateway) -> APIRouter:
 
     @router.get("/v1/models")
     def list_models() -> dict:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model",
-                                            "owned_by": "sensevoice-serve"}]}
+        return {"object": "list", "data": [MODEL_CARD]}
+
+    @router.get("/v1/models/{model_id}")
+    def retrieve_model(model_id: str) -> JSONResponse:
+        if model_id != MODEL_ID:
+            return openai_error(RequestFailed(404, "model_not_found",
+                                              f"no model {model_id!r}; this server serves "
+                                              f"{MODEL_ID!r}", "model"))
+        return JSONResponse(MODEL_CARD)
 
     @router.post("/v1/audio/transcriptions")
     async def create_transcription(request: Request) -> Response:
         try:
             form = await read_form(request, gateway)
-            reply = await run_in_threadpool(gateway.transcribe, form.audio, form.name,
-                                            form.language, form.use_itn, "openai")
+        except RequestFailed as failure:
+            gateway.metrics.request_done("openai", failure.code, 0.0, 0.0)
+            return openai_error(failure)
+        try:
+            reply = await anyio.to_thread.run_sync(
+                gateway.transcribe, form.audio, form.name, form.language, form.use_itn,
+                "openai", limiter=gateway.transcribe_slots)
         except RequestFailed as failure:
             return openai_error(failure)
         return render(reply, form.response_format)
@@ -109,7 +131,11 @@ class TranscriptionForm:
 
 async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > gateway.max_upload_bytes + MULTIPART_OVERHEAD:
+    if not declared or not declared.isdigit():
+        # Without a length the body would be spooled to disk in full before any check.
+        raise RequestFailed(411, "length_required", "send a Content-Length header (chunked "
+                                                    "uploads are not accepted)", "file")
+    if int(declared) > gateway.max_upload_bytes + MULTIPART_OVERHEAD:
         raise RequestFailed(413, "too_large",
                             f"the request is {int(declared) / 2**20:.1f} MiB; the limit is "
                             f"{gateway.settings.max_upload_mb:g} MiB (SENSEVOICE_MAX_UPLOAD_MB)",
@@ -118,7 +144,7 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
         raise RequestFailed(400, "bad_request", "expected a multipart/form-data body with a "
                                                 "'file' field", "file")
     try:
-        form = await request.form(max_files=1, max_fields=len(KNOWN_FIELDS))
+        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     except Exception as e:  # Starlette raises its own errors for malformed multipart bodies
         raise RequestFailed(400, "bad_request", f"could not read the form: {e}") from None
     try:
@@ -137,6 +163,9 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
         language = str(form.get("language") or "auto").strip().lower()
         language = LANGUAGE_ALIASES.get(language, language)
         use_itn = parse_bool(str(form.get("use_itn") or "true"), "use_itn")
+        if parse_bool(str(form.get("stream") or "false"), "stream"):
+            raise RequestFailed(400, "bad_request", "streaming transcription is not supported; "
+                                                    "send stream=false", "stream")
     finally:
         await form.close()
     return TranscriptionForm(audio, name, language, use_itn, response_format)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import run_in_threadpool
 
 from ui.gateway import Gateway, RequestFailed
 
@@ -14,13 +14,14 @@ def build_ops_router(gateway: Gateway) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: answers even when every thread is busy
         return {"status": "ok"}
 
     @router.get("/ready")
     async def ready() -> JSONResponse:
         try:
-            status = await run_in_threadpool(gateway.status)
+            status = await anyio.to_thread.run_sync(gateway.status,
+                                                    limiter=gateway.status_slots)
         except RequestFailed as failure:
             return JSONResponse({"status": "not_ready", "reason": failure.message},
                                 status_code=503)
@@ -36,7 +37,8 @@ def build_ops_router(gateway: Gateway) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics() -> Response:
-        body = await run_in_threadpool(gateway.metrics.render)
+        body = await anyio.to_thread.run_sync(gateway.metrics.render,
+                                              limiter=gateway.status_slots)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from html import escape
 
 from sensevoice_core.protocol import ReloadOutcome, ServiceStatus, TranscribeReply
@@ -11,6 +12,7 @@ LANGUAGE_LABELS = {"zh": "Mandarin", "en": "English", "yue": "Cantonese", "ja": 
                    "ko": "Korean", "nospeech": "no speech"}
 CACHE_LEVEL_LABELS = {"L1": "L1 (already in memory)", "L2": "L2 snapshot",
                       "fresh": "model files (fresh load)"}
+VIA = {"L1": "L1", "L2": "L2", "fresh": "a fresh load"}
 
 
 def badge(kind: str, label: str) -> str:
@@ -34,6 +36,17 @@ def tags_html(reply: TranscribeReply) -> str:
             f'<div class="sv-detail">{escape(detail)}</div>')
 
 
+def code(text: str) -> str:
+    """A Markdown code span that shows text literally, whatever backticks it holds."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
+
+
+def plain(text: str | None) -> str:
+    """Text from outside (error messages, paths) made inert in Markdown: no tags, no markup."""
+    return re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", escape(text or "", quote=False))
+
+
 def short_fingerprint(fingerprint: str | None) -> str:
     return fingerprint[:12] if fingerprint else "none"
 
@@ -49,12 +62,13 @@ def describe_age(seconds: float) -> str:
 def reload_summary(outcome: ReloadOutcome) -> str:
     if outcome.ok and outcome.old_fingerprint == outcome.new_fingerprint:
         return (f"✅ Model reloaded, unchanged (`{short_fingerprint(outcome.new_fingerprint)}`) in "
-                f"{outcome.seconds:.2f} s via {outcome.cache_level} ({outcome.origin})")
+                f"{outcome.seconds:.2f} s via {VIA.get(outcome.cache_level or '', outcome.cache_level)} "
+                f"({outcome.origin})")
     if outcome.ok:
         return (f"✅ Model updated, new requests use it: `{short_fingerprint(outcome.old_fingerprint)}`"
                 f" → `{short_fingerprint(outcome.new_fingerprint)}` in {outcome.seconds:.2f} s via "
-                f"{outcome.cache_level} ({outcome.origin})")
-    return (f"❌ Reload failed ({outcome.origin}): {outcome.error}. The old model "
+                f"{VIA.get(outcome.cache_level or '', outcome.cache_level)} ({outcome.origin})")
+    return (f"❌ Reload failed ({outcome.origin}): {plain(outcome.error)}. The old model "
             f"`{short_fingerprint(outcome.old_fingerprint)}` is still serving.")
 
 
@@ -63,14 +77,14 @@ def status_markdown(status: ServiceStatus | None, problem: str | None = None,
     """The model-status panel; `note` goes first (a reload in progress or its result)."""
     lines = [note] if note else []
     if status is None:
-        lines.append(f"⚠️ Service unavailable: {problem}")
+        lines.append(f"⚠️ Service unavailable: {plain(problem)}")
         return "\n\n".join(lines)
     model = status.model
     if model is None:
         lines.append("⏳ No model is serving yet (the first worker is loading).")
     else:
         ids = " · ".join(f"{key} `{value}`" for key, value in model.short_ids.items())
-        lines.append(f"**Model** `{model.model_dir}`  \n**Fingerprint** `{short_fingerprint(model.fingerprint)}` ({ids})")
+        lines.append(f"**Model** {code(model.model_dir)}  \n**Fingerprint** `{short_fingerprint(model.fingerprint)}` ({ids})")
         lines.append(f"**Loaded from** {CACHE_LEVEL_LABELS.get(model.cache_level, model.cache_level)}"
                      f" in {model.load_s:.2f} s, warm-up {model.warmup_s:.2f} s")
     workers = "; ".join(f"pid {w.pid} {w.role}, up {describe_age(w.age_s)}, "
