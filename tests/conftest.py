@@ -19,6 +19,18 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    """Kill services and UIs that a failed test never stopped (their workers die with them)."""
+    yield
+    from service import STARTED
+
+    for process in STARTED:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

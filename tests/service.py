@@ -19,6 +19,11 @@ from sensevoice_core.settings import Settings
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Every service and UI process a test started; conftest kills any still running at the end,
+# so a test that fails before its stop() leaves nothing behind.
+STARTED: list[subprocess.Popen] = []
+
+
 def process_alive(pid: int) -> bool:
     """Alive and not a zombie (an exited child nobody has reaped yet counts as gone)."""
     try:
@@ -115,6 +120,7 @@ def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
                                    stdin=subprocess.DEVNULL)
     client = SupervisorClient(address, Settings(supervisor_address=address))
     service = Service(process, address, log_path, client, set())
+    STARTED.append(process)
     if wait:
         deadline = time.monotonic() + 30
         while not Path(address[6:]).exists() and time.monotonic() < deadline:

@@ -12,6 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from service import STARTED
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -54,6 +56,7 @@ def start_ui(work_dir: Path, supervisor_address: str, **env: str) -> UiProcess:
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "ui"], cwd=work_dir, env=environment,
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    STARTED.append(process)
     ui = UiProcess(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
