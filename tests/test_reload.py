@@ -127,8 +127,11 @@ def test_concurrent_triggers_coalesce_into_at_most_two_swaps(service: Service, m
     swaps_before = service.log().count("Swapped model successfully")
     outcomes = []
 
+    together = threading.Barrier(6)  # all six are sent while the first swap runs
+
     def trigger() -> None:
         client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
+        together.wait()
         outcomes.append(client.hot_reload_model(models / "b"))
         client.close()
 
