@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import zmq
 
-from sensevoice_core.audio import load_audio
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
 from sensevoice_core.errors import AudioError, AudioTooLongError
+from sensevoice_core.long_audio import transcribe_long
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
 from sensevoice_core.protocol import (
@@ -38,6 +38,7 @@ from sensevoice_core.protocol import (
     Pong,
     ProtocolError,
     Ready,
+    SegmentInfo,
     Stop,
     TranscribeReply,
     TranscribeRequest,
@@ -46,6 +47,7 @@ from sensevoice_core.protocol import (
 )
 from sensevoice_core.random_model import random_model, small_dims
 from sensevoice_core.settings import Settings
+from sensevoice_core.vad import SileroVAD
 
 logger = logging.getLogger("sensevoice.worker")
 
@@ -92,6 +94,7 @@ class InferenceWorker:
         self.backend = backend
         self.settings = settings
         self.model: SenseVoice | None = None
+        self.vad = SileroVAD.from_package()  # 1 MB, shipped in the silero-vad wheel
         self.fingerprint = ""
         self.stop_requested = False
         self.context = zmq.Context()
@@ -171,8 +174,10 @@ class InferenceWorker:
             else:
                 audio = payload
             options = TranscribeOptions.create(request.language, request.use_itn)
-            waveform = load_audio(audio, request.sample_rate, self.settings.max_audio_s)
-            result = self.model.transcribe_waveforms([waveform], options)[0]
+            result = transcribe_long(self.model, self.vad, audio, options,
+                                     self.settings.vad_options(request.vad_threshold),
+                                     request.sample_rate, self.settings.batch_s,
+                                     self.settings.max_audio_s)
         except AudioTooLongError as e:
             return ErrorReply(request_id=request.request_id, code="too_long",
                               message=f"{e} (SENSEVOICE_MAX_AUDIO_S)")
@@ -185,12 +190,18 @@ class InferenceWorker:
             return ErrorReply(request_id=request.request_id, code="internal",
                               message=f"the worker failed on this request: {type(e).__name__}: "
                                       f"{e}"[:500])
+        first = result.segments[0] if result.segments else None
         return TranscribeReply(
-            request_id=request.request_id, text=result.text, raw=result.raw,
-            language=result.language, emotion=result.emotion, event=result.event,
-            text_norm=result.text_norm, duration_s=result.duration_s,
-            token_ids=list(result.token_ids), fingerprint=self.fingerprint,
-            worker_pid=os.getpid(), inference_s=time.perf_counter() - start)
+            request_id=request.request_id, text=result.text,
+            raw="".join(segment.raw for segment in result.segments),
+            language=first.language if first else None,
+            emotion=first.emotion if first else None, event=first.event if first else None,
+            text_norm=options.text_norm.value, duration_s=result.duration_s,
+            token_ids=[i for segment in result.segments for i in segment.token_ids],
+            segments=[SegmentInfo(start=s.start, end=s.end, text=s.text, language=s.language,
+                                  emotion=s.emotion, event=s.event) for s in result.segments],
+            fingerprint=self.fingerprint, worker_pid=os.getpid(),
+            inference_s=time.perf_counter() - start)
 
     def send(self, message: Ready | Hello | LoadFailed | Pong | TranscribeReply | ErrorReply) -> None:
         self.socket.send_multipart(encode(message))

@@ -71,15 +71,21 @@ class SupervisorClient:
         self._lock = threading.Lock()
 
     def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
-                   sample_rate: int = 16000, timeout: float | None = None) -> TranscribeReply:
-        """audio: a path, the bytes of an audio file, or a 1-D float array at sample_rate."""
+                   sample_rate: int = 16000, timeout: float | None = None,
+                   vad_threshold: float | None = None) -> TranscribeReply:
+        """audio: a path, the bytes of an audio file, or a 1-D float array at sample_rate.
+
+        Audio longer than SENSEVOICE_MAX_SEGMENT_S is split at pauses (VAD, vad_threshold or
+        SENSEVOICE_VAD_THRESHOLD); the reply's segments carry each part's times and tags.
+        """
         audio_format, payload = _encode_audio(audio)
         if len(payload) > self.settings.max_request_mb * 1024 * 1024:
             raise ServiceError("too_large", f"the audio is {len(payload) / 2**20:.1f} MiB; at most "
                                             f"{self.settings.max_request_mb:g} MiB "
                                             f"(SENSEVOICE_MAX_REQUEST_MB)")
         request = TranscribeRequest(language=language, use_itn=use_itn,
-                                    audio_format=audio_format, sample_rate=sample_rate)
+                                    audio_format=audio_format, sample_rate=sample_rate,
+                                    vad_threshold=vad_threshold)
         # The service may queue a request for request_timeout, run it for as long, and retry
         # it once on another worker if the first one dies: it always answers within 3x.
         limit = timeout if timeout is not None else (

@@ -64,6 +64,7 @@ class TranscribeRequest(_Message):
     use_itn: bool = False
     # "file": the bytes of a wav/flac/ogg/mp3 file; "pcm_f32le": float32 mono samples
     audio_format: Literal["file", "pcm_f32le"] = "file"
+    vad_threshold: float | None = Field(None, ge=0.0, le=1.0)  # None: SENSEVOICE_VAD_THRESHOLD
     sample_rate: int = Field(16000, gt=0, le=384000)  # of pcm_f32le samples
 
 
@@ -82,6 +83,15 @@ class StatusRequest(_Message):
 
 # Supervisor -> client
 
+class SegmentInfo(BaseModel):
+    start: float  # seconds from the start of the audio
+    end: float
+    text: str
+    language: str | None
+    emotion: str | None
+    event: str | None
+
+
 class TranscribeReply(_Message):
     kind: Literal["transcription"] = "transcription"
     request_id: str
@@ -94,6 +104,7 @@ class TranscribeReply(_Message):
     duration_s: float
     token_ids: list[int]
     fingerprint: str  # the model that served this request
+    segments: list[SegmentInfo] = []  # in time order; empty when there is no speech
     worker_pid: int
     inference_s: float  # decode + model time inside the worker
 

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.segmentation import VadOptions
 
 ENV_PREFIX = "SENSEVOICE_"
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes; ZeroMQ refuses longer ipc:// paths
@@ -57,9 +58,9 @@ class Settings(BaseSettings):
         30.0, ge=0, description="seconds an old worker may spend finishing its requests")
     max_queue: int = Field(
         64, ge=1, description="requests waiting for a worker; beyond that clients get 'busy'")
-    max_request_mb: float = Field(64.0, gt=0, description="largest request accepted, in MiB")
+    max_request_mb: float = Field(256.0, gt=0, description="largest request accepted, in MiB")
     max_audio_s: float = Field(
-        300.0, gt=0, description="longest audio a request may hold, in seconds")
+        3 * 3600.0, gt=0, description="longest audio a request may hold, in seconds")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="directories a reload may load from (comma-separated); empty: the "
@@ -80,11 +81,19 @@ class Settings(BaseSettings):
         None, description="required to reload from the UI/HTTP API when set, and always when "
                           "SENSEVOICE_UI_HOST is not loopback (without it reloading is off)")
     max_upload_mb: float = Field(
-        32.0, gt=0, description="largest upload the UI and HTTP API accept, in MiB")
+        256.0, gt=0, description="largest upload the UI and HTTP API accept, in MiB")
 
     # Long audio
     vad_threshold: float = Field(0.35, ge=0.0, le=1.0,
                                  description="speech probability above which audio is speech")
+    vad_min_speech_s: float = Field(0.25, ge=0, description="shorter bursts of speech are dropped")
+    vad_min_silence_s: float = Field(0.3, ge=0, description="shorter pauses do not split speech")
+    vad_speech_pad_s: float = Field(0.1, ge=0, description="audio kept on each side of speech")
+    max_segment_s: float = Field(
+        30.0, ge=1.0, le=120.0, description="longest segment; longer speech is split at its "
+                                            "quietest point, and shorter audio is not segmented")
+    batch_s: float = Field(
+        120.0, gt=0, description="padded seconds of audio transcribed per batch: bounds memory")
 
     @field_validator("model_dir", mode="before")
     @classmethod
@@ -120,6 +129,13 @@ class Settings(BaseSettings):
             raise ValueError(f"host {host!r} is not loopback; the supervisor has no "
                              f"authentication, so it binds to 127.0.0.1 or ipc:// only")
         raise ValueError("expected ipc://PATH or tcp://127.0.0.1:PORT")
+
+    def vad_options(self, threshold: float | None = None) -> VadOptions:
+        """Segmentation settings, with a per-request threshold if one is given."""
+        return VadOptions(threshold=self.vad_threshold if threshold is None else threshold,
+                          min_speech_s=self.vad_min_speech_s,
+                          min_silence_s=self.vad_min_silence_s,
+                          speech_pad_s=self.vad_speech_pad_s, max_segment_s=self.max_segment_s)
 
     def ui_is_loopback(self) -> bool:
         return self.ui_host in LOOPBACK_HOSTS or self.ui_host == "::1"

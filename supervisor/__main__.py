@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     transcribe.add_argument("files", nargs="+", type=Path)
     transcribe.add_argument("--language", default="auto")
     transcribe.add_argument("--itn", action="store_true", help="numerals and punctuation")
-    transcribe.add_argument("--json", action="store_true", help="one JSON object per file")
+    transcribe.add_argument("--format", choices=("text", "json", "srt", "vtt"), default="text",
+                            help="json: one object per file with text and timed segments")
+    transcribe.add_argument("--json", action="store_const", dest="format", const="json",
+                            help="the same as --format json")
+    transcribe.add_argument("--vad-threshold", type=float, metavar="P",
+                            help="speech probability that splits long audio (0..1; default "
+                                 "SENSEVOICE_VAD_THRESHOLD)")
     reload = commands.add_parser("reload", help="hot-reload the running service's model")
     reload.add_argument("path", nargs="?", help="model directory; default: the one serving")
     reload.add_argument("--force-fresh", action="store_true",
@@ -94,18 +100,28 @@ def transcribe_files(client, args: argparse.Namespace) -> int:
     from sensevoice_core.client import ServiceError
     from sensevoice_core.errors import AudioError
 
+    from sensevoice_core.subtitles import TimedText, to_srt, to_vtt
+
     failed = 0
     for path in args.files:
         try:
-            reply = client.transcribe(path, args.language, args.itn)
+            reply = client.transcribe(path, args.language, args.itn,
+                                      vad_threshold=args.vad_threshold)
         except (AudioError, ServiceError) as e:
             failed += 1
-            print(json.dumps({"file": str(path), "error": str(e)}) if args.json
-                  else f"{path}: error: {e}")
+            if args.format == "json":
+                print(json.dumps({"file": str(path), "error": str(e)}))
+            else:
+                print(f"{path}: error: {e}", file=sys.stderr if args.format != "text" else None)
             continue
-        if args.json:
+        cues = [TimedText(s.start, s.end, s.text) for s in reply.segments]
+        if args.format == "json":
             print(json.dumps({"file": str(path), **reply.model_dump(exclude={"v", "kind"})},
                              ensure_ascii=False))
+        elif args.format in ("srt", "vtt"):
+            if len(args.files) > 1:
+                print(f"==> {path} <==")
+            print(to_srt(cues) if args.format == "srt" else to_vtt(cues))
         else:
             tags = " ".join(t for t in (reply.language, reply.emotion, reply.event) if t)
             print(f"{path}: {reply.text}  [{tags}; model {reply.fingerprint[:8]}]")

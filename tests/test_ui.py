@@ -4,7 +4,11 @@ supervisor serving a copy of the embedded demo model."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -22,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "ui" / "examples"
 HELLO = EXAMPLES / "en_02.flac"  # the demo model says "Hello world." with ITN
-MAX_AUDIO_S = 8.0
+MAX_AUDIO_S = 20.0
+MAX_SEGMENT_S = 5.0  # so that a 15 s recording of four clips is segmented
+LONG_CLIPS = [EXAMPLES / name for name in ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac")]
 MAX_UPLOAD_MB = 1.0
 
 
@@ -34,7 +40,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def service(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     service = start_service(tmp_path_factory.mktemp("service"), demo_dir,
-                            max_audio_s=str(MAX_AUDIO_S))
+                            max_audio_s=str(MAX_AUDIO_S), max_segment_s=str(MAX_SEGMENT_S))
     yield service
     service.stop()
 
@@ -166,7 +172,63 @@ def test_audio_over_the_duration_limit_is_refused(http: httpx.Client):
     error = openai_error(post_audio(http, flac_bytes(long_silence), name="long.flac"), 413,
                          "file")
     assert error["code"] == "too_long"
-    assert "10.0 s" in error["message"] and "SENSEVOICE_MAX_AUDIO_S" in error["message"]
+    assert "22.0 s" in error["message"] and "SENSEVOICE_MAX_AUDIO_S" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def long_recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """The four example clips with pauses between them (15 s): segmented by the service."""
+    parts = []
+    for clip in LONG_CLIPS:
+        parts += [np.zeros(24000, np.float32), soundfile.read(clip, dtype="float32")[0]]
+    path = tmp_path_factory.mktemp("long") / "four_clips.flac"
+    soundfile.write(path, np.concatenate(parts + [np.zeros(16000, np.float32)]), 16000)
+    return path, ["Hello world.", "8975。", "770.", "晚安。"]
+
+
+def test_long_audio_comes_back_as_timed_segments(http: httpx.Client, long_recording):
+    path, texts = long_recording
+    body = post_audio(http, path.read_bytes(), response_format="verbose_json").json()
+    assert [s["text"] for s in body["segments"]] == texts
+    assert body["text"] == " ".join(texts)
+    starts = [s["start"] for s in body["segments"]]
+    assert starts == sorted(starts) and all(s["end"] > s["start"] for s in body["segments"])
+    assert [s["language"] for s in body["segments"]] == ["en", "zh", "en", "zh"]
+    srt = post_audio(http, path.read_bytes(), response_format="srt").text
+    assert srt.count(" --> ") == 4 and srt.startswith("1\n00:00:01,") and "4\n00:00:" in srt
+    vtt = post_audio(http, path.read_bytes(), response_format="vtt").text
+    assert vtt.count(" --> ") == 4 and "晚安。" in vtt
+
+
+def test_vad_threshold_is_a_per_request_setting(http: httpx.Client, long_recording):
+    path, _ = long_recording
+    strict = post_audio(http, path.read_bytes(), response_format="verbose_json",
+                        vad_threshold="1.0").json()
+    assert strict["segments"] == [] and strict["text"] == ""
+    error = openai_error(post_audio(http, path.read_bytes(), vad_threshold="loud"), 400,
+                         "vad_threshold")
+    assert "from 0 to 1" in error["message"]
+
+
+def test_command_line_formats(service: Service, long_recording):
+    path, texts = long_recording
+    env = {**os.environ, "SENSEVOICE_SUPERVISOR_ADDRESS": service.address}
+
+    def run(*options: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "supervisor", "transcribe", str(path),
+                               "--itn", *options], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    [line] = run("--format", "json").splitlines()
+    result = json.loads(line)
+    assert result["file"] == str(path) and result["text"] == " ".join(texts)
+    assert [s["text"] for s in result["segments"]] == texts
+    assert set(result["segments"][0]) == {"start", "end", "text", "language", "emotion", "event"}
+    assert run("--format", "srt").count(" --> ") == 4
+    assert run("--format", "vtt").startswith("WEBVTT")
+    assert run().startswith(f"{path}: Hello world. 8975。")
 
 
 def test_models_endpoint_lists_the_served_model(http: httpx.Client):
@@ -245,19 +307,33 @@ def test_gradio_api_names_are_pinned(gradio: Client):
     assert set(endpoints) == {"/transcribe", "/reload", "/status"}
 
 
-def test_gradio_transcribe_returns_text_and_tags(gradio: Client):
-    text, tags = gradio.predict(handle_file(str(HELLO)), "auto", True, api_name="/transcribe")
+def test_gradio_transcribe_returns_text_tags_segments_and_subtitles(gradio: Client,
+                                                                    long_recording):
+    text, tags, segments, srt = gradio.predict(handle_file(str(HELLO)), "auto", True, 0.35,
+                                               api_name="/transcribe")
     assert text == "Hello world."
     assert 'data-language="🌐 English"' in tags and "sv-emotion" in tags and "sv-event" in tags
+    assert segments["headers"] == ["start", "end", "text", "language", "emotion", "event"]
+    assert [row[2] for row in segments["data"]] == ["Hello world."]
+    path, texts = long_recording
+    text, _, segments, srt = gradio.predict(handle_file(str(path)), "auto", True, 0.35,
+                                            api_name="/transcribe")
+    assert [row[2] for row in segments["data"]] == texts
+    assert Path(srt).read_text(encoding="utf-8").count(" --> ") == 4
+    quiet = path.parent / "quiet.flac"
+    soundfile.write(quiet, np.zeros(16000 * 3, np.float32), 16000)
+    silent = gradio.predict(handle_file(str(quiet)), "auto", True, 0.35, api_name="/transcribe")
+    assert silent[0] == "" and silent[3] is None
+    assert silent[2]["data"] in ([], [["", "", "", "", "", ""]])  # Gradio's empty table
 
 
 def test_gradio_errors_are_sentences_not_tracebacks(gradio: Client, tmp_path: Path):
     with pytest.raises(Exception, match="Upload or record some audio first"):
-        gradio.predict(None, "auto", True, api_name="/transcribe")
+        gradio.predict(None, "auto", True, 0.35, api_name="/transcribe")
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF....not really a wave file" * 4)
     with pytest.raises(Exception, match=r"broken\.wav: cannot decode audio") as caught:
-        gradio.predict(handle_file(str(bad)), "auto", True, api_name="/transcribe")
+        gradio.predict(handle_file(str(bad)), "auto", True, 0.35, api_name="/transcribe")
     assert "Traceback" not in str(caught.value)
 
 

@@ -70,6 +70,11 @@ def test_upload_transcribe_and_reload_in_the_browser(stack, browser):
     assert tags.locator("[data-language]").inner_text().endswith("Mandarin")
     assert tags.locator("[data-emotion]").count() == 1
     assert tags.locator("[data-event]").count() == 1
+    page.wait_for_function("document.querySelector('#segments').innerText.includes('8975。')",
+                           timeout=10_000)
+    download = page.locator("#srt-download a").first
+    download.wait_for(timeout=10_000)
+    assert download.get_attribute("href").endswith(".srt")
 
     nudge_weights(demo_dir)
     page.locator("#reload-btn").click()

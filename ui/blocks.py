@@ -6,6 +6,9 @@ Handlers are plain functions over the ``Gateway``; every failure reaches the use
 
 from __future__ import annotations
 
+import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from html import escape
 from pathlib import Path
@@ -14,11 +17,21 @@ import gradio as gr
 import soundfile
 
 from sensevoice_core.client import ServiceError
+from sensevoice_core.protocol import TranscribeReply
+from sensevoice_core.subtitles import TimedText, to_srt
 from ui.gateway import LANGUAGE_CHOICES, Gateway, RequestFailed
-from ui.views import reload_summary, short_fingerprint, status_markdown, tags_html
+from ui.views import (
+    SEGMENT_COLUMNS,
+    reload_summary,
+    segment_rows,
+    short_fingerprint,
+    status_markdown,
+    tags_html,
+)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 STATUS_REFRESH_S = 5.0
+DOWNLOAD_KEEP_S = 3600  # subtitle files offered for download are deleted after an hour
 TRANSCRIBE_THREADS = 32  # of Gradio's 40 worker threads; the rest stay free for status and reload
 CSS = """
 .sv-tags { display: flex; gap: .5rem; flex-wrap: wrap; margin: .25rem 0; }
@@ -47,9 +60,11 @@ def audio_seconds(path: str) -> float | None:
 class PageHandlers:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.srt_dir = Path(tempfile.mkdtemp(prefix="sensevoice-srt-"))
 
     def transcribe(self, audio_path: str | None, language: str, use_itn: bool,
-                   progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+                   vad_threshold: float, progress: gr.Progress = gr.Progress()
+                   ) -> tuple[str, str, list[list[object]], str | None]:
         if not audio_path:
             raise user_error("Upload or record some audio first.")
         path = Path(audio_path)
@@ -61,10 +76,23 @@ class PageHandlers:
         progress(0.0, desc=f"Transcribing {seconds:.1f} s of audio…" if seconds else
                  "Transcribing…")
         try:
-            reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui")
+            reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui",
+                                            vad_threshold)
         except RequestFailed as e:
             raise user_error(e.message) from None
-        return reply.text, tags_html(reply)
+        return reply.text, tags_html(reply), segment_rows(reply), self.write_srt(reply, path)
+
+    def write_srt(self, reply: TranscribeReply, audio_path: Path) -> str | None:
+        """The subtitles as a file for the download button (None when there is no speech)."""
+        if not reply.segments:
+            return None
+        for old in self.srt_dir.glob("*.srt"):  # keep the folder from growing without end
+            if time.time() - old.stat().st_mtime > DOWNLOAD_KEEP_S:
+                old.unlink(missing_ok=True)
+        target = self.srt_dir / f"{audio_path.stem}-{uuid.uuid4().hex[:8]}.srt"
+        target.write_text(to_srt([TimedText(s.start, s.end, s.text) for s in reply.segments]),
+                          encoding="utf-8")
+        return str(target)
 
     def status(self) -> tuple[str, dict]:
         try:
@@ -99,7 +127,7 @@ class PageHandlers:
 def build_blocks(gateway: Gateway) -> gr.Blocks:
     handlers = PageHandlers(gateway)
     needs_token = gateway.settings.reload_needs_token()
-    with gr.Blocks(title="SenseVoice Serve") as page:
+    with gr.Blocks(title="SenseVoice Serve", delete_cache=(3600, DOWNLOAD_KEEP_S)) as page:
         gr.Markdown("## SenseVoice Serve\nSpeech recognition with language, emotion and "
                     "audio-event tags. Upload or record audio, then Transcribe.")
         with gr.Row():
@@ -110,12 +138,22 @@ def build_blocks(gateway: Gateway) -> gr.Blocks:
                                     elem_id="language")
                 itn = gr.Checkbox(value=True, label="Punctuation and numerals (ITN)",
                                   elem_id="itn")
+                with gr.Accordion("Long audio", open=False):
+                    vad_threshold = gr.Slider(
+                        0.05, 0.95, value=gateway.settings.vad_threshold, step=0.05,
+                        label="Speech threshold (higher: less counts as speech)",
+                        elem_id="vad-threshold")
                 transcribe_button = gr.Button("Transcribe", variant="primary",
                                               elem_id="transcribe-btn")
             with gr.Column():
                 transcript = gr.Textbox(label="Transcript", lines=6, interactive=False,
                                         elem_id="transcript")
                 tags = gr.HTML(elem_id="tags")
+                with gr.Accordion("Segments", open=True):
+                    segments = gr.Dataframe(headers=list(SEGMENT_COLUMNS), interactive=False,
+                                            wrap=True, elem_id="segments")
+                    subtitles = gr.File(label="Subtitles (SRT)", interactive=False,
+                                        elem_id="srt-download")
         examples = example_rows()
         if examples:
             gr.Examples(examples, inputs=[audio, language, itn], label="Examples (demo clips)")
@@ -128,7 +166,8 @@ def build_blocks(gateway: Gateway) -> gr.Blocks:
             with gr.Accordion("Status details", open=False):
                 details = gr.JSON(elem_id="status-details")
 
-        transcribe_button.click(handlers.transcribe, [audio, language, itn], [transcript, tags],
+        transcribe_button.click(handlers.transcribe, [audio, language, itn, vad_threshold],
+                                [transcript, tags, segments, subtitles],
                                 api_name="transcribe",
                                 concurrency_limit=min(gateway.settings.max_queue, TRANSCRIBE_THREADS))
         reload_button.click(handlers.reload, [admin_token], [model_status, details],

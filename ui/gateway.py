@@ -70,7 +70,7 @@ class Gateway:
             raise RequestFailed(400, "bad_audio", f"{name} is empty", "file")
 
     def transcribe(self, audio: bytes, name: str, language: str, use_itn: bool,
-                   endpoint: str) -> TranscribeReply:
+                   endpoint: str, vad_threshold: float | None = None) -> TranscribeReply:
         """Transcribe through the supervisor, recording the outcome under endpoint."""
         start = time.perf_counter()
         try:
@@ -81,7 +81,8 @@ class Gateway:
                                     f"{', '.join(LANGUAGE_CHOICES)}", "language")
             self.check_upload(len(audio), name)
             try:
-                reply = self.client.transcribe(audio, language, use_itn)
+                reply = self.client.transcribe(audio, language, use_itn,
+                                               vad_threshold=vad_threshold)
             except ServiceError as e:
                 message = re.sub(r"^<\d+ bytes of audio>", lambda _: name, e.message)
                 raise RequestFailed(HTTP_STATUS.get(e.code, 500), e.code, message,

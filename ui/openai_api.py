@@ -2,10 +2,11 @@
 
 Multipart fields: ``file`` (required), ``model`` (accepted, any name: one model is served),
 ``language`` (auto, zh, en, yue, ja, ko; ISO names such as "english" too), ``response_format``
-(json, text, verbose_json, srt, vtt), and an extension, ``use_itn`` (default true: punctuation and
-numerals, as OpenAI's models return). ``prompt`` and ``temperature`` are accepted and ignored
-(CTC decoding has neither); ``stream=true`` is refused. Errors have OpenAI's shape: ``{"error": {"message", "type", "param",
-"code"}}``.
+(json, text, verbose_json, srt, vtt), and two extensions: ``use_itn`` (default true: punctuation
+and numerals, as OpenAI's models return) and ``vad_threshold`` (0..1, the speech probability
+that splits long audio; default SENSEVOICE_VAD_THRESHOLD). ``prompt`` and ``temperature`` are
+accepted and ignored (CTC decoding has neither); ``stream=true`` is refused. Errors have
+OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -55,9 +56,22 @@ def parse_bool(value: str, field: str) -> bool:
     raise RequestFailed(400, "bad_request", f"{field} must be true or false, got {value!r}", field)
 
 
+def parse_threshold(value: object) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        threshold = float(str(value))
+    except ValueError:
+        threshold = -1.0
+    if not 0.0 <= threshold <= 1.0:
+        raise RequestFailed(400, "bad_request", f"vad_threshold must be a number from 0 to 1, "
+                                                f"got {value!r}", "vad_threshold")
+    return threshold
+
+
 def render(reply: TranscribeReply, response_format: str) -> Response:
     headers = {"X-SenseVoice-Fingerprint": reply.fingerprint}
-    cues = [TimedText(0.0, reply.duration_s, reply.text)]
+    cues = [TimedText(s.start, s.end, s.text) for s in reply.segments]
     if response_format == "text":
         return PlainTextResponse(reply.text + "\n", headers=headers)
     if response_format == "srt":
@@ -68,11 +82,11 @@ def render(reply: TranscribeReply, response_format: str) -> Response:
         return JSONResponse({"text": reply.text}, headers=headers)
     # avg_logprob, compression_ratio and no_speech_prob are Whisper's; neutral values keep
     # clients that read them working.
-    segments = [{"id": index, "seek": 0, "start": round(cue.start, 3), "end": round(cue.end, 3),
-                 "text": cue.text, "tokens": reply.token_ids, "temperature": 0.0,
-                 "avg_logprob": 0.0, "compression_ratio": 1.0,
-                 "no_speech_prob": 1.0 if reply.language == "nospeech" else 0.0}
-                for index, cue in enumerate(cues)]
+    segments = [{"id": index, "seek": 0, "start": s.start, "end": s.end, "text": s.text,
+                 "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 1.0,
+                 "no_speech_prob": 1.0 if s.language == "nospeech" else 0.0,
+                 "language": s.language, "emotion": s.emotion, "event": s.event}
+                for index, s in enumerate(reply.segments)]
     body = {
         "task": "transcribe",
         "language": LANGUAGE_NAMES.get(reply.language or "", reply.language),
@@ -112,7 +126,7 @@ def build_openai_router(gateway: Gateway) -> APIRouter:
         try:
             reply = await anyio.to_thread.run_sync(
                 gateway.transcribe, form.audio, form.name, form.language, form.use_itn,
-                "openai", limiter=gateway.transcribe_slots)
+                "openai", form.vad_threshold, limiter=gateway.transcribe_slots)
         except RequestFailed as failure:
             return openai_error(failure)
         return render(reply, form.response_format)
@@ -127,6 +141,7 @@ class TranscriptionForm:
     language: str
     use_itn: bool
     response_format: str
+    vad_threshold: float | None
 
 
 async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
@@ -163,9 +178,10 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
         language = str(form.get("language") or "auto").strip().lower()
         language = LANGUAGE_ALIASES.get(language, language)
         use_itn = parse_bool(str(form.get("use_itn") or "true"), "use_itn")
+        vad_threshold = parse_threshold(form.get("vad_threshold"))
         if parse_bool(str(form.get("stream") or "false"), "stream"):
             raise RequestFailed(400, "bad_request", "streaming transcription is not supported; "
                                                     "send stream=false", "stream")
     finally:
         await form.close()
-    return TranscriptionForm(audio, name, language, use_itn, response_format)
+    return TranscriptionForm(audio, name, language, use_itn, response_format, vad_threshold)

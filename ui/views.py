@@ -47,6 +47,15 @@ def plain(text: str | None) -> str:
     return re.sub(r"([\\`*_\[\]<>#|])", r"\\\1", escape(text or "", quote=False))
 
 
+SEGMENT_COLUMNS = ("start", "end", "text", "language", "emotion", "event")
+
+
+def segment_rows(reply: TranscribeReply) -> list[list[object]]:
+    """The segment table: one row per segment, times in seconds."""
+    return [[f"{s.start:.2f}", f"{s.end:.2f}", s.text, s.language or "", s.emotion or "",
+             s.event or ""] for s in reply.segments]
+
+
 def short_fingerprint(fingerprint: str | None) -> str:
     return fingerprint[:12] if fingerprint else "none"
 

@@ -1,0 +1,92 @@
+"""Long audio without holding it: a file or its bytes read in blocks, or any span of it.
+
+A one-hour file is 230 MB of 16 kHz samples; ``AudioSource`` streams it for the VAD, then reads
+back only the spans being transcribed. Arrays are already in memory and are simply sliced.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from sensevoice_core.audio import SAMPLE_RATE, AudioInput, describe, load_audio
+from sensevoice_core.errors import AudioError, AudioTooLongError
+
+BLOCK_S = 30.0  # seconds decoded at a time while streaming
+TINY_FRAMES = 16
+
+
+class AudioSource:
+    def __init__(self, audio: AudioInput, sample_rate: int = SAMPLE_RATE,
+                 max_seconds: float | None = None):
+        self.name = describe(audio)
+        self._file: soundfile.SoundFile | None = None
+        self._samples: torch.Tensor | None = None
+        if isinstance(audio, (str, Path, bytes)):
+            self._file = _open(audio, self.name)
+            self.native_rate = self._file.samplerate
+            self.duration_s = self._file.frames / self.native_rate
+        else:
+            self._samples = load_audio(audio, sample_rate)
+            self.native_rate = SAMPLE_RATE
+            self.duration_s = self._samples.numel() / SAMPLE_RATE
+        if self.duration_s <= 0:
+            raise AudioError(self.name, "audio is empty (0 samples)")
+        if max_seconds is not None and self.duration_s > max_seconds:
+            raise AudioTooLongError(self.name, self.duration_s, max_seconds)
+
+    def blocks(self, seconds: float = BLOCK_S) -> Iterator[torch.Tensor]:
+        """The whole audio as consecutive 16 kHz mono blocks."""
+        start = 0.0
+        while start < self.duration_s:
+            yield self.read(start, min(self.duration_s, start + seconds))
+            start += seconds
+
+    def read(self, start_s: float, end_s: float) -> torch.Tensor:
+        """16 kHz mono samples of [start_s, end_s)."""
+        if self._samples is not None:
+            return self._samples[round(start_s * SAMPLE_RATE):round(end_s * SAMPLE_RATE)]
+        assert self._file is not None
+        first = math.floor(start_s * self.native_rate)
+        count = max(1, math.ceil(end_s * self.native_rate) - first)
+        self._file.seek(first)
+        frames = self._file.read(count, dtype="float32", always_2d=True)
+        if frames.shape[0] < TINY_FRAMES:  # the tail of a file: too short to resample
+            return torch.zeros(round(frames.shape[0] * SAMPLE_RATE / self.native_rate))
+        if not np.isfinite(frames).all():
+            raise AudioError(self.name, "audio contains NaN or infinite samples")
+        return load_audio(frames.mean(axis=1), self.native_rate)
+
+    def whole(self) -> torch.Tensor:
+        return self.read(0.0, self.duration_s)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> AudioSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _open(audio: str | Path | bytes, name: str) -> soundfile.SoundFile:
+    if isinstance(audio, bytes):
+        if not audio:
+            raise AudioError(name, "empty input")
+        target: Path | io.BytesIO = io.BytesIO(audio)
+    else:
+        target = Path(audio).expanduser()
+        if not target.is_file():
+            raise AudioError(name, "no such file")
+    try:
+        return soundfile.SoundFile(target)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioError(name, f"cannot decode audio ({e}); expected wav, flac, ogg or mp3") from e

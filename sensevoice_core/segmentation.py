@@ -1,0 +1,79 @@
+"""Speech regions from per-window speech probabilities (numpy only: no torch here, so the
+settings that describe segmentation can be read by processes that never load a model)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+WINDOW = 512  # samples per probability: 32 ms at 16 kHz
+WINDOW_S = WINDOW / 16000
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    threshold: float = 0.35  # speech when the probability is at least this
+    min_speech_s: float = 0.25  # shorter bursts are dropped
+    min_silence_s: float = 0.3  # shorter pauses do not split speech
+    speech_pad_s: float = 0.1  # kept on each side of a region, so word edges are not cut
+    max_segment_s: float = 30.0  # longer regions are split at their quietest point
+
+
+@dataclass(frozen=True)
+class Region:
+    start: float  # seconds
+    end: float
+
+
+def speech_regions(probabilities: np.ndarray, options: VadOptions,
+                   duration_s: float | None = None) -> list[Region]:
+    """Speech regions from per-window probabilities, each at most options.max_segment_s long."""
+    duration = duration_s if duration_s is not None else len(probabilities) * WINDOW_S
+    speech = probabilities >= options.threshold
+    # Close pauses shorter than min_silence, then drop bursts shorter than min_speech.
+    runs = list(_runs(speech))
+    min_gap = round(options.min_silence_s / WINDOW_S)
+    merged: list[list[int]] = []
+    for start, end in runs:
+        if merged and start - merged[-1][1] < min_gap:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    min_len = round(options.min_speech_s / WINDOW_S)
+    kept = [(start, end) for start, end in merged if end - start >= min_len]
+    max_len = max(1, int(options.max_segment_s / WINDOW_S) - 2 * round(options.speech_pad_s / WINDOW_S))
+    pieces = [piece for start, end in kept
+              for piece in _split_long(probabilities, start, end, max_len)]
+    regions = []
+    for start, end in pieces:
+        begin = max(0.0, start * WINDOW_S - options.speech_pad_s)
+        finish = min(duration, end * WINDOW_S + options.speech_pad_s)
+        if regions and begin < regions[-1].end:  # padding of neighbours overlaps: meet halfway
+            middle = (regions[-1].end + begin) / 2
+            regions[-1] = Region(regions[-1].start, middle)
+            begin = middle
+        regions.append(Region(round(begin, 3), round(finish, 3)))
+    return regions
+
+
+def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
+    """[start, end) index pairs of the True runs."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    yield from zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist())
+
+
+def _split_long(probabilities: np.ndarray, start: int, end: int,
+                max_len: int) -> Iterator[tuple[int, int]]:
+    """Cut [start, end) at the quietest window (lowest probability) until every piece fits;
+    the cut is searched in the middle half, so pieces do not get tiny."""
+    if end - start <= max_len:
+        yield start, end
+        return
+    low, high = start + (end - start) // 4, start + 3 * (end - start) // 4
+    high = min(high, start + max_len)
+    low = min(max(low, end - max_len), high - 1)
+    cut = low + int(np.argmin(probabilities[low:high]))
+    yield from _split_long(probabilities, start, cut, max_len)
+    yield from _split_long(probabilities, cut, end, max_len)

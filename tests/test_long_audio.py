@@ -1,0 +1,137 @@
+"""Long audio through VAD segmentation and batched inference, with the real demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from model_factory import DEMO_MODEL
+from sensevoice_core import load_model
+from sensevoice_core.audio import load_audio
+from sensevoice_core.long_audio import transcribe_long
+from sensevoice_core.pipeline import TranscribeOptions
+from sensevoice_core.segmentation import VadOptions
+from sensevoice_core.vad import SileroVAD
+from speech_truth import energy_bounds
+
+DEMO_EVAL = Path(__file__).parent / "data" / "demo_eval"
+CLIPS = [DEMO_EVAL / name for name in ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac")]
+ITN = TranscribeOptions.create("auto", use_itn=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module")
+def vad() -> SileroVAD:
+    return SileroVAD.from_package()
+
+
+def long_recording(gaps: list[float]) -> tuple[np.ndarray, list[float]]:
+    """The clips with the given silences before each (and 1 s after); returns where the speech
+    of each starts."""
+    parts, starts, at = [], [], 0.0
+    for clip, gap in zip(CLIPS, gaps):
+        samples = load_audio(clip).numpy()
+        parts += [np.zeros(int(gap * 16000), np.float32), samples]
+        starts.append(at + gap + energy_bounds(samples)[0])
+        at += gap + len(samples) / 16000
+    parts.append(np.zeros(16000, np.float32))
+    return np.concatenate(parts), starts
+
+
+def test_segments_come_back_in_order_with_their_texts_and_times(model, vad, tmp_path: Path):
+    audio, starts = long_recording([1.0, 2.0, 1.5, 2.5])
+    path = tmp_path / "meeting.flac"
+    soundfile.write(path, audio, 16000)
+    expected = [model.transcribe(clip, use_itn=True).text for clip in CLIPS]
+    result = transcribe_long(model, vad, path, ITN, VadOptions(max_segment_s=5.0))
+    assert [s.text for s in result.segments] == expected
+    assert result.text == " ".join(expected)
+    for segment, start in zip(result.segments, starts):
+        assert segment.start == pytest.approx(start, abs=0.3)
+    assert [s.language for s in result.segments] == ["en", "zh", "en", "zh"]
+    assert result.duration_s == pytest.approx(len(audio) / 16000)
+
+
+def test_bytes_arrays_and_files_segment_alike(model, vad, tmp_path: Path):
+    audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
+    path = tmp_path / "meeting.wav"
+    soundfile.write(path, audio, 16000)
+    options = VadOptions(max_segment_s=5.0)
+    from_file = transcribe_long(model, vad, path, ITN, options)
+    from_bytes = transcribe_long(model, vad, path.read_bytes(), ITN, options)
+    from_array = transcribe_long(model, vad, audio, ITN, options)
+    assert from_file.segments == from_bytes.segments
+    assert [s.text for s in from_array.segments] == [s.text for s in from_file.segments]
+
+
+def test_silence_only_gives_an_empty_result(model, vad):
+    result = transcribe_long(model, vad, np.zeros(16000 * 45, np.float32), ITN)
+    assert result.segments == [] and result.text == "" and result.duration_s == 45.0
+
+
+def test_a_short_clip_is_one_pass_over_the_whole_clip(model, vad):
+    clip = CLIPS[0]
+    result = transcribe_long(model, vad, clip, ITN)
+    whole = model.transcribe(clip, use_itn=True)
+    [segment] = result.segments
+    assert (segment.start, segment.end) == (0.0, pytest.approx(whole.duration_s, abs=1e-3))
+    assert segment.token_ids == whole.token_ids
+
+
+def test_the_threshold_changes_segmentation_in_the_expected_direction(model, vad):
+    audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
+    covered = []
+    for threshold in (0.2, 0.5, 0.95):
+        result = transcribe_long(model, vad, audio, ITN,
+                                 VadOptions(threshold=threshold, max_segment_s=5.0))
+        covered.append(sum(s.end - s.start for s in result.segments))
+    assert covered[0] >= covered[1] >= covered[2] and covered[0] > covered[2]
+
+
+PEAK_RSS_SCRIPT = """
+import json, resource, sys
+import torch
+from sensevoice_core import load_model
+from sensevoice_core.long_audio import transcribe_long
+from sensevoice_core.pipeline import TranscribeOptions
+from sensevoice_core.vad import SileroVAD
+torch.set_num_threads(1)
+model, vad = load_model(sys.argv[1]), SileroVAD.from_package()
+model.transcribe(sys.argv[3], use_itn=True)  # allocator and kernels warmed on a short clip
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = transcribe_long(model, vad, sys.argv[2], TranscribeOptions.create("auto", True),
+                         batch_s=60.0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"growth_mib": (after - before) / 1024, "segments": len(result.segments)}))
+"""
+
+
+@pytest.mark.slow
+def test_twenty_minutes_stay_within_a_memory_bound(tmp_path: Path):
+    """20 min is 77 MB of 16 kHz samples; unsegmented, attention over it would take gigabytes.
+    Segmented, the process grows by little more than one batch's features and activations."""
+    speech, _ = long_recording([1.0, 2.0, 1.5, 2.5])
+    repeats = int(20 * 60 * 16000 / len(speech)) + 1
+    path = tmp_path / "twenty_minutes.flac"
+    with soundfile.SoundFile(path, "w", 16000, 1, format="FLAC") as out:
+        for _ in range(repeats):
+            out.write(speech)
+    assert soundfile.info(str(path)).duration >= 20 * 60
+    run = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(DEMO_MODEL), str(path),
+                          str(CLIPS[0])], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"20 min of audio: peak RSS grew by {measured['growth_mib']:.1f} MiB")
+    assert measured["segments"] >= 4 * repeats * 0.9
+    assert measured["growth_mib"] < 150, measured
