@@ -190,12 +190,11 @@ class InferenceWorker:
             return ErrorReply(request_id=request.request_id, code="internal",
                               message=f"the worker failed on this request: {type(e).__name__}: "
                                       f"{e}"[:500])
-        first = result.segments[0] if result.segments else None
         return TranscribeReply(
             request_id=request.request_id, text=result.text,
             raw="".join(segment.raw for segment in result.segments),
-            language=first.language if first else None,
-            emotion=first.emotion if first else None, event=first.event if first else None,
+            language=result.dominant("language"), emotion=result.dominant("emotion"),
+            event=result.dominant("event"),
             text_norm=options.text_norm.value, duration_s=result.duration_s,
             token_ids=[i for segment in result.segments for i in segment.token_ids],
             segments=[SegmentInfo(start=s.start, end=s.end, text=s.text, language=s.language,

@@ -33,20 +33,31 @@ class AudioSource:
             self.native_rate = self._file.samplerate
             self.duration_s = self._file.frames / self.native_rate
         else:
-            self._samples = load_audio(audio, sample_rate)
+            self._samples = load_audio(audio, sample_rate, max_seconds)
             self.native_rate = SAMPLE_RATE
             self.duration_s = self._samples.numel() / SAMPLE_RATE
         if self.duration_s <= 0:
             raise AudioError(self.name, "audio is empty (0 samples)")
+        self.max_seconds = max_seconds
         if max_seconds is not None and self.duration_s > max_seconds:
             raise AudioTooLongError(self.name, self.duration_s, max_seconds)
 
     def blocks(self, seconds: float = BLOCK_S) -> Iterator[torch.Tensor]:
-        """The whole audio as consecutive 16 kHz mono blocks."""
-        start = 0.0
-        while start < self.duration_s:
-            yield self.read(start, min(self.duration_s, start + seconds))
+        """The whole audio as consecutive 16 kHz mono blocks. The header's length is only an
+        estimate for some formats (MP3 without a Xing frame, truncated files): the blocks go on
+        until the decoder runs dry, and duration_s becomes what was really decoded."""
+        start, decoded = 0.0, 0
+        while True:
+            block = self.read(start, start + seconds)
+            decoded += block.numel()
+            if self.max_seconds is not None and decoded / SAMPLE_RATE > self.max_seconds:
+                raise AudioTooLongError(self.name, decoded / SAMPLE_RATE, self.max_seconds)
+            if block.numel():
+                yield block
+            if block.numel() < round(seconds * SAMPLE_RATE) - SAMPLE_RATE // 100:
+                break
             start += seconds
+        self.duration_s = decoded / SAMPLE_RATE
 
     def read(self, start_s: float, end_s: float) -> torch.Tensor:
         """16 kHz mono samples of [start_s, end_s)."""
@@ -55,13 +66,19 @@ class AudioSource:
         assert self._file is not None
         first = math.floor(start_s * self.native_rate)
         count = max(1, math.ceil(end_s * self.native_rate) - first)
-        self._file.seek(first)
-        frames = self._file.read(count, dtype="float32", always_2d=True)
-        if frames.shape[0] < TINY_FRAMES:  # the tail of a file: too short to resample
-            return torch.zeros(round(frames.shape[0] * SAMPLE_RATE / self.native_rate))
+        try:
+            self._file.seek(first)
+            frames = self._file.read(count, dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as e:
+            raise AudioError(self.name, f"cannot decode audio at {start_s:.1f} s ({e})") from e
         if not np.isfinite(frames).all():
             raise AudioError(self.name, "audio contains NaN or infinite samples")
-        return load_audio(frames.mean(axis=1), self.native_rate)
+        mono = frames.mean(axis=1)
+        if self.native_rate == SAMPLE_RATE:
+            return torch.from_numpy(np.ascontiguousarray(mono))
+        if mono.shape[0] < TINY_FRAMES:  # the tail of a file: too short to resample
+            return torch.zeros(round(mono.shape[0] * SAMPLE_RATE / self.native_rate))
+        return load_audio(mono, self.native_rate)
 
     def whole(self) -> torch.Tensor:
         return self.read(0.0, self.duration_s)

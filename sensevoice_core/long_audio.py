@@ -15,7 +15,10 @@ from sensevoice_core.decoding import Transcription
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions, length_batches
 from sensevoice_core.segmentation import Region, VadOptions, speech_regions
 from sensevoice_core.vad import SileroVAD, speech_probabilities
+from sensevoice_core.vocab import Language
 
+UNSPACED = {"zh", "yue", "ja"}  # scripts written without spaces between sentences
+NOSPEECH = Language.NOSPEECH.value
 FEATURE_FRAME_S = 0.06  # one low-frame-rate feature frame: 6 stacked 10 ms frames
 DEFAULT_BATCH_S = 120.0  # padded seconds of audio per batch
 
@@ -39,27 +42,56 @@ class LongTranscription:
 
     @property
     def text(self) -> str:
-        return " ".join(segment.text for segment in self.segments if segment.text).strip()
+        """The segments' texts in order; no space between neighbours in unspaced scripts."""
+        text = ""
+        previous: Segment | None = None
+        for segment in (s for s in self.segments if s.text):
+            unspaced = (previous is not None and previous.language in UNSPACED
+                        and segment.language in UNSPACED)
+            text += ("" if previous is None or unspaced else " ") + segment.text
+            previous = segment
+        return text
+
+    def dominant(self, tag: str) -> str | None:
+        """The language / emotion / event covering the most time, over segments with speech."""
+        seconds: dict[str, float] = {}
+        for segment in self.segments:
+            value = getattr(segment, tag)
+            if value is not None:
+                seconds[value] = seconds.get(value, 0.0) + segment.end - segment.start
+        return max(seconds, key=seconds.__getitem__) if seconds else None
 
 
 def transcribe_long(model: SenseVoice, vad: SileroVAD, audio: AudioInput,
                     options: TranscribeOptions, vad_options: VadOptions = VadOptions(),
                     sample_rate: int = SAMPLE_RATE, batch_s: float = DEFAULT_BATCH_S,
                     max_seconds: float | None = None) -> LongTranscription:
-    """Transcribe audio of any length into timed segments (none when there is no speech)."""
+    """Transcribe audio of any length into timed segments (none when there is no speech).
+
+    Audio no longer than one segment skips the VAD: one pass over the whole clip, exactly as a
+    short request always ran, and the model itself says whether there is speech (its
+    ``nospeech`` language tag). Longer audio is split at the VAD's pauses.
+    """
     with AudioSource(audio, sample_rate, max_seconds) as source:
+        if source.duration_s <= vad_options.max_segment_s:
+            waveform = source.whole()
+            [result] = model.transcribe_waveforms([waveform], options)
+            duration = waveform.numel() / SAMPLE_RATE
+            if result.language == NOSPEECH or not result.token_ids:
+                return LongTranscription([], duration)
+            return LongTranscription([segment_of(Region(0.0, round(duration, 3)), result)],
+                                     duration)
         probabilities = speech_probabilities(vad, source.blocks())
         regions = speech_regions(probabilities, vad_options, source.duration_s)
-        if not regions:
-            return LongTranscription([], source.duration_s)
-        if source.duration_s <= vad_options.max_segment_s:
-            # One pass over the whole clip, exactly as a short request always ran.
-            regions = [Region(0.0, round(source.duration_s, 3))]
         results = transcribe_regions(model, source, regions, options, batch_s)
-    segments = [Segment(region.start, region.end, result.text, result.raw, result.language,
-                        result.emotion, result.event, result.token_ids)
-                for region, result in zip(regions, results)]
+    segments = [segment_of(region, result) for region, result in zip(regions, results)
+                if result.language != NOSPEECH]
     return LongTranscription(segments, source.duration_s)
+
+
+def segment_of(region: Region, result: Transcription) -> Segment:
+    return Segment(region.start, region.end, result.text, result.raw, result.language,
+                   result.emotion, result.event, result.token_ids)
 
 
 def transcribe_regions(model: SenseVoice, source: AudioSource, regions: list[Region],

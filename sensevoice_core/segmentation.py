@@ -3,6 +3,7 @@ settings that describe segmentation can be read by processes that never load a m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,18 +44,19 @@ def speech_regions(probabilities: np.ndarray, options: VadOptions,
             merged.append([start, end])
     min_len = round(options.min_speech_s / WINDOW_S)
     kept = [(start, end) for start, end in merged if end - start >= min_len]
-    max_len = max(1, int(options.max_segment_s / WINDOW_S) - 2 * round(options.speech_pad_s / WINDOW_S))
+    pad_windows = options.speech_pad_s / WINDOW_S
+    max_len = max(1, math.floor(options.max_segment_s / WINDOW_S - 2 * pad_windows))
     pieces = [piece for start, end in kept
               for piece in _split_long(probabilities, start, end, max_len)]
-    regions = []
+    regions: list[Region] = []
     for start, end in pieces:
-        begin = max(0.0, start * WINDOW_S - options.speech_pad_s)
-        finish = min(duration, end * WINDOW_S + options.speech_pad_s)
+        begin = round(max(0.0, start * WINDOW_S - options.speech_pad_s), 3)
+        finish = round(min(duration, end * WINDOW_S + options.speech_pad_s), 3)
         if regions and begin < regions[-1].end:  # padding of neighbours overlaps: meet halfway
-            middle = (regions[-1].end + begin) / 2
+            middle = round((regions[-1].end + begin) / 2, 3)
             regions[-1] = Region(regions[-1].start, middle)
             begin = middle
-        regions.append(Region(round(begin, 3), round(finish, 3)))
+        regions.append(Region(begin, finish))
     return regions
 
 
@@ -66,14 +68,14 @@ def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
 
 def _split_long(probabilities: np.ndarray, start: int, end: int,
                 max_len: int) -> Iterator[tuple[int, int]]:
-    """Cut [start, end) at the quietest window (lowest probability) until every piece fits;
-    the cut is searched in the middle half, so pieces do not get tiny."""
-    if end - start <= max_len:
-        yield start, end
-        return
-    low, high = start + (end - start) // 4, start + 3 * (end - start) // 4
-    high = min(high, start + max_len)
-    low = min(max(low, end - max_len), high - 1)
-    cut = low + int(np.argmin(probabilities[low:high]))
-    yield from _split_long(probabilities, start, cut, max_len)
-    yield from _split_long(probabilities, cut, end, max_len)
+    """Cut [start, end) into pieces of at most max_len windows, each cut at the quietest window
+    (lowest probability) of the second half of the piece it ends, so no piece is tiny."""
+    position = start
+    while end - position > max_len:
+        low, high = position + max(1, max_len // 2), position + max_len
+        if end - position <= 2 * max_len:
+            low = max(low, end - max_len)  # what is left after this cut must fit in one piece
+        cut = low + int(np.argmin(probabilities[low:high + 1]))
+        yield position, cut
+        position = cut
+    yield position, end

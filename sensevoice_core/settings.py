@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.errors import SenseVoiceError
@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         """SENSEVOICE_MODEL_DIR= (empty) is unset, not the current directory."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @model_validator(mode="after")
+    def _padding_fits_a_segment(self) -> Settings:
+        if self.vad_speech_pad_s > self.max_segment_s / 4:
+            raise ValueError(f"SENSEVOICE_VAD_SPEECH_PAD_S={self.vad_speech_pad_s:g} is more than "
+                             f"a quarter of SENSEVOICE_MAX_SEGMENT_S={self.max_segment_s:g}")
+        return self
+
     @field_validator("admin_token", mode="before")
     @classmethod
     def _empty_token_means_unset(cls, value: object) -> object:
@@ -160,6 +167,9 @@ def describe_validation_error(error: ValidationError) -> str:
     """One line: SENSEVOICE_NAME='value': what is wrong (for every invalid field)."""
     problems = []
     for item in error.errors():
+        if not item["loc"]:  # a rule across settings; its message names them
+            problems.append(item["msg"].removeprefix("Value error, "))
+            continue
         name = ENV_PREFIX + "_".join(str(part) for part in item["loc"][:1]).upper()
         problems.append(f"{name}={item.get('input')!r}: {item['msg']}")
     return "invalid setting: " + "; ".join(problems)

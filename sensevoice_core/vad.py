@@ -8,19 +8,34 @@ one batch; only the 128-wide LSTM runs window after window, inside ``nn.LSTM``.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
-from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.segmentation import WINDOW
 
 CONTEXT = 64  # samples of the previous window each window also sees
-WEIGHTS_PACKAGE, WEIGHTS_FILE = "silero_vad.data", "silero_vad_16k.safetensors"
+WEIGHTS_FILE = "silero_vad_16k.safetensors"
 WINDOWS_PER_BATCH = 2048  # about 65 s of audio through the convolutions at once
+
+
+def weights_path() -> Path:
+    """The weights inside the installed silero-vad package, found without importing it: its
+    __init__ imports a module that sets torch's thread count to 1 for the whole process."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise SenseVoiceError("silero-vad is not installed; pip install silero-vad "
+                              "(without extras)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / WEIGHTS_FILE
+    if not path.is_file():
+        raise SenseVoiceError(f"{path} is missing; reinstall silero-vad>=6")
+    return path
 
 
 class SileroVAD(nn.Module):
@@ -36,7 +51,7 @@ class SileroVAD(nn.Module):
 
     @classmethod
     def from_package(cls) -> SileroVAD:
-        state = load_file(str(files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_FILE)))
+        state = load_file(str(weights_path()))
         cell = {"weight_ih": "weight_ih_l0", "weight_hh": "weight_hh_l0",
                 "bias_ih": "bias_ih_l0", "bias_hh": "bias_hh_l0"}
         renamed = {(f"lstm.{cell[key[len('lstm_cell.'):]]}" if key.startswith("lstm_cell.")

@@ -15,7 +15,8 @@ import torch
 from model_factory import DEMO_MODEL
 from sensevoice_core import load_model
 from sensevoice_core.audio import load_audio
-from sensevoice_core.long_audio import transcribe_long
+from sensevoice_core.errors import AudioError
+from sensevoice_core.long_audio import LongTranscription, Segment, transcribe_long
 from sensevoice_core.pipeline import TranscribeOptions
 from sensevoice_core.segmentation import VadOptions
 from sensevoice_core.vad import SileroVAD
@@ -103,7 +104,8 @@ PEAK_RSS_SCRIPT = """
 import json, resource, sys
 import torch
 from sensevoice_core import load_model
-from sensevoice_core.long_audio import transcribe_long
+from sensevoice_core.errors import AudioError
+from sensevoice_core.long_audio import LongTranscription, Segment, transcribe_long
 from sensevoice_core.pipeline import TranscribeOptions
 from sensevoice_core.vad import SileroVAD
 torch.set_num_threads(1)
@@ -135,3 +137,26 @@ def test_twenty_minutes_stay_within_a_memory_bound(tmp_path: Path):
     print(f"20 min of audio: peak RSS grew by {measured['growth_mib']:.1f} MiB")
     assert measured["segments"] >= 4 * repeats * 0.9
     assert measured["growth_mib"] < 150, measured
+
+
+def test_unspaced_scripts_join_without_spaces_and_tags_follow_the_most_time():
+    def segment(start: float, end: float, text: str, language: str) -> Segment:
+        return Segment(start, end, text, text, language, "NEUTRAL", "Speech", ())
+
+    result = LongTranscription([segment(0, 2, "你好。", "zh"), segment(2, 3, "晚安。", "zh"),
+                                segment(3, 9, "Hello world.", "en"), segment(9, 10, "好。", "zh")],
+                               10.0)
+    assert result.text == "你好。晚安。 Hello world. 好。"
+    assert result.dominant("language") == "en" and result.dominant("event") == "Speech"
+    assert LongTranscription([], 3.0).dominant("language") is None
+
+
+def test_a_file_that_breaks_off_mid_stream_is_a_clear_audio_error(model, vad, tmp_path: Path):
+    audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
+    whole = tmp_path / "whole.flac"
+    soundfile.write(whole, np.tile(audio, 3), 16000)
+    data = whole.read_bytes()
+    broken = data[: len(data) // 2] + bytes(range(256)) * 64 + data[len(data) // 2:]
+    with pytest.raises(AudioError) as error:
+        transcribe_long(model, vad, broken, ITN, VadOptions(max_segment_s=5.0))
+    assert "cannot decode audio" in str(error.value) or "NaN" in str(error.value)

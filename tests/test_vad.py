@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from sensevoice_core.audio import load_audio
 from speech_truth import energy_bounds
 from sensevoice_core.segmentation import WINDOW, VadOptions, speech_regions
-from sensevoice_core.vad import SileroVAD, speech_probabilities
+from sensevoice_core.vad import SileroVAD, speech_probabilities, weights_path
 
 DATA = Path(__file__).parent / "data"
 DEMO_CLIPS = sorted((DATA / "demo_eval").glob("en_0*.flac"))[:6]
@@ -29,7 +30,7 @@ def test_same_probabilities_as_the_silero_package_on_its_own_weights():
     (the TorchScript file is only opened here, never by the service)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = torch.jit.load(str(files("silero_vad.data").joinpath("silero_vad.jit")),
+        reference = torch.jit.load(str(weights_path().parent / "silero_vad.jit"),
                                    map_location="cpu").eval()
     audio = load_audio(DATA / "en.mp3")
     reference.reset_states()
@@ -50,6 +51,16 @@ def test_same_probabilities_as_the_silero_package_on_its_own_weights():
     got = speech_probabilities(ours.eval(), audio.split([7000, 40000, audio.numel() - 47000]))
     assert len(got) == len(expected) + 1  # the padded tail window
     np.testing.assert_allclose(got[:len(expected)], expected, atol=1e-5)
+
+
+def test_loading_the_vad_leaves_torch_threads_alone():
+    """The silero_vad package sets torch's thread count to 1 when imported; we never import it."""
+    script = ("import sys, torch; torch.set_num_threads(2); "
+              "from sensevoice_core.vad import SileroVAD; SileroVAD.from_package(); "
+              "print(torch.get_num_threads(), 'silero_vad' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
 
 
 def test_chunking_does_not_change_the_probabilities(vad: SileroVAD):
@@ -128,3 +139,24 @@ def test_short_pauses_join_and_short_bursts_drop():
     regions = speech_regions(probabilities, VadOptions(min_silence_s=0.3, min_speech_s=0.25,
                                                        speech_pad_s=0))
     assert len(regions) == 1 and regions[0].end == pytest.approx(4.2, abs=0.05)
+
+
+def test_hours_of_unbroken_speech_split_without_recursion_into_bounded_pieces():
+    probabilities = np.full(round(3 * 3600 / 0.032), 0.9, dtype=np.float32)
+    probabilities[::219] = 0.4  # a dip every 7 s: cuts land on them
+    regions = speech_regions(probabilities, VadOptions(max_segment_s=10, speech_pad_s=0))
+    assert all(5 - 0.05 <= r.end - r.start <= 10 for r in regions[:-1])
+    dips = {round(i * 0.032, 3) for i in range(0, len(probabilities), 219)}
+    assert all(r.end in dips for r in regions[:-1])
+    assert all(a.end == b.start for a, b in zip(regions, regions[1:]))
+
+
+def test_region_times_are_rounded_and_never_overlap():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        probabilities = rng.random(5000).astype(np.float32)
+        regions = speech_regions(probabilities, VadOptions(threshold=0.3, speech_pad_s=0.11,
+                                                           min_silence_s=0.05))
+        assert all(round(r.start, 3) == r.start and round(r.end, 3) == r.end for r in regions)
+        assert all(a.end <= b.start for a, b in zip(regions, regions[1:]))
+        assert all(r.end - r.start <= 30 for r in regions)
