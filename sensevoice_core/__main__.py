@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import soundfile
 import torch
 
 from sensevoice_core.audio import load_audio
@@ -17,8 +18,10 @@ from sensevoice_core.cache import load_sensevoice_cached
 from sensevoice_core.doctor import first_problem, run_checks
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.loader import load_model
+from sensevoice_core.long_audio import transcribe_long
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
 from sensevoice_core.settings import Settings, SettingsError, load_settings
+from sensevoice_core.vad import SileroVAD
 from sensevoice_core.vocab import Language
 
 logger = logging.getLogger("sensevoice.cli")
@@ -28,26 +31,56 @@ LANGUAGE_CHOICES = [lang.value for lang in Language if lang is not Language.NOSP
 
 
 def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOptions,
-                     as_json: bool) -> int:
+                     as_json: bool, settings: Settings) -> int:
     """Print one line per file, in input order; a file that cannot be read is reported in its
-    place (exit status 1) and the others are still transcribed."""
-    waveforms, errors = {}, {}
+    place (exit status 1) and the others are still transcribed. Files longer than
+    SENSEVOICE_MAX_SEGMENT_S are split at pauses (VAD) and their JSON carries the segments."""
+    waveforms, long_files, errors = {}, {}, {}
     for index, name in enumerate(files):
         try:
-            waveforms[index] = load_audio(name)
+            if _seconds(name) > settings.max_segment_s:
+                long_files[index] = name
+            else:
+                waveforms[index] = load_audio(name)
         except SenseVoiceError as e:
             errors[index] = str(e)
-    results = dict(zip(waveforms, model.transcribe_waveforms(list(waveforms.values()), options)))
+    results: dict[int, dict] = {}
+    for index, result in zip(waveforms, model.transcribe_waveforms(list(waveforms.values()),
+                                                                    options)):
+        results[index] = result.to_dict()
+    if long_files:
+        vad = SileroVAD.from_package()
+        for index, name in long_files.items():
+            try:
+                long = transcribe_long(model, vad, name, options, settings.vad_options(),
+                                       batch_s=settings.batch_s)
+            except SenseVoiceError as e:
+                errors[index] = str(e)
+                continue
+            results[index] = {"text": long.text, "rich_text": long.text,
+                              "language": long.dominant("language"),
+                              "duration_s": long.duration_s,
+                              "segments": [{key: value for key, value in asdict(segment).items()
+                                            if key not in ("raw", "token_ids")}
+                                           for segment in long.segments]}
     for index, name in enumerate(files):
         if index in errors:
             print(json.dumps({"file": name, "error": errors[index]}) if as_json
                   else f"error: {errors[index]}", file=sys.stdout if as_json else sys.stderr)
         elif as_json:
-            print(json.dumps({"file": name, **results[index].to_dict()}, ensure_ascii=False))
+            print(json.dumps({"file": name, **results[index]}, ensure_ascii=False))
         else:
-            text = results[index].rich_text
+            text = results[index]["rich_text"]
             print(f"{name}\t{text}" if len(files) > 1 else text)
     return EXIT_FAILED if errors else EXIT_OK
+
+
+def _seconds(name: str) -> float:
+    """The file's length from its header (0 when libsndfile cannot tell; load_audio will say why)."""
+    try:
+        return soundfile.info(name).duration
+    except Exception:  # noqa: BLE001 - any unreadable file is reported by load_audio
+        return 0.0
 
 
 def command_transcribe(args: argparse.Namespace, settings: Settings) -> int:
@@ -56,7 +89,7 @@ def command_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     model, report = load_sensevoice_cached(args.model, settings=settings)
     logger.info("Loaded model %s", report.summary())
     options = TranscribeOptions.create(args.language, args.itn)
-    return transcribe_files(model, args.files, options, args.json)
+    return transcribe_files(model, args.files, options, args.json, settings)
 
 
 def command_doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -89,7 +122,7 @@ def command_random_demo(args: argparse.Namespace, settings: Settings) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model = load_model(write_random_model(Path(scratch) / "random-model"))
         options = TranscribeOptions.create(args.language, args.itn)
-        return transcribe_files(model, args.files, options, as_json=True)
+        return transcribe_files(model, args.files, options, as_json=True, settings=settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

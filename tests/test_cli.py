@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -232,3 +233,23 @@ def test_random_demo_warns_and_prints_json():
     assert "Traceback" not in result.stderr
     (line,) = json_lines(result.stdout)
     assert_result_line(line, EN)
+
+
+def test_a_long_file_is_segmented_and_its_json_carries_the_segments(tmp_path):
+    """Over SENSEVOICE_MAX_SEGMENT_S the in-process CLI splits at pauses, as the service does."""
+    examples = Path(__file__).resolve().parent.parent / "ui" / "examples"
+    parts = []
+    for name in ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac"):
+        parts += [np.zeros(24000, np.float32), soundfile.read(examples / name, dtype="float32")[0]]
+    long_file = tmp_path / "long.flac"
+    soundfile.write(long_file, np.concatenate(parts + [np.zeros(16000, np.float32)]), 16000)
+    demo = Path(__file__).resolve().parent.parent / "model"
+    done = subprocess.run([sys.executable, "-m", "sensevoice_core", "transcribe", "--model",
+                           str(demo), "--itn", "--json", str(long_file),
+                           str(examples / "en_02.flac")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "SENSEVOICE_MAX_SEGMENT_S": "5"})
+    assert done.returncode == 0, done.stderr
+    long, short = (json.loads(line) for line in done.stdout.splitlines())
+    assert [s["text"] for s in long["segments"]] == ["Hello world.", "8975。", "770.", "晚安。"]
+    assert set(long["segments"][0]) == {"start", "end", "text", "language", "emotion", "event"}
+    assert short["text"] == "Hello world." and "segments" not in short
