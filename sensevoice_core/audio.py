@@ -20,6 +20,7 @@ from sensevoice_core.errors import AudioError, AudioTooLongError
 
 SAMPLE_RATE = 16000
 MAX_RESAMPLE_PHASES = 1000  # 16000 / gcd: 160 for 44.1 kHz, 640 for 11.025 kHz, 1 for 48 kHz
+EXPECTED_FORMATS = "expected wav, flac, ogg or mp3"
 MIN_SAMPLES = 2  # the shortest input Kaldi's fbank can frame (one window of 2 samples)
 
 AudioInput = Union[str, Path, bytes, np.ndarray, torch.Tensor]
@@ -34,7 +35,8 @@ def describe(audio: AudioInput) -> str:
     return f"<array of shape {tuple(audio.shape)}>"
 
 
-def _read_file(audio: str | Path | bytes, source: str) -> tuple[np.ndarray, int]:
+def open_audio_file(audio: str | Path | bytes, source: str) -> soundfile.SoundFile:
+    """A file path or a file's bytes, opened for reading; AudioError naming source otherwise."""
     if isinstance(audio, (str, Path)):
         path = Path(audio).expanduser()
         if not path.is_file():
@@ -45,12 +47,18 @@ def _read_file(audio: str | Path | bytes, source: str) -> tuple[np.ndarray, int]
             raise AudioError(source, "empty input")
         target = io.BytesIO(audio)
     try:
-        samples, sample_rate = soundfile.read(target, dtype="float32", always_2d=True)
+        return soundfile.SoundFile(target)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise AudioError(
-            source, f"cannot decode audio ({e}); expected wav, flac, ogg or mp3"
-        ) from e
-    return samples, sample_rate  # samples: (frames, channels)
+        raise AudioError(source, f"cannot decode audio ({e}); {EXPECTED_FORMATS}") from e
+
+
+def _read_file(audio: str | Path | bytes, source: str) -> tuple[np.ndarray, int]:
+    with open_audio_file(audio, source) as file:
+        try:
+            samples = file.read(dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as e:
+            raise AudioError(source, f"cannot decode audio ({e}); {EXPECTED_FORMATS}") from e
+        return samples, file.samplerate  # samples: (frames, channels)
 
 
 def _as_frames_by_channels(samples: np.ndarray, source: str) -> np.ndarray:

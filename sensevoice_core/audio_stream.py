@@ -6,7 +6,6 @@ back only the spans being transcribed. Arrays are already in memory and are simp
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import soundfile
 import torch
 
-from sensevoice_core.audio import SAMPLE_RATE, AudioInput, describe, load_audio
+from sensevoice_core.audio import SAMPLE_RATE, AudioInput, describe, load_audio, open_audio_file
 from sensevoice_core.errors import AudioError, AudioTooLongError
 
 BLOCK_S = 30.0  # seconds decoded at a time while streaming
@@ -29,7 +28,7 @@ class AudioSource:
         self._file: soundfile.SoundFile | None = None
         self._samples: torch.Tensor | None = None
         if isinstance(audio, (str, Path, bytes)):
-            self._file = _open(audio, self.name)
+            self._file = open_audio_file(audio, self.name)
             self.native_rate = self._file.samplerate
             self.duration_s = self._file.frames / self.native_rate
         else:
@@ -60,9 +59,25 @@ class AudioSource:
         self.duration_s = decoded / SAMPLE_RATE
 
     def read(self, start_s: float, end_s: float) -> torch.Tensor:
-        """16 kHz mono samples of [start_s, end_s)."""
+        """16 kHz mono samples of [start_s, end_s); a span at the very end may come back short."""
         if self._samples is not None:
             return self._samples[round(start_s * SAMPLE_RATE):round(end_s * SAMPLE_RATE)]
+        mono = self._read_mono(start_s, end_s)
+        if not np.isfinite(mono).all():
+            raise AudioError(self.name, "audio contains NaN or infinite samples")
+        if self.native_rate == SAMPLE_RATE:
+            return torch.from_numpy(np.ascontiguousarray(mono))
+        if mono.shape[0] < TINY_FRAMES:  # the tail of a file: too short to resample
+            return torch.zeros(round(mono.shape[0] * SAMPLE_RATE / self.native_rate))
+        return load_audio(mono, self.native_rate)
+
+    def whole(self) -> torch.Tensor:
+        """All of it, with load_audio's checks (empty, too short, NaN) as for any short input."""
+        if self._samples is not None:
+            return self._samples
+        return load_audio(self._read_mono(0.0, self.duration_s), self.native_rate)
+
+    def _read_mono(self, start_s: float, end_s: float) -> np.ndarray:
         assert self._file is not None
         first = math.floor(start_s * self.native_rate)
         count = max(1, math.ceil(end_s * self.native_rate) - first)
@@ -71,17 +86,7 @@ class AudioSource:
             frames = self._file.read(count, dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError) as e:
             raise AudioError(self.name, f"cannot decode audio at {start_s:.1f} s ({e})") from e
-        if not np.isfinite(frames).all():
-            raise AudioError(self.name, "audio contains NaN or infinite samples")
-        mono = frames.mean(axis=1)
-        if self.native_rate == SAMPLE_RATE:
-            return torch.from_numpy(np.ascontiguousarray(mono))
-        if mono.shape[0] < TINY_FRAMES:  # the tail of a file: too short to resample
-            return torch.zeros(round(mono.shape[0] * SAMPLE_RATE / self.native_rate))
-        return load_audio(mono, self.native_rate)
-
-    def whole(self) -> torch.Tensor:
-        return self.read(0.0, self.duration_s)
+        return frames.mean(axis=1)
 
     def close(self) -> None:
         if self._file is not None:
@@ -92,18 +97,3 @@ class AudioSource:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _open(audio: str | Path | bytes, name: str) -> soundfile.SoundFile:
-    if isinstance(audio, bytes):
-        if not audio:
-            raise AudioError(name, "empty input")
-        target: Path | io.BytesIO = io.BytesIO(audio)
-    else:
-        target = Path(audio).expanduser()
-        if not target.is_file():
-            raise AudioError(name, "no such file")
-    try:
-        return soundfile.SoundFile(target)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise AudioError(name, f"cannot decode audio ({e}); expected wav, flac, ogg or mp3") from e

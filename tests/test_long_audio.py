@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -160,3 +161,10 @@ def test_a_file_that_breaks_off_mid_stream_is_a_clear_audio_error(model, vad, tm
     with pytest.raises(AudioError) as error:
         transcribe_long(model, vad, broken, ITN, VadOptions(max_segment_s=5.0))
     assert "cannot decode audio" in str(error.value) or "NaN" in str(error.value)
+
+
+def test_a_file_too_short_to_frame_is_an_audio_error_not_a_crash(model, vad):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(1, np.float32), 16000, format="WAV")
+    with pytest.raises(AudioError, match="too short"):
+        transcribe_long(model, vad, buffer.getvalue(), ITN)
