@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+
+class Cue(Protocol):
+    """Anything with a time span and text: TimedText, a protocol SegmentInfo, a Segment."""
+
+    @property
+    def start(self) -> float: ...
+
+    @property
+    def end(self) -> float: ...
+
+    @property
+    def text(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -27,7 +41,7 @@ def cue_text(text: str) -> str:
     return " ".join(text.split()).replace("-->", "->")
 
 
-def to_srt(cues: Sequence[TimedText]) -> str:
+def to_srt(cues: Sequence[Cue]) -> str:
     """Numbered SRT cues; cues without text are left out (a subtitle cannot be empty)."""
     blocks = []
     for cue in (c for c in cues if cue_text(c.text)):
@@ -36,7 +50,7 @@ def to_srt(cues: Sequence[TimedText]) -> str:
     return "\n".join(blocks)
 
 
-def to_vtt(cues: Sequence[TimedText]) -> str:
+def to_vtt(cues: Sequence[Cue]) -> str:
     """WebVTT; &, < and > are escaped, as its cue text is markup."""
     blocks = ["WEBVTT\n"]
     for cue in (c for c in cues if cue_text(c.text)):

@@ -100,7 +100,7 @@ def transcribe_files(client, args: argparse.Namespace) -> int:
     from sensevoice_core.client import ServiceError
     from sensevoice_core.errors import AudioError
 
-    from sensevoice_core.subtitles import TimedText, to_srt, to_vtt
+    from sensevoice_core.subtitles import to_srt, to_vtt
 
     failed = 0
     for path in args.files:
@@ -114,14 +114,13 @@ def transcribe_files(client, args: argparse.Namespace) -> int:
             else:
                 print(f"{path}: error: {e}", file=sys.stderr if args.format != "text" else None)
             continue
-        cues = [TimedText(s.start, s.end, s.text) for s in reply.segments]
         if args.format == "json":
             print(json.dumps({"file": str(path), **reply.model_dump(exclude={"v", "kind"})},
                              ensure_ascii=False))
         elif args.format in ("srt", "vtt"):
             if len(args.files) > 1:
                 print(f"==> {path} <==")
-            print(to_srt(cues) if args.format == "srt" else to_vtt(cues))
+            print(to_srt(reply.segments) if args.format == "srt" else to_vtt(reply.segments))
         else:
             tags = " ".join(t for t in (reply.language, reply.emotion, reply.event) if t)
             print(f"{path}: {reply.text}  [{tags}; model {reply.fingerprint[:8]}]")

@@ -18,7 +18,7 @@ import soundfile
 
 from sensevoice_core.client import ServiceError
 from sensevoice_core.protocol import TranscribeReply
-from sensevoice_core.subtitles import TimedText, to_srt
+from sensevoice_core.subtitles import to_srt
 from ui.gateway import LANGUAGE_CHOICES, Gateway, RequestFailed
 from ui.views import (
     SEGMENT_COLUMNS,
@@ -90,8 +90,7 @@ class PageHandlers:
             if time.time() - old.stat().st_mtime > DOWNLOAD_KEEP_S:
                 old.unlink(missing_ok=True)
         target = self.srt_dir / f"{audio_path.stem}-{uuid.uuid4().hex[:8]}.srt"
-        target.write_text(to_srt([TimedText(s.start, s.end, s.text) for s in reply.segments]),
-                          encoding="utf-8")
+        target.write_text(to_srt(reply.segments), encoding="utf-8")
         return str(target)
 
     def status(self) -> tuple[str, dict]:

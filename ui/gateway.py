@@ -16,7 +16,7 @@ import anyio
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus, TranscribeReply
 from sensevoice_core.settings import Settings
-from sensevoice_core.vocab import Language
+from sensevoice_core.vocab import Language, language_of
 from ui.metrics import ServiceMetrics
 
 # Supervisor error code -> HTTP status.
@@ -75,10 +75,10 @@ class Gateway:
         start = time.perf_counter()
         try:
             language = (language or "auto").strip().lower()
-            if language not in LANGUAGE_CHOICES:
-                raise RequestFailed(400, "bad_request",
-                                    f"unknown language {language!r}; expected one of: "
-                                    f"{', '.join(LANGUAGE_CHOICES)}", "language")
+            try:
+                language_of(language)  # the worker's own check, answered here with the field
+            except ValueError as e:
+                raise RequestFailed(400, "bad_request", str(e), "language") from None
             self.check_upload(len(audio), name)
             try:
                 reply = self.client.transcribe(audio, language, use_itn,

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from sensevoice_core.protocol import TranscribeReply
-from sensevoice_core.subtitles import TimedText, to_srt, to_vtt
+from sensevoice_core.subtitles import to_srt, to_vtt
 from ui.gateway import Gateway, RequestFailed
 
 MODEL_ID = "sensevoice-small"
@@ -71,13 +71,12 @@ def parse_threshold(value: object) -> float | None:
 
 def render(reply: TranscribeReply, response_format: str) -> Response:
     headers = {"X-SenseVoice-Fingerprint": reply.fingerprint}
-    cues = [TimedText(s.start, s.end, s.text) for s in reply.segments]
     if response_format == "text":
         return PlainTextResponse(reply.text + "\n", headers=headers)
     if response_format == "srt":
-        return PlainTextResponse(to_srt(cues), headers=headers)
+        return PlainTextResponse(to_srt(reply.segments), headers=headers)
     if response_format == "vtt":
-        return PlainTextResponse(to_vtt(cues), media_type="text/vtt", headers=headers)
+        return PlainTextResponse(to_vtt(reply.segments), media_type="text/vtt", headers=headers)
     if response_format == "json":
         return JSONResponse({"text": reply.text}, headers=headers)
     # avg_logprob, compression_ratio and no_speech_prob are Whisper's; neutral values keep
