@@ -3,8 +3,9 @@
 Life of a worker: connect to the supervisor's backend and say Hello (torch is already
 imported and its first construction paid: a warm standby), wait for LoadModel, load through
 the cache (L2 first), transcribe the bundled clip as a warm-up, announce Ready with the model's
-fingerprint and load report, then answer Transcribe and Ping until Stop. Requests arrive one at
-a time, so Stop is read only after the request before it has been answered: that is the drain.
+fingerprint and load report, then answer Transcribe and Ping until Stop. A worker holds at most
+MAX_REQUESTS_PER_WORKER requests (the supervisor gives it a second one only beside a long one);
+after Stop it finishes and answers the requests it holds, then exits: that is the drain.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 
 import numpy as np
@@ -20,7 +23,7 @@ import torch
 import zmq
 
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
-from sensevoice_core.errors import AudioError, AudioTooLongError
+from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
 from sensevoice_core.long_audio import transcribe_long
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
@@ -28,6 +31,8 @@ from sensevoice_core.protocol import (
     EXIT_MODEL_LOAD_ERROR,
     EXIT_OK,
     HEARTBEAT_INTERVAL_S,
+    MAX_REPLY_HEADER_BYTES,
+    MAX_REQUESTS_PER_WORKER,
     SUPERVISOR_SILENCE_S,
     ErrorReply,
     Hello,
@@ -89,6 +94,10 @@ def model_info(report: LoadReport, warmup_s: float) -> ModelInfo:
 
 
 class InferenceWorker:
+    """The I/O thread answers the supervisor at once (pongs included); transcriptions run on
+    compute threads, so a long request never silences the heartbeat, and a worker that stops
+    answering pings is hung (or stopped) whatever it was doing."""
+
     def __init__(self, worker_id: str, backend: str, settings: Settings):
         self.worker_id = worker_id
         self.backend = backend
@@ -97,31 +106,51 @@ class InferenceWorker:
         self.vad = SileroVAD.from_package()  # 1 MB, shipped in the silero-vad wheel
         self.fingerprint = ""
         self.stop_requested = False
+        self.in_flight: set[str] = set()  # request ids on the compute threads
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.socket.setsockopt(zmq.LINGER, 1000)  # let the last reply leave before exit
+        # Compute threads hand finished replies to the I/O thread through this socket.
+        self.results_address = f"inproc://results-{worker_id}"
+        self.results = self.context.socket(zmq.PULL)
+        self.results.bind(self.results_address)
+        self.compute = ThreadPoolExecutor(MAX_REQUESTS_PER_WORKER, thread_name_prefix="compute")
+        self.local = threading.local()
+        self.pushers: list[zmq.Socket] = []
+        self.pushers_lock = threading.Lock()
 
     def run(self) -> int:
         self.socket.connect(self.backend)
         self.send(Hello(worker_id=self.worker_id, pid=os.getpid()))
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.results, zmq.POLLIN)
         last_heard = time.monotonic()
         try:
-            while not self.stop_requested:
-                if not self.socket.poll(HEARTBEAT_INTERVAL_S * 1000):
-                    if time.monotonic() - last_heard > SUPERVISOR_SILENCE_S:
+            while not (self.stop_requested and not self.in_flight):
+                ready = dict(poller.poll(HEARTBEAT_INTERVAL_S * 1000))
+                if self.results in ready:
+                    self.forward_results()
+                if self.socket not in ready:
+                    if (not self.in_flight
+                            and time.monotonic() - last_heard > SUPERVISOR_SILENCE_S):
                         logger.warning("supervisor silent for %.0f s; exiting",
                                        SUPERVISOR_SILENCE_S)
                         return EXIT_OK
                     continue
                 frames = self.socket.recv_multipart()
-                last_heard = time.monotonic()
                 code = self.handle(frames)
                 if code is not None:
                     return code
                 last_heard = time.monotonic()
+            step_aside()
             return EXIT_OK
         finally:
+            self.compute.shutdown(wait=False, cancel_futures=True)
+            for pusher in self.pushers:
+                pusher.close(linger=0)
+            self.results.close(linger=0)
             self.socket.close()
             self.context.term()
 
@@ -135,14 +164,44 @@ class InferenceWorker:
         if isinstance(message, Ping):
             self.send(Pong(nonce=message.nonce))
         elif isinstance(message, TranscribeRequest):
-            self.send(self.transcribe(message, payload or b""))
+            self.in_flight.add(message.request_id)
+            self.compute.submit(self.compute_reply, message, payload or b"")
         elif isinstance(message, LoadModel):
             return self.load(message)
         elif isinstance(message, Stop):
-            logger.info("stopping (requests finished)")
-            step_aside()
-            return EXIT_OK
+            # Requests already here are finished and answered first: that is the drain.
+            logger.info("stopping (%d request%s to finish)", len(self.in_flight),
+                        "" if len(self.in_flight) == 1 else "s")
+            self.stop_requested = True
         return None
+
+    def compute_reply(self, request: TranscribeRequest, payload: bytes) -> None:
+        """On a compute thread: transcribe, then hand the encoded reply to the I/O thread."""
+        try:
+            frames = reply_frames(self.transcribe(request, payload))
+        except BaseException as e:  # noqa: BLE001 - the request must be answered whatever happens
+            logger.exception("Request %s failed", request.request_id)
+            frames = encode(ErrorReply(request_id=request.request_id, code="internal",
+                                       message=f"the worker failed on this request: "
+                                               f"{type(e).__name__}"))
+        pusher = getattr(self.local, "pusher", None)
+        if pusher is None:
+            pusher = self.context.socket(zmq.PUSH)
+            pusher.setsockopt(zmq.LINGER, 0)
+            pusher.connect(self.results_address)
+            self.local.pusher = pusher
+            with self.pushers_lock:
+                self.pushers.append(pusher)
+        pusher.send_multipart([request.request_id.encode(), *frames])
+
+    def forward_results(self) -> None:
+        while True:
+            try:
+                request_id, *frames = self.results.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.in_flight.discard(request_id.decode())
+            self.socket.send_multipart(frames)
 
     def load(self, request: LoadModel) -> int | None:
         try:
@@ -168,8 +227,9 @@ class InferenceWorker:
         try:
             if request.audio_format == "pcm_f32le":
                 if len(payload) % 4:
-                    raise AudioError("<pcm_f32le payload>",
-                                     f"{len(payload)} bytes is not a whole number of float32 samples")
+                    raise AudioError(request.filename or REQUEST_AUDIO,
+                                     f"{len(payload)} bytes is not a whole number of float32 "
+                                     f"samples (pcm_f32le)")
                 audio: bytes | np.ndarray = np.frombuffer(payload, dtype="<f4")
             else:
                 audio = payload
@@ -177,7 +237,8 @@ class InferenceWorker:
             result = transcribe_long(self.model, self.vad, audio, options,
                                      self.settings.vad_options(request.vad_threshold),
                                      request.sample_rate, self.settings.batch_s,
-                                     self.settings.max_audio_s)
+                                     self.settings.max_audio_s,
+                                     source_name=request.filename)
         except AudioTooLongError as e:
             return ErrorReply(request_id=request.request_id, code="too_long",
                               message=f"{e} (SENSEVOICE_MAX_AUDIO_S)")
@@ -202,12 +263,25 @@ class InferenceWorker:
             fingerprint=self.fingerprint, worker_pid=os.getpid(),
             inference_s=time.perf_counter() - start)
 
-    def send(self, message: Ready | Hello | LoadFailed | Pong | TranscribeReply | ErrorReply) -> None:
+    def send(self, message: Ready | Hello | LoadFailed | Pong) -> None:
         self.socket.send_multipart(encode(message))
 
     def request_stop(self, signum: int, frame: object) -> None:
         """SIGTERM: finish the request in hand, then exit."""
         self.stop_requested = True
+
+
+def reply_frames(reply: TranscribeReply | ErrorReply) -> list[bytes]:
+    """The encoded reply, or an error for this request alone when it is too large to send."""
+    frames = encode(reply)
+    if len(frames[0]) <= MAX_REPLY_HEADER_BYTES:
+        return frames
+    logger.error("Request %s: the result is %.1f MiB, over the %d MiB a reply may carry",
+                 reply.request_id, len(frames[0]) / 2**20, MAX_REPLY_HEADER_BYTES >> 20)
+    return encode(ErrorReply(
+        request_id=reply.request_id, code="internal",
+        message=f"the result is {len(frames[0]) / 2**20:.1f} MiB, over the "
+                f"{MAX_REPLY_HEADER_BYTES >> 20} MiB a reply may carry; send shorter audio"))
 
 
 def step_aside() -> None:

@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import soundfile
 import torch
 
-from sensevoice_core.audio import load_audio
+from sensevoice_core.audio import SAMPLE_RATE, load_audio
+from sensevoice_core.audio_stream import open_decoder
 from sensevoice_core.cache import load_sensevoice_cached
+from sensevoice_core.decoding import Transcription
 from sensevoice_core.doctor import first_problem, run_checks
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.loader import load_model
-from sensevoice_core.long_audio import transcribe_long
+from sensevoice_core.long_audio import has_speech, transcribe_long
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
 from sensevoice_core.settings import Settings, SettingsError, load_settings
 from sensevoice_core.vad import SileroVAD
@@ -33,36 +35,44 @@ LANGUAGE_CHOICES = [lang.value for lang in Language if lang is not Language.NOSP
 def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOptions,
                      as_json: bool, settings: Settings) -> int:
     """Print one line per file, in input order; a file that cannot be read is reported in its
-    place (exit status 1) and the others are still transcribed. Files longer than
-    SENSEVOICE_MAX_SEGMENT_S are split at pauses (VAD) and their JSON carries the segments."""
+    place (exit status 1) and the others are still transcribed. Short files are batched through
+    the model, except those where the VAD finds no speech (an empty result); files longer than
+    SENSEVOICE_MAX_SEGMENT_S, or of unknown length, are split at pauses and carry segments."""
+    vad = SileroVAD.from_package()
     waveforms, long_files, errors = {}, {}, {}
+    results: dict[int, dict] = {}
     for index, name in enumerate(files):
         try:
             if _seconds(name) > settings.max_segment_s:
                 long_files[index] = name
+                continue
+            waveform = load_audio(name)
+            if has_speech(vad, waveform, settings.vad_options()):
+                waveforms[index] = waveform
             else:
-                waveforms[index] = load_audio(name)
+                results[index] = Transcription("", "", None, None, None, None, (),
+                                               waveform.numel() / SAMPLE_RATE).to_dict()
         except SenseVoiceError as e:
             errors[index] = str(e)
-    results: dict[int, dict] = {}
     for index, result in zip(waveforms, model.transcribe_waveforms(list(waveforms.values()),
                                                                     options)):
         results[index] = result.to_dict()
-    if long_files:
-        vad = SileroVAD.from_package()
-        for index, name in long_files.items():
-            try:
-                long = transcribe_long(model, vad, name, options, settings.vad_options(),
-                                       batch_s=settings.batch_s)
-            except SenseVoiceError as e:
-                errors[index] = str(e)
-                continue
-            results[index] = {"text": long.text, "rich_text": long.text,
-                              "language": long.dominant("language"),
-                              "duration_s": long.duration_s,
-                              "segments": [{key: value for key, value in asdict(segment).items()
-                                            if key not in ("raw", "token_ids")}
-                                           for segment in long.segments]}
+    for index, name in long_files.items():
+        try:
+            long = transcribe_long(model, vad, name, options, settings.vad_options(),
+                                   batch_s=settings.batch_s)
+        except SenseVoiceError as e:
+            errors[index] = str(e)
+            continue
+        results[index] = {"text": long.text, "rich_text": long.text,
+                          "raw": "".join(segment.raw for segment in long.segments),
+                          "language": long.dominant("language"),
+                          "emotion": long.dominant("emotion"), "event": long.dominant("event"),
+                          "token_ids": [i for segment in long.segments for i in segment.token_ids],
+                          "duration_s": long.duration_s,
+                          "segments": [{key: value for key, value in asdict(segment).items()
+                                        if key not in ("raw", "token_ids")}
+                                       for segment in long.segments]}
     for index, name in enumerate(files):
         if index in errors:
             print(json.dumps({"file": name, "error": errors[index]}) if as_json
@@ -76,10 +86,12 @@ def transcribe_files(model: SenseVoice, files: list[str], options: TranscribeOpt
 
 
 def _seconds(name: str) -> float:
-    """The file's length from its header (0 when libsndfile cannot tell; load_audio will say why)."""
+    """The length the file's header states; infinite when it states none (a browser's WebM), so
+    the file is streamed; 0 when it cannot be opened (load_audio then says why)."""
     try:
-        return soundfile.info(name).duration
-    except Exception:  # noqa: BLE001 - any unreadable file is reported by load_audio
+        with open_decoder(name, name) as decoder:
+            return decoder.declared.seconds if decoder.declared else math.inf
+    except SenseVoiceError:
         return 0.0
 
 
@@ -136,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "SENSEVOICE_MODEL_DIR, then ./model and the usual places")
     transcribe = commands.add_parser("transcribe", help="transcribe audio files")
     transcribe.add_argument("--model", type=Path, help=model_help)
-    transcribe.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3)")
+    transcribe.add_argument("files", nargs="+",
+                            help="audio or video files (wav, flac, mp3, ogg, opus, webm, m4a, "
+                                 "mp4, mpeg)")
     transcribe.add_argument("--device", help="torch device (default: SENSEVOICE_DEVICE or cpu)")
     transcribe.set_defaults(handler=command_transcribe)
 

@@ -1,99 +1,437 @@
-"""Long audio without holding it: a file or its bytes read in blocks, or any span of it.
+"""Audio files and their bytes, decoded in blocks at their own rate: never the whole file.
 
-A one-hour file is 230 MB of 16 kHz samples; ``AudioSource`` streams it for the VAD, then reads
-back only the spans being transcribed. Arrays are already in memory and are simply sliced.
+soundfile (libsndfile: wav, flac, ogg, mp3) reads what it can, fast and in memory; FFmpeg, through
+PyAV, reads the rest (webm/ogg Opus from browsers, m4a/AAC from phones, mp4 videos, mpeg) from
+the same bytes, never through temp files. Each decoder also knows the length its header states,
+and whether that is exact (sample counts) or an estimate (an MP3 without a Xing frame), so a
+file that ends far before its stated length is an error, not a partial transcript.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+import io
+import itertools
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
+import av
 import numpy as np
 import soundfile
-import torch
 
-from sensevoice_core.audio import SAMPLE_RATE, AudioInput, describe, load_audio, open_audio_file
 from sensevoice_core.errors import AudioError, AudioTooLongError
 
-BLOCK_S = 30.0  # seconds decoded at a time while streaming
-TINY_FRAMES = 16
+EXPECTED_FORMATS = "expected wav, flac, mp3, ogg, opus, webm, m4a, mp4 or mpeg"
+MAX_NATIVE_RATE = 384_000
+BLOCK_S = 30.0  # seconds decoded at a time
+READ_CHUNK = 1 << 20  # samples x channels per soundfile read: bounds memory for many channels
+HEAD_BYTES = 65536  # enough of a file to find its WAV data chunk
+MP3_HEAD_BYTES = 4096  # after any ID3 tag: enough to find the first MP3 frame
+# A length the header states exactly still differs from what decodes by codec delay and padding
+# (under 0.3 s even for 8 kHz MP3 or AAC); a bigger shortfall means the file was cut short.
+TRUNCATION_SLACK_S = 0.3
+TRUNCATION_SLACK_FRACTION = 0.01
+ESTIMATE_MARGIN = 1.25  # an estimated length is refused before decoding only when this far over
+# FFmpeg demuxers an upload may use: the audio and video containers people send. Playlist and
+# concat demuxers (hls, dash, concat) open other files or URLs, so they are not listed.
+FFMPEG_FORMATS = "mov,matroska,ogg,mp3,aac,wav,w64,flac,mpeg,mpegts,aiff,caf,amr,asf,au"
+FFMPEG_EXACT = {"mov", "matroska", "ogg", "wav", "w64", "flac", "aiff", "caf"}  # stated lengths
+FFMPEG_OPTIONS = {"format_whitelist": FFMPEG_FORMATS, "protocol_whitelist": "none",
+                  "probesize": "5000000", "analyzeduration": "5000000"}
+SEEK_PREROLL_S = 0.5  # decoded and dropped before a seek target, so codec state converges
+SEEK_AHEAD_S = 10.0  # a read this far ahead seeks; nearer ones decode forward
+SEEK_BAD_PACKETS = 64  # undecodable packets skipped right after a seek (MPEG-PS lands mid-frame)
 
 
-class AudioSource:
-    def __init__(self, audio: AudioInput, sample_rate: int = SAMPLE_RATE,
-                 max_seconds: float | None = None):
-        self.name = describe(audio)
-        self._file: soundfile.SoundFile | None = None
-        self._samples: torch.Tensor | None = None
-        if isinstance(audio, (str, Path, bytes)):
-            self._file = open_audio_file(audio, self.name)
-            self.native_rate = self._file.samplerate
-            self.duration_s = self._file.frames / self.native_rate
-        else:
-            self._samples = load_audio(audio, sample_rate, max_seconds)
-            self.native_rate = SAMPLE_RATE
-            self.duration_s = self._samples.numel() / SAMPLE_RATE
-        if self.duration_s <= 0:
-            raise AudioError(self.name, "audio is empty (0 samples)")
-        self.max_seconds = max_seconds
-        if max_seconds is not None and self.duration_s > max_seconds:
-            raise AudioTooLongError(self.name, self.duration_s, max_seconds)
+def decoder_message(error: Exception) -> str:
+    """A decoder's own explanation, without the Python reprs some of them embed."""
+    if isinstance(error, soundfile.LibsndfileError):
+        text = error.error_string
+    elif isinstance(error, av.FFmpegError):
+        text = error.strerror or type(error).__name__
+    else:
+        text = str(error)
+    text = re.sub(r"<[^<>]*>", "the input", text).strip().rstrip(".")
+    text = re.sub(r"^Error\s*:\s*", "", text)  # libsndfile's prefix
+    return text or type(error).__name__
 
-    def blocks(self, seconds: float = BLOCK_S) -> Iterator[torch.Tensor]:
-        """The whole audio as consecutive 16 kHz mono blocks. The header's length is only an
-        estimate for some formats (MP3 without a Xing frame, truncated files): the blocks go on
-        until the decoder runs dry, and duration_s becomes what was really decoded."""
-        start, decoded = 0.0, 0
+
+def to_float32(samples: np.ndarray, source: str) -> np.ndarray:
+    """Integer or float samples scaled to [-1, 1] floats."""
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / 32768.0
+    if samples.dtype == np.int32:
+        return samples.astype(np.float32) / 2147483648.0
+    if samples.dtype == np.uint8:
+        return (samples.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(samples.dtype, np.floating):
+        return samples.astype(np.float32, copy=False)
+    raise AudioError(source, f"unsupported sample type {samples.dtype}; expected float or "
+                             f"int16/32")
+
+
+@dataclass(frozen=True)
+class DeclaredLength:
+    seconds: float
+    exact: bool  # stated by the header (sample counts); False: estimated from the bit rate
+
+
+class Decoder(ABC):
+    """One file's audio at its own rate, read by frame index as mono float32."""
+
+    def __init__(self, name: str, rate: int, declared: DeclaredLength | None):
+        if not 0 < rate <= MAX_NATIVE_RATE:
+            raise AudioError(name, f"invalid sample rate {rate} Hz; expected 1 to "
+                                   f"{MAX_NATIVE_RATE} Hz")
+        self.name, self.rate, self.declared = name, rate, declared
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        """Frames [first, first + count); fewer at the end of the audio, which must not come
+        far before the length the header states exactly."""
+        samples, end = self._read(first, count)
+        if end is not None and self._cut_short(end):
+            raise self.failure(end)
+        return samples
+
+    def _cut_short(self, end: int) -> bool:
+        if self.declared is None or not self.declared.exact:
+            return False
+        stated = self.declared.seconds
+        return stated - end / self.rate > TRUNCATION_SLACK_S + TRUNCATION_SLACK_FRACTION * stated
+
+    def failure(self, at: int, reason: str = "") -> AudioError:
+        """Decoding ended or failed at frame `at`: the error naming the file and the second."""
+        if self._cut_short(at):
+            assert self.declared is not None
+            return AudioError(self.name, f"decoding stopped at {at / self.rate:.2f} s of the "
+                                         f"{self.declared.seconds:.2f} s its header states: the "
+                                         f"file is cut short or corrupt"
+                                         + (f" ({reason})" if reason else ""))
+        return AudioError(self.name, f"cannot decode audio at {at / self.rate:.1f} s: {reason}")
+
+    def read_all(self, max_seconds: float | None) -> np.ndarray:
+        """Everything, block by block; AudioTooLongError as soon as it passes max_seconds."""
+        check_declared_length(self.name, self.declared, max_seconds)
+        parts, total, block = [], 0, round(BLOCK_S * self.rate)
         while True:
-            block = self.read(start, start + seconds)
-            decoded += block.numel()
-            if self.max_seconds is not None and decoded / SAMPLE_RATE > self.max_seconds:
-                raise AudioTooLongError(self.name, decoded / SAMPLE_RATE, self.max_seconds)
-            if block.numel():
-                yield block
-            if block.numel() < round(seconds * SAMPLE_RATE) - SAMPLE_RATE // 100:
-                break
-            start += seconds
-        self.duration_s = decoded / SAMPLE_RATE
+            part = self.read(total, block)
+            parts.append(part)
+            total += part.shape[0]
+            if max_seconds is not None and total / self.rate > max_seconds:
+                raise AudioTooLongError(self.name, total / self.rate, max_seconds,
+                                        at_least=part.shape[0] == block)
+            if part.shape[0] < block:
+                return np.concatenate(parts)
 
-    def read(self, start_s: float, end_s: float) -> torch.Tensor:
-        """16 kHz mono samples of [start_s, end_s); a span at the very end may come back short."""
-        if self._samples is not None:
-            return self._samples[round(start_s * SAMPLE_RATE):round(end_s * SAMPLE_RATE)]
-        mono = self._read_mono(start_s, end_s)
-        if not np.isfinite(mono).all():
-            raise AudioError(self.name, "audio contains NaN or infinite samples")
-        if self.native_rate == SAMPLE_RATE:
-            return torch.from_numpy(np.ascontiguousarray(mono))
-        if mono.shape[0] < TINY_FRAMES:  # the tail of a file: too short to resample
-            return torch.zeros(round(mono.shape[0] * SAMPLE_RATE / self.native_rate))
-        return load_audio(mono, self.native_rate)
+    @abstractmethod
+    def _read(self, first: int, count: int) -> tuple[np.ndarray, int | None]:
+        """The frames, and where the audio ends when this read reached its end (else None)."""
 
-    def whole(self) -> torch.Tensor:
-        """All of it, with load_audio's checks (empty, too short, NaN) as for any short input."""
-        if self._samples is not None:
-            return self._samples
-        return load_audio(self._read_mono(0.0, self.duration_s), self.native_rate)
+    @abstractmethod
+    def close(self) -> None: ...
 
-    def _read_mono(self, start_s: float, end_s: float) -> np.ndarray:
-        assert self._file is not None
-        first = math.floor(start_s * self.native_rate)
-        count = max(1, math.ceil(end_s * self.native_rate) - first)
-        try:
-            self._file.seek(first)
-            frames = self._file.read(count, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError) as e:
-            raise AudioError(self.name, f"cannot decode audio at {start_s:.1f} s ({e})") from e
-        return frames.mean(axis=1)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-    def __enter__(self) -> AudioSource:
+    def __enter__(self) -> Decoder:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def check_declared_length(name: str, declared: DeclaredLength | None,
+                          max_seconds: float | None) -> None:
+    """Refuse audio the header says is too long, before decoding it (estimates get a margin)."""
+    if declared is None or max_seconds is None:
+        return
+    if declared.seconds > max_seconds * (1.0 if declared.exact else ESTIMATE_MARGIN):
+        raise AudioTooLongError(name, declared.seconds, max_seconds)
+
+
+class SoundfileDecoder(Decoder):
+    def __init__(self, file: soundfile.SoundFile, name: str, declared: DeclaredLength):
+        self.file = file
+        super().__init__(name, file.samplerate, declared)
+
+    def _read(self, first: int, count: int) -> tuple[np.ndarray, int | None]:
+        per_read = max(1, READ_CHUNK // max(1, self.file.channels))
+        parts, wanted = [], count
+        try:
+            if self.file.tell() != first:
+                self.file.seek(first)
+            while wanted > 0:
+                frames = self.file.read(min(wanted, per_read), dtype="float32", always_2d=True)
+                parts.append(frames.mean(axis=1))
+                wanted -= frames.shape[0]
+                if frames.shape[0] < min(wanted + frames.shape[0], per_read):
+                    break
+        except (soundfile.LibsndfileError, RuntimeError, ValueError) as e:
+            raise self.failure(self._stopped_at(first + count - wanted), decoder_message(e)) from e
+        samples = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return samples, (first + samples.shape[0] if wanted > 0 else None)
+
+    def _stopped_at(self, read: int) -> int:
+        """Where libsndfile stopped inside a read that failed (it reports no partial count)."""
+        try:
+            return max(read, self.file.tell())
+        except (soundfile.LibsndfileError, RuntimeError):
+            return read
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class NotRecognised(Exception):
+    """FFmpeg cannot open the input as any container it is allowed to read."""
+
+
+class FFmpegDecoder(Decoder):
+    """The first audio stream of any container FFmpeg reads (video ignored), from a file object.
+
+    Reads in order decode forward; a read that jumps back (or far ahead) seeks to a little
+    before it and finds its place from the frames' timestamps, or decodes again from the start
+    when the container cannot seek there."""
+
+    def __init__(self, opener: Callable[[], BinaryIO], name: str, mp3_head: bytes):
+        self.opener, self.name = opener, name
+        self.handle: BinaryIO | None = None
+        self.container: av.container.InputContainer | None = None
+        try:
+            self._open()
+            assert self.container is not None
+            kind = self.container.format.name.split(",")[0]
+            stream, container = self.stream, self.container
+            seconds = (float(stream.duration * stream.time_base) if stream.duration
+                       else container.duration / 1e6 if container.duration else None)
+            exact = kind in FFMPEG_EXACT or (kind == "mp3" and mp3_states_its_length(mp3_head))
+            # The rate of the decoded frames, which the header may not give (HE-AAC's is half).
+            try:
+                peek: av.AudioFrame | None = next(self.frames)
+            except StopIteration:
+                peek = None
+            except (av.FFmpegError, ValueError, OSError) as e:
+                raise AudioError(name, f"cannot decode audio at 0.0 s: {decoder_message(e)}") from e
+            if peek is not None:
+                self.frames = itertools.chain([peek], self.frames)
+            super().__init__(name, peek.sample_rate if peek else stream.codec_context.sample_rate,
+                             DeclaredLength(seconds, exact) if seconds else None)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        """(Re)open at the start; NotRecognised when FFmpeg cannot read the input at all."""
+        self.close()
+        self.handle = self.opener()
+        try:
+            self.container = av.open(self.handle, options=FFMPEG_OPTIONS,
+                                     metadata_errors="replace")
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise NotRecognised(decoder_message(e)) from e
+        audio = [s for s in self.container.streams if s.type == "audio"]
+        if not audio:
+            found = ", ".join(sorted({s.type for s in self.container.streams})) or "nothing"
+            raise AudioError(self.name, f"has no audio stream (found {found})")
+        self.stream = audio[0]
+        self.frames = self._decode()
+        self.position, self.end, self.ended = 0, 0, False
+        self.pending: list[np.ndarray] = []  # decoded samples [position, end)
+        # The time of frame 0 as the timestamps count it, taken from the second frame: the first
+        # one may be trimmed (codec delay) yet stamped at the start, which a coarse time base
+        # (WebM counts milliseconds) would put half a millisecond off every later frame.
+        self.origin: Fraction | None = None
+        self.bad_packets_allowed = 0  # right after a seek: packets cut by a byte-position seek
+
+    def _decode(self) -> Iterator[av.AudioFrame]:
+        assert self.container is not None
+        for packet in self.container.demux(self.stream):
+            try:
+                frames = packet.decode()
+            except (av.FFmpegError, ValueError):
+                if self.bad_packets_allowed <= 0:
+                    raise
+                self.bad_packets_allowed -= 1
+                continue
+            self.bad_packets_allowed = 0
+            yield from frames
+
+    def _next(self) -> tuple[int | None, np.ndarray] | None:
+        """The next frame (None at the end): its place from its timestamp, and its samples."""
+        try:
+            frame = next(self.frames)
+        except StopIteration:
+            return None
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise self.failure(self.end, decoder_message(e)) from e
+        if frame.sample_rate != self.rate:
+            raise AudioError(self.name, f"the sample rate changes at {self.end / self.rate:.1f} s "
+                                        f"(from {self.rate} to {frame.sample_rate} Hz)")
+        planes = frame.to_ndarray()
+        if not frame.format.is_planar:  # interleaved: (1, frames * channels)
+            planes = planes.reshape(-1, frame.layout.nb_channels).T
+        mono = to_float32(planes, self.name).mean(axis=0, dtype=np.float32)
+        if frame.pts is None:
+            return None, mono
+        time = frame.pts * Fraction(frame.time_base or self.stream.time_base)
+        if self.origin is None:
+            if self.end == 0:
+                return None, mono
+            self.origin = time - Fraction(self.end, self.rate)
+        return round((time - self.origin) * self.rate), mono
+
+    def _read(self, first: int, count: int) -> tuple[np.ndarray, int | None]:
+        if first < self.position or first > self.end + SEEK_AHEAD_S * self.rate:
+            self._seek(first)
+        while not self.ended and self.end < first + count:
+            decoded = self._next()
+            if decoded is None:
+                self.ended = True
+                break
+            self.pending.append(decoded[1])
+            self.end += decoded[1].shape[0]
+            if self.end <= first:  # wholly before the span: drop it
+                self.position, self.pending = self.end, []
+        joined = np.concatenate(self.pending) if self.pending else np.zeros(0, np.float32)
+        offset = first - self.position
+        samples = joined[offset:offset + count]
+        self.position, self.pending = first + samples.shape[0], [joined[offset + count:]]
+        return samples, (self.end if self.ended and samples.shape[0] < count else None)
+
+    def _seek(self, first: int) -> None:
+        target = first / self.rate - SEEK_PREROLL_S
+        if target <= 0 or self.origin is None:
+            return self._reopen()
+        assert self.container is not None
+        try:
+            self.container.seek(int((self.origin + Fraction(target)) / self.stream.time_base),
+                                stream=self.stream, backward=True)
+        except (av.FFmpegError, ValueError, OSError):
+            return self._reopen()
+        self.frames, self.pending, self.ended = self._decode(), [], False
+        self.bad_packets_allowed = SEEK_BAD_PACKETS
+        try:
+            decoded = self._next()
+        except AudioError:
+            decoded = None
+        if decoded is None or decoded[0] is None or decoded[0] > first:
+            return self._reopen()  # undecodable there, no timestamps, or past the target
+        self.position, self.pending = decoded[0], [decoded[1]]
+        self.end = self.position + decoded[1].shape[0]
+
+    def _reopen(self) -> None:
+        try:
+            self._open()
+        except NotRecognised as e:
+            raise AudioError(self.name, f"cannot decode audio: {e}") from e
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def open_decoder(audio: str | Path | bytes, name: str) -> Decoder:
+    """A decoder for a file or a file's bytes: soundfile when it can open it, else FFmpeg."""
+    if isinstance(audio, (str, Path)):
+        path = Path(audio).expanduser()
+        if not path.is_file():
+            raise AudioError(name, "no such file")
+        opener: Callable[[], BinaryIO] = lambda: open(path, "rb")
+        target: Path | io.BytesIO = path
+    else:
+        opener = lambda: io.BytesIO(audio)
+        target = opener()
+    try:
+        with opener() as handle:
+            head = handle.read(HEAD_BYTES)
+            skip = id3_size(head)
+            handle.seek(skip)
+            mp3_head = handle.read(MP3_HEAD_BYTES)
+    except OSError as e:
+        raise AudioError(name, f"cannot read the file: {e.strerror or e}") from e
+    if not head:
+        raise AudioError(name, "cannot decode audio: it is empty (0 bytes)")
+    try:
+        file = soundfile.SoundFile(target)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        soundfile_error = decoder_message(e)
+    else:
+        declared = soundfile_length(file, head, mp3_head)
+        # Left to FFmpeg: a length libsndfile cannot read (a streamed FLAC); an MP3 without a
+        # Xing frame, which libsndfile stops decoding at its estimate (3 s of a 22 s VBR file);
+        # Ogg Opus, whose seeks libsndfile lands off by the codec's pre-skip (6.5 ms).
+        if (declared is not None and (declared.exact or file.format != "MP3")
+                and (file.format, file.subtype) != ("OGG", "OPUS")):
+            try:
+                return SoundfileDecoder(file, name, declared)
+            except AudioError:
+                file.close()
+                raise
+        file.close()
+        soundfile_error = f"{file.format} {file.subtype} left to FFmpeg"
+    try:
+        return FFmpegDecoder(opener, name, mp3_head)
+    except NotRecognised as e:
+        raise AudioError(name, f"cannot decode audio (libsndfile: {soundfile_error}; FFmpeg: "
+                               f"{e}); {EXPECTED_FORMATS}") from e
+
+
+def soundfile_length(file: soundfile.SoundFile, head: bytes,
+                     mp3_head: bytes) -> DeclaredLength | None:
+    """The header's length: exact for sample counts (WAV data size, FLAC, Ogg, MP3 with a
+    Xing/VBRI frame), estimated for MP3 without one; None when libsndfile has none."""
+    frames = file.frames
+    if not 0 < frames < 1 << 40:
+        return None
+    if file.format == "WAV":
+        stated = wav_data_frames(head)
+        if stated is not None:  # libsndfile trims it to the bytes present
+            return DeclaredLength(stated / file.samplerate, exact=True)
+        return DeclaredLength(frames / file.samplerate, exact=False)
+    exact = file.format != "MP3" or mp3_states_its_length(mp3_head)
+    return DeclaredLength(frames / file.samplerate, exact)
+
+
+def wav_data_frames(head: bytes) -> int | None:
+    """Frames the RIFF data chunk declares; None when it says "unknown" (streamed) or lies
+    beyond the head."""
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    at, block_align = 12, 0
+    while at + 8 <= len(head):
+        chunk, size = head[at:at + 4], int.from_bytes(head[at + 4:at + 8], "little")
+        if chunk == b"fmt " and at + 22 <= len(head):
+            block_align = int.from_bytes(head[at + 20:at + 22], "little")
+        if chunk == b"data":
+            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+        at += 8 + size + (size & 1)
+    return None
+
+
+def id3_size(head: bytes) -> int:
+    """Bytes of the ID3v2 tag at the start of an MP3 (0 when none)."""
+    if len(head) < 10 or head[:3] != b"ID3":
+        return 0
+    size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | head[9] & 0x7F
+    return 10 + size + (10 if head[5] & 0x10 else 0)
+
+
+def mp3_states_its_length(head: bytes) -> bool:
+    """Whether the first MP3 frame (head: the bytes after any ID3 tag) is a Xing/Info or VBRI
+    frame with a frame count; without one an MP3's length is an estimate from its bit rate."""
+    for at in range(max(0, len(head) - 40)):
+        b1, b3 = head[at + 1], head[at + 3]
+        if head[at] != 0xFF or b1 & 0xE0 != 0xE0 or (b1 >> 3) & 3 == 1 or (b1 >> 1) & 3 == 0:
+            continue
+        mpeg1, mono = (b1 >> 3) & 3 == 3, b3 >> 6 == 3
+        side = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+        tag = at + 4 + side
+        if head[tag:tag + 4] in (b"Xing", b"Info"):
+            return bool(int.from_bytes(head[tag + 4:tag + 8], "big") & 1)
+        return head[at + 36:at + 40] == b"VBRI"
+    return False

@@ -10,6 +10,8 @@ The address comes from SENSEVOICE_SUPERVISOR_ADDRESS (default ipc://<cache_dir>/
 Safe to share between threads: each request checks a socket out of a small pool and returns
 it after the reply; a request that times out closes its socket instead (Lazy Pirate), so a late
 reply can never be mistaken for the next one, and sockets never outnumber concurrent requests.
+A supervisor that is not there, or dies while a request waits, is an "unavailable" error within
+a few seconds, never a silent wait.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from sensevoice_core.errors import AudioError, SenseVoiceError
+from sensevoice_core.curve import CurveKeys
+from sensevoice_core.errors import REQUEST_AUDIO, AudioError, SenseVoiceError
 from sensevoice_core.protocol import (
     STATUS_TIMEOUT_S,
     ErrorReply,
@@ -42,6 +46,9 @@ from sensevoice_core.protocol import (
 from sensevoice_core.settings import Settings, load_settings
 
 REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
+CONNECT_TIMEOUT_S = 3.0  # a supervisor completes the ZeroMQ handshake well within this
+HEARTBEAT_IVL_MS = 1000  # ZMTP pings on each connection...
+HEARTBEAT_TIMEOUT_MS = 3000  # ...and a connection with no answer this long is dropped
 MAX_IDLE_SOCKETS = 16  # sockets kept for reuse; more concurrent requests open (and close) more
 
 
@@ -66,26 +73,32 @@ class SupervisorClient:
         self.settings = settings or load_settings()
         self.address = address or self.settings.client_address()
         self._context = zmq.Context.instance()
-        self._idle: list[zmq.Socket] = []
+        self._curve = self.settings.curve_keys(self.address)
+        self._idle: list[_Connection] = []
         self._generation = 0  # close() bumps it; sockets of an older one are not reused
         self._lock = threading.Lock()
 
     def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
                    sample_rate: int = 16000, timeout: float | None = None,
-                   vad_threshold: float | None = None) -> TranscribeReply:
+                   vad_threshold: float | None = None,
+                   filename: str | None = None) -> TranscribeReply:
         """audio: a path, the bytes of an audio file, or a 1-D float array at sample_rate.
 
         Audio longer than SENSEVOICE_MAX_SEGMENT_S is split at pauses (VAD, vad_threshold or
         SENSEVOICE_VAD_THRESHOLD); the reply's segments carry each part's times and tags.
+        filename names the audio in error messages (a path's own name by default).
         """
-        audio_format, payload = _encode_audio(audio)
+        if filename is None and isinstance(audio, (str, Path)):
+            filename = Path(audio).name
+        audio_format, payload = _encode_audio(audio, filename)
         if len(payload) > self.settings.max_request_mb * 1024 * 1024:
             raise ServiceError("too_large", f"the audio is {len(payload) / 2**20:.1f} MiB; at most "
                                             f"{self.settings.max_request_mb:g} MiB "
                                             f"(SENSEVOICE_MAX_REQUEST_MB)")
         request = TranscribeRequest(language=language, use_itn=use_itn,
                                     audio_format=audio_format, sample_rate=sample_rate,
-                                    vad_threshold=vad_threshold)
+                                    vad_threshold=vad_threshold,
+                                    filename=filename[:255] if filename else None)
         # The service may queue a request for request_timeout, run it for as long, and retry
         # it once on another worker if the first one dies: it always answers within 3x.
         limit = timeout if timeout is not None else (
@@ -114,61 +127,133 @@ class SupervisorClient:
 
     def request(self, message: TranscribeRequest | ReloadRequest | StatusRequest,
                 payload: bytes | None, timeout: float):
-        """Send one request and wait for its reply; ServiceError for an error reply."""
+        """Send one request and wait for its reply; ServiceError for an error reply.
+
+        Fails with "unavailable" within CONNECT_TIMEOUT_S when no supervisor completes the
+        ZeroMQ handshake (none started, or a stale ipc file of a killed one), and as soon as
+        the connection drops while waiting (the supervisor died or stopped: its requests are
+        lost with it, so waiting longer could never bring their replies).
+        """
         if self.address.startswith("ipc://") and not Path(self.address[6:]).exists():
             raise ServiceUnavailableError(f"no supervisor at {self.address}; start the service "
                                           f"with `python -m supervisor`")
-        socket, generation = self._checkout()
+        connection, generation = self._checkout()
         try:
-            socket.send_multipart(encode(message, payload), copy=False)
-            deadline = time.monotonic() + timeout
-            while (remaining := deadline - time.monotonic()) > 0:
-                if not socket.poll(remaining * 1000):
-                    break
+            connection.socket.send_multipart(encode(message, payload), copy=False)
+            reply = self._wait_for_reply(connection, message.request_id, timeout)
+            self._checkin(connection, generation)
+            connection = None
+        finally:
+            if connection is not None:  # timed out or failed: its late reply must never be read
+                connection.close()
+        if isinstance(reply, ErrorReply):
+            raise ServiceError(reply.code, reply.message)
+        return reply
+
+    def _wait_for_reply(self, connection: _Connection, request_id: str, timeout: float):
+        poller = zmq.Poller()
+        poller.register(connection.socket, zmq.POLLIN)
+        poller.register(connection.monitor, zmq.POLLIN)
+        start = time.monotonic()
+        deadline, connect_deadline = start + timeout, start + CONNECT_TIMEOUT_S
+        while (now := time.monotonic()) < deadline:
+            if not connection.connected and now >= connect_deadline:
+                raise ServiceUnavailableError(
+                    f"no supervisor answers at {self.address} (nothing completed the connection "
+                    f"within {CONNECT_TIMEOUT_S:g} s); start the service with `python -m "
+                    f"supervisor`, or check SENSEVOICE_SUPERVISOR_ADDRESS and the CURVE keys")
+            limit = deadline if connection.connected else min(deadline, connect_deadline)
+            ready = dict(poller.poll(max(0.0, limit - now) * 1000))
+            if connection.monitor in ready:
+                connection.update()
+                if connection.lost:
+                    raise ServiceUnavailableError(
+                        f"the supervisor at {self.address} went away before answering (it "
+                        f"stopped or died); the request was not completed, retry it when the "
+                        f"service is back")
+            if connection.socket in ready:
                 try:
-                    reply = decode_reply(socket.recv_multipart())
+                    reply = decode_reply(connection.socket.recv_multipart())
                 except ProtocolError:
                     continue
-                if reply.request_id not in (message.request_id, None):
-                    continue
-                self._checkin(socket, generation)
-                socket = None
-                if isinstance(reply, ErrorReply):
-                    raise ServiceError(reply.code, reply.message)
-                return reply
-        finally:
-            if socket is not None:  # timed out or failed: its late reply must never be read
-                socket.close(linger=0)
+                if reply.request_id in (request_id, None):
+                    return reply
         raise ServiceUnavailableError(f"no reply from the supervisor at {self.address} within "
                                       f"{timeout:g} s")
+
+    def __enter__(self) -> SupervisorClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close idle sockets; sockets in use close when their request ends."""
         with self._lock:
             self._generation += 1
             idle, self._idle = self._idle, []
-        for socket in idle:
-            socket.close(linger=0)
+        for connection in idle:
+            connection.close()
 
-    def _checkout(self) -> tuple[zmq.Socket, int]:
+    def _checkout(self) -> tuple[_Connection, int]:
         with self._lock:
-            if self._idle:
-                return self._idle.pop(), self._generation
             generation = self._generation
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(self.address)
-        return socket, generation
+            while self._idle:
+                connection = self._idle.pop()
+                connection.update()
+                if connection.connected and not connection.lost:
+                    return connection, generation
+                connection.close()  # its supervisor went away while it sat in the pool
+        return _Connection(self._context, self.address, self._curve), generation
 
-    def _checkin(self, socket: zmq.Socket, generation: int) -> None:
+    def _checkin(self, connection: _Connection, generation: int) -> None:
         with self._lock:
             if generation == self._generation and len(self._idle) < MAX_IDLE_SOCKETS:
-                self._idle.append(socket)
+                self._idle.append(connection)
                 return
-        socket.close(linger=0)
+        connection.close()
 
 
-def _encode_audio(audio: Any) -> tuple[str, bytes]:
+class _Connection:
+    """A DEALER socket, and a monitor of it that tells whether a supervisor is on the other end.
+
+    ZeroMQ heartbeats (ZMTP PING) run on the connection, answered by the supervisor's I/O
+    thread, so a supervisor that is killed or stopped shows up as a disconnect within
+    HEARTBEAT_TIMEOUT_MS, even in the middle of a long request.
+    """
+
+    def __init__(self, context: zmq.Context, address: str, curve: CurveKeys | None):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if curve is not None:
+            curve.secure_client(self.socket)
+        self.monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self.connected = False  # a supervisor completed the handshake
+        self.lost = False  # and the connection dropped afterwards
+        self.socket.connect(address)
+
+    def update(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.lost = self.lost or self.connected
+                self.connected = False
+
+    def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
+        self.socket.close(linger=0)
+
+
+def _encode_audio(audio: Any, filename: str | None) -> tuple[str, bytes]:
     if isinstance(audio, (str, Path)):
         path = Path(audio).expanduser()
         try:
@@ -179,8 +264,8 @@ def _encode_audio(audio: Any) -> tuple[str, bytes]:
         return "file", bytes(audio)
     samples = np.asarray(audio, dtype=np.float32)
     if samples.ndim != 1:
-        raise AudioError(f"<array of shape {samples.shape}>",
-                         "expected mono samples (a 1-D array)")
+        raise AudioError(filename or REQUEST_AUDIO,
+                         f"expected mono samples (a 1-D array), found {samples.ndim}-D")
     return "pcm_f32le", samples.astype("<f4", copy=False).tobytes()
 
 

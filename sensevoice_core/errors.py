@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+REQUEST_AUDIO = "the request's audio"  # how errors name audio that came without a file name
+
 
 class SenseVoiceError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -53,7 +55,8 @@ class CheckpointMismatchError(ModelFileError):
 
 
 class AudioError(SenseVoiceError):
-    """Audio could not be decoded, is empty, or holds non-finite samples."""
+    """Audio could not be decoded, is empty, or holds non-finite samples. source names it: a
+    path, an upload's file name, or "the request's audio"; never a Python repr."""
 
     def __init__(self, source: str, problem: str):
         self.source = source
@@ -64,7 +67,8 @@ class AudioError(SenseVoiceError):
 class AudioTooLongError(AudioError):
     """Audio longer than the caller allows (SENSEVOICE_MAX_AUDIO_S in the service)."""
 
-    def __init__(self, source: str, seconds: float, limit: float):
+    def __init__(self, source: str, seconds: float, limit: float, at_least: bool = False):
         self.seconds = seconds
         self.limit = limit
-        super().__init__(source, f"the audio is {seconds:.1f} s long; the limit is {limit:g} s")
+        length = f"at least {seconds:.1f} s" if at_least else f"{seconds:.1f} s"
+        super().__init__(source, f"the audio is {length} long; the limit is {limit:g} s")

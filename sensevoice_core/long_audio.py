@@ -2,15 +2,17 @@
 
 Memory is bounded by the batch budget, not by the file: the audio is streamed once through the
 VAD (only one probability per 32 ms is kept), then each batch reads back just its own spans.
-Audio no longer than one segment is transcribed whole, in one pass, as before.
+Audio where the VAD finds no speech never reaches the model; audio no longer than one segment
+is transcribed whole, in one pass, as before.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sensevoice_core.audio import SAMPLE_RATE, AudioInput
-from sensevoice_core.audio_stream import AudioSource
+import torch
+
+from sensevoice_core.audio import SAMPLE_RATE, AudioInput, AudioSource
 from sensevoice_core.decoding import Transcription
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions, length_batches
 from sensevoice_core.segmentation import Region, VadOptions, speech_regions
@@ -65,14 +67,21 @@ class LongTranscription:
 def transcribe_long(model: SenseVoice, vad: SileroVAD, audio: AudioInput,
                     options: TranscribeOptions, vad_options: VadOptions = VadOptions(),
                     sample_rate: int = SAMPLE_RATE, batch_s: float = DEFAULT_BATCH_S,
-                    max_seconds: float | None = None) -> LongTranscription:
+                    max_seconds: float | None = None,
+                    source_name: str | None = None) -> LongTranscription:
     """Transcribe audio of any length into timed segments (none when there is no speech).
 
-    Audio no longer than one segment skips the VAD: one pass over the whole clip, exactly as a
-    short request always ran, and the model itself says whether there is speech (its
-    ``nospeech`` language tag). Longer audio is split at the VAD's pauses.
+    Every request streams once through the VAD (about 2 ms per second of audio): audio where
+    it finds no speech (silence, noise) gives an empty result without reaching the model. Audio
+    no longer than one segment is then transcribed whole, in one pass, exactly as a short
+    request always ran; longer audio is split at the VAD's pauses. source_name (an upload's
+    file name) names the audio in every error.
     """
-    with AudioSource(audio, sample_rate, max_seconds) as source:
+    with AudioSource(audio, sample_rate, max_seconds, source_name) as source:
+        probabilities = speech_probabilities(vad, source.blocks())
+        regions = speech_regions(probabilities, vad_options, source.duration_s)
+        if not regions:
+            return LongTranscription([], source.duration_s)
         if source.duration_s <= vad_options.max_segment_s:
             waveform = source.whole()
             [result] = model.transcribe_waveforms([waveform], options)
@@ -81,12 +90,16 @@ def transcribe_long(model: SenseVoice, vad: SileroVAD, audio: AudioInput,
                 return LongTranscription([], duration)
             return LongTranscription([segment_of(Region(0.0, round(duration, 3)), result)],
                                      duration)
-        probabilities = speech_probabilities(vad, source.blocks())
-        regions = speech_regions(probabilities, vad_options, source.duration_s)
         results = transcribe_regions(model, source, regions, options, batch_s)
     segments = [segment_of(region, result) for region, result in zip(regions, results)
                 if result.language != NOSPEECH]
     return LongTranscription(segments, source.duration_s)
+
+
+def has_speech(vad: SileroVAD, waveform: torch.Tensor, vad_options: VadOptions) -> bool:
+    """Whether the VAD finds a speech region in 16 kHz samples (silence and noise: no)."""
+    probabilities = speech_probabilities(vad, [waveform])
+    return bool(speech_regions(probabilities, vad_options, waveform.numel() / SAMPLE_RATE))
 
 
 def segment_of(region: Region, result: Transcription) -> Segment:

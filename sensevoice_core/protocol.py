@@ -7,7 +7,9 @@ receive loop.
 
 Sockets: clients use DEALER sockets connected to the supervisor's ROUTER frontend; workers use
 DEALER sockets connected to its ROUTER backend (identity = worker id). Health is ping/pong:
-the supervisor pings idle workers, a busy one is bounded by the request timeout instead.
+the supervisor pings every worker, busy or not: a worker answers pings from its I/O thread
+while its compute threads transcribe, so a worker that stops answering is hung (or stopped),
+whatever it was doing.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 
-HEARTBEAT_INTERVAL_S = 1.0  # the supervisor pings every idle worker this often
-HEARTBEAT_LIVENESS = 3  # missed pongs before an idle worker counts as hung (3..5 is usual)
+HEARTBEAT_INTERVAL_S = 1.0  # the supervisor pings every worker this often
+HEARTBEAT_LIVENESS = 3  # missed pongs before a worker counts as hung (3..5 is usual)
 SUPERVISOR_SILENCE_S = 10.0  # an idle worker that hears nothing this long exits (orphaned)
 SPAWN_TIMEOUT_S = 60.0  # a fresh worker process must say hello within this (torch import)
-MAX_HEADER_BYTES = 64 * 1024  # a JSON header is small; anything larger is malformed
-STATUS_TIMEOUT_S = 5.0  # client wait for a status reply
+MAX_HEADER_BYTES = 64 * 1024  # a request's JSON header is small; anything larger is malformed
+# A reply carries every segment and token id: three hours of speech is well under 2 MiB.
+MAX_REPLY_HEADER_BYTES = 16 * 1024 * 1024
+STATUS_TIMEOUT_S = 5.0
+# A worker serving a request that has run this long is given one more (on its second compute
+# thread), so that one long upload does not hold up every short request behind it.
+LONG_REQUEST_S = 2.0
+MAX_REQUESTS_PER_WORKER = 2  # client wait for a status reply
 
 # Worker exit codes. The supervisor does not respawn in a loop on the boot/load errors.
 EXIT_OK = 0
@@ -66,6 +74,8 @@ class TranscribeRequest(_Message):
     audio_format: Literal["file", "pcm_f32le"] = "file"
     vad_threshold: float | None = Field(None, ge=0.0, le=1.0)  # None: SENSEVOICE_VAD_THRESHOLD
     sample_rate: int = Field(16000, gt=0, le=384000)  # of pcm_f32le samples
+    # the upload's file name, for error messages only (never opened); None: "the request's audio"
+    filename: str | None = Field(None, max_length=255)
 
 
 class ReloadRequest(_Message):
@@ -248,11 +258,12 @@ def encode(message: BaseModel, payload: bytes | None = None) -> list[bytes]:
     return [header] if payload is None else [header, payload]
 
 
-def _decode(adapter: TypeAdapter, frames: list[bytes], expect_payload: bool) -> tuple[object, bytes | None]:
+def _decode(adapter: TypeAdapter, frames: list[bytes], expect_payload: bool,
+            max_header: int = MAX_HEADER_BYTES) -> tuple[object, bytes | None]:
     if not frames:
         raise ProtocolError("empty message")
-    if len(frames[0]) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(frames[0])} bytes; at most {MAX_HEADER_BYTES}")
+    if len(frames[0]) > max_header:
+        raise ProtocolError(f"header of {len(frames[0])} bytes; at most {max_header}")
     try:
         message = adapter.validate_json(frames[0])
     except ValidationError as e:
@@ -271,11 +282,11 @@ def decode_client(frames: list[bytes]) -> tuple[ClientMessage, bytes | None]:
 
 
 def decode_reply(frames: list[bytes]) -> ReplyMessage:
-    return _decode(_REPLY, frames, expect_payload=False)[0]  # type: ignore[return-value]
+    return _decode(_REPLY, frames, False, MAX_REPLY_HEADER_BYTES)[0]  # type: ignore[return-value]
 
 
 def decode_from_worker(frames: list[bytes]) -> WorkerMessage:
-    return _decode(_WORKER, frames, expect_payload=False)[0]  # type: ignore[return-value]
+    return _decode(_WORKER, frames, False, MAX_REPLY_HEADER_BYTES)[0]  # type: ignore[return-value]
 
 
 def decode_for_worker(frames: list[bytes]) -> tuple[SupervisorMessage, bytes | None]:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sensevoice_core.curve import CurveKeys
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.segmentation import VadOptions
 
@@ -41,6 +42,12 @@ class Settings(BaseSettings):
     supervisor_address: str = Field(
         "", description="where the supervisor listens for clients: ipc://PATH or "
                         "tcp://127.0.0.1:PORT; empty: ipc://<cache_dir>/supervisor.ipc")
+    supervisor_allow_remote: bool = Field(
+        False, description="allow a tcp:// supervisor address off loopback; it then requires "
+                           "ZeroMQ CURVE keys (SENSEVOICE_CURVE_DIR)")
+    curve_dir: Path | None = Field(
+        None, description="CURVE keys for tcp:// supervisor addresses (python -m supervisor "
+                          "keygen DIR writes them); unset: no encryption, loopback only")
     workers: int = Field(1, ge=1, le=64, description="inference worker processes serving")
     warm_standby: bool = Field(
         True, description="keep one spare worker with torch imported, so a reload or a "
@@ -95,7 +102,7 @@ class Settings(BaseSettings):
     batch_s: float = Field(
         120.0, gt=0, description="padded seconds of audio transcribed per batch: bounds memory")
 
-    @field_validator("model_dir", mode="before")
+    @field_validator("model_dir", "curve_dir", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         """SENSEVOICE_MODEL_DIR= (empty) is unset, not the current directory."""
@@ -122,20 +129,36 @@ class Settings(BaseSettings):
 
     @field_validator("supervisor_address")
     @classmethod
-    def _local_address(cls, value: str) -> str:
+    def _address_form(cls, value: str) -> str:
         if not value:
             return value
         if value.startswith("ipc://"):
             if len(value) - len("ipc://") > IPC_PATH_MAX:
                 raise ValueError(f"ipc path longer than {IPC_PATH_MAX} characters")
             return value
-        if value.startswith("tcp://"):
-            host = value[len("tcp://"):].rsplit(":", 1)[0]
-            if host in LOOPBACK_HOSTS:
-                return value
-            raise ValueError(f"host {host!r} is not loopback; the supervisor has no "
-                             f"authentication, so it binds to 127.0.0.1 or ipc:// only")
-        raise ValueError("expected ipc://PATH or tcp://127.0.0.1:PORT")
+        if value.startswith("tcp://") and ":" in value[len("tcp://"):]:
+            return value
+        raise ValueError("expected ipc://PATH or tcp://HOST:PORT")
+
+    @model_validator(mode="after")
+    def _remote_needs_keys(self) -> Settings:
+        address = self.supervisor_address
+        host = address[len("tcp://"):].rsplit(":", 1)[0] if address.startswith("tcp://") else ""
+        if host and host not in LOOPBACK_HOSTS and not self.supervisor_allow_remote:
+            raise ValueError(f"SENSEVOICE_SUPERVISOR_ADDRESS={address!r}: host {host!r} is not "
+                             f"loopback; set SENSEVOICE_SUPERVISOR_ALLOW_REMOTE=true and "
+                             f"SENSEVOICE_CURVE_DIR to listen there with encryption and "
+                             f"client keys")
+        if self.supervisor_allow_remote and self.curve_dir is None:
+            raise ValueError("SENSEVOICE_SUPERVISOR_ALLOW_REMOTE=true needs SENSEVOICE_CURVE_DIR "
+                             "(create the keys with `python -m supervisor keygen DIR`)")
+        return self
+
+    def curve_keys(self, address: str) -> CurveKeys | None:
+        """The CURVE keys for a supervisor frontend address: tcp:// addresses only."""
+        if self.curve_dir is None or not address.startswith("tcp://"):
+            return None
+        return CurveKeys(self.curve_dir.expanduser())
 
     def vad_options(self, threshold: float | None = None) -> VadOptions:
         """Segmentation settings, with a per-request threshold if one is given."""

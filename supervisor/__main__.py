@@ -1,4 +1,4 @@
-"""python -m supervisor [serve | status | transcribe FILE... | reload [PATH] [--force-fresh]]
+"""python -m supervisor [serve | status | transcribe FILE... | reload [PATH] [--force-fresh] | keygen DIR]
 
 serve (the default) runs the service: the supervisor and its inference workers, on the model
 in SENSEVOICE_MODEL_DIR (or ./model). status and reload talk to a running one.
@@ -43,7 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     reload.add_argument("path", nargs="?", help="model directory; default: the one serving")
     reload.add_argument("--force-fresh", action="store_true",
                         help="forget this model's cache entries and load from its files")
+    keygen = commands.add_parser("keygen", help="write CURVE keys for a supervisor that listens "
+                                                "off loopback (SENSEVOICE_CURVE_DIR)")
+    keygen.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        from sensevoice_core.curve import generate_keys
+
+        for path in generate_keys(args.directory):
+            print(path)
+        return 0
     try:
         settings = load_settings()
     except SettingsError as e:

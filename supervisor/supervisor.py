@@ -15,17 +15,16 @@ import signal
 import tempfile
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
 from sensevoice_core.protocol import (
+    EXIT_BOOT_ERROR,
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     SPAWN_TIMEOUT_S,
     ErrorCode,
-    ErrorReply,
     Hello,
     LoadFailed,
     LoadModel,
@@ -41,7 +40,6 @@ from sensevoice_core.protocol import (
     StatusReply,
     StatusRequest,
     Stop,
-    TranscribeReply,
     TranscribeRequest,
     WorkerStatus,
     decode_client,
@@ -49,7 +47,9 @@ from sensevoice_core.protocol import (
     encode,
     request_id_of,
 )
+from sensevoice_core.curve import CurveKeyError
 from sensevoice_core.settings import Settings
+from supervisor.broker import Broker
 from supervisor.reload import (
     ReloadJob,
     ReloadRefused,
@@ -74,36 +74,27 @@ TICK_S = 0.05  # the loop wakes at least this often to check deadlines
 FIRST_LOAD_TIMEOUT_S = 300.0  # a first load may hash and convert a large model
 BACKOFF_MAX_S = 30.0
 BURST = 100  # messages handled per socket per tick, so one side cannot starve the other
+RUNTIME_PREFIX = "sensevoice-"  # /tmp/sensevoice-<supervisor pid>-*: the workers' socket
 
 
 class StartupError(RuntimeError):
     """The supervisor cannot start (address in use, first model does not load)."""
 
 
-@dataclass
-class Job:
-    job_id: str
-    client: bytes
-    request: TranscribeRequest
-    payload: bytes
-    received_at: float = field(default_factory=time.monotonic)
-    attempts: int = 0
-    dispatched_at: float = 0.0
-
-
 class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.frontend_address = settings.client_address()
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="sensevoice-"))
+        remove_stale_runtime_dirs()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_PREFIX}{os.getpid()}-"))
+        self.authenticator = None  # CURVE's ZAP handler, on tcp:// with SENSEVOICE_CURVE_DIR
         self.backend_address = f"ipc://{self.runtime_dir}/workers.ipc"
         self.context = zmq.Context()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.backend = self.context.socket(zmq.ROUTER)
+        self.broker = Broker(settings, self.frontend, self.backend)
         self.workers: dict[str, WorkerHandle] = {}
         self.exiting: list = []  # processes retired but not yet reaped
-        self.jobs: dict[str, Job] = {}
-        self.queue: deque[str] = deque()
         self.model: ModelInfo | None = None  # what the serving workers run
         self.reload: ReloadJob | None = None
         self.next_reload: ReloadJob | None = None
@@ -116,9 +107,7 @@ class Supervisor:
         self.exit_code = 0
         self.started_at = time.monotonic()
         self.spawned = 0
-        self.job_counter = 0
         self.restarts = 0
-        self.requests_served = 0
         self.backoff = Backoff(BACKOFF_MAX_S)  # serving workers that fail to load
         self.standby_backoff = Backoff(BACKOFF_MAX_S)  # kept apart: never delays serving
 
@@ -130,6 +119,8 @@ class Supervisor:
         except BaseException:
             self.frontend.close(linger=0)
             self.backend.close(linger=0)
+            if self.authenticator is not None:
+                self.authenticator.stop()
             self.context.term()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             raise
@@ -153,7 +144,7 @@ class Supervisor:
                     self.standby_backoff.fail()
                     logger.error("Cannot start a worker process: %s; retrying in %.0f s", e,
                                  self.backoff.delay_s)
-                self.dispatch()
+                self.broker.dispatch(self.workers.values())
         finally:
             self.shutdown()
         return self.exit_code
@@ -181,7 +172,7 @@ class Supervisor:
             signal.signal(sig, self.queue_signal)
         self.bind_frontend()
         self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.bind(self.backend_address)
+        bind_owner_only(self.backend, Path(self.backend_address[len("ipc://"):]))
         logger.info("Supervisor listening on %s (%d worker%s, warm standby %s)",
                     self.frontend_address, self.settings.workers,
                     "s" if self.settings.workers > 1 else "",
@@ -189,22 +180,33 @@ class Supervisor:
 
     def bind_frontend(self) -> None:
         address = self.frontend_address
-        if address.startswith("ipc://"):
-            path = Path(address[len("ipc://"):])
-            if path.exists():
-                if supervisor_answers(self.context, address):
-                    raise StartupError(f"another supervisor is already serving at {address}; "
-                                       f"stop it or set SENSEVOICE_SUPERVISOR_ADDRESS")
-                path.unlink()  # left by a supervisor that was killed
-            path.parent.mkdir(parents=True, exist_ok=True)
         self.frontend.setsockopt(zmq.LINGER, 500)
         max_bytes = int(self.settings.max_request_mb * 1024 * 1024)
         # A hard cap well above the limit: larger frames are dropped by ZeroMQ before they
         # can fill memory; those between the limit and the cap get a "too_large" reply.
         self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + (1 << 20))
+        keys = self.settings.curve_keys(address)
+        if keys is not None:
+            try:
+                self.authenticator = keys.secure_server(self.frontend)
+            except CurveKeyError as e:
+                raise StartupError(str(e)) from None
+        if not address.startswith("ipc://"):
+            try:
+                self.frontend.bind(address)
+            except zmq.ZMQError as e:
+                raise StartupError(f"cannot listen on {address}: {e}; set "
+                                   f"SENSEVOICE_SUPERVISOR_ADDRESS to a free address") from None
+            return
+        path = Path(address[len("ipc://"):])
+        if path.exists():
+            if supervisor_answers(self.context, address):
+                raise StartupError(f"another supervisor is already serving at {address}; "
+                                   f"stop it or set SENSEVOICE_SUPERVISOR_ADDRESS")
+            path.unlink()  # left by a supervisor that was killed
         try:
-            self.frontend.bind(address)
-        except zmq.ZMQError as e:
+            bind_owner_only(self.frontend, path)
+        except (zmq.ZMQError, OSError) as e:
             raise StartupError(f"cannot listen on {address}: {e}; set "
                                f"SENSEVOICE_SUPERVISOR_ADDRESS to a free address") from None
 
@@ -224,9 +226,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.shutting_down = True
-        for job_id in list(self.queue):
-            self.fail_job(self.jobs.pop(job_id), "shutting_down", "the service is stopping")
-        self.queue.clear()
+        self.broker.fail_queued("shutting_down", "the service is stopping")
         if self.reload is not None:
             self.fail_reload("the service is stopping")
         if self.watcher is not None:  # after the reload it may be waiting for is answered
@@ -247,14 +247,15 @@ class Supervisor:
         for worker in self.workers.values():
             worker.kill(f"still running {self.settings.drain_timeout:g} s after the stop")
             worker.process.wait()
-            if worker.job_id is not None:
-                self.fail_job(self.jobs.pop(worker.job_id), "shutting_down",
-                              "the service stopped before this request finished")
+            self.broker.fail_held(worker, "shutting_down",
+                                  "the service stopped before this request finished")
         for process in self.exiting:
             process.kill()
             process.wait()
         self.frontend.close(linger=500)
         self.backend.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         if self.frontend_address.startswith("ipc://"):
             Path(self.frontend_address[len("ipc://"):]).unlink(missing_ok=True)
@@ -293,54 +294,20 @@ class Supervisor:
         if not self.can_serve_soon():
             self.reply_error(client, request.request_id, "unavailable",
                              "no inference worker is running; see the supervisor log")
-        elif len(self.queue) >= self.settings.max_queue:
-            self.reply_error(client, request.request_id, "busy",
-                             f"{len(self.queue)} requests are waiting; retry later")
         else:
-            self.job_counter += 1
-            job = Job(f"j{self.job_counter}", client, request, payload)
-            self.jobs[job.job_id] = job
-            self.queue.append(job.job_id)
+            self.broker.accept(client, request, payload)
 
     def can_serve_soon(self) -> bool:
         return self.reload is not None or any(
             w.role == "serving" or (w.assignment and w.role in ("starting", "loading"))
             for w in self.workers.values()) or time.monotonic() < self.backoff.until + 1
 
-    def dispatch(self) -> None:
-        idle = sorted((w for w in self.workers.values()
-                       if w.role == "serving" and not w.busy and not w.killed),
-                      key=lambda w: w.idle_since)
-        while self.queue and idle:
-            job, worker = self.jobs[self.queue.popleft()], idle.pop(0)
-            job.attempts += 1
-            job.dispatched_at = time.monotonic()
-            worker.job_id = job.job_id
-            forward = job.request.model_copy(update={"request_id": job.job_id})
-            self.backend.send_multipart([worker.worker_id.encode(), *encode(forward, job.payload)])
-
-    def finish_job(self, worker: WorkerHandle, reply: TranscribeReply | ErrorReply) -> None:
-        if worker.job_id is None or reply.request_id != worker.job_id:
-            # A late answer to a request that already timed out; the one in hand stays.
-            logger.warning("Worker %s (pid %s) answered request %s, which it is no longer "
-                           "serving; ignored", worker.worker_id, worker.pid, reply.request_id)
-            return
-        job = self.jobs.pop(worker.job_id)
-        worker.job_id, worker.idle_since = None, time.monotonic()
-        if isinstance(reply, TranscribeReply):
-            worker.requests_served += 1
-            self.requests_served += 1
-        self.send_client(job.client, reply.model_copy(update={"request_id": job.request.request_id}))
-
-    def fail_job(self, job: Job, code: ErrorCode, message: str) -> None:
-        self.reply_error(job.client, job.request.request_id, code, message)
-
     def reply_error(self, client: bytes, request_id: str | None, code: ErrorCode,
                     message: str) -> None:
-        self.send_client(client, ErrorReply(request_id=request_id, code=code, message=message))
+        self.broker.reply_error(client, request_id, code, message)
 
     def send_client(self, client: bytes, message) -> None:
-        self.frontend.send_multipart([client, *encode(message)])
+        self.broker.send_client(client, message)
 
     def status(self) -> ServiceStatus:
         now = time.monotonic()
@@ -351,9 +318,9 @@ class Supervisor:
                    for w in sorted(self.workers.values(), key=lambda w: w.age)]
         return ServiceStatus(
             supervisor_pid=os.getpid(), uptime_s=round(now - self.started_at, 3),
-            model=self.model, workers=workers, queued=len(self.queue),
-            in_flight=sum(w.busy for w in self.workers.values()),
-            requests_served=self.requests_served, worker_restarts=self.restarts,
+            model=self.model, workers=workers, queued=len(self.broker.queue),
+            in_flight=sum(len(w.jobs) for w in self.workers.values()),
+            requests_served=self.broker.requests_served, worker_restarts=self.restarts,
             reloading=self.reload is not None, last_reload=self.last_reload,
             reload_counts=dict(self.reload_counts),
             watching=str(self.watcher.directory) if self.watcher else None)
@@ -367,8 +334,10 @@ class Supervisor:
         try:
             message = decode_from_worker(frames[1:])
         except ProtocolError as e:
-            logger.error("malformed message from worker %s (pid %s): %s", worker.worker_id,
-                         worker.pid, e)
+            job_id = request_id_of(frames[1]) if len(frames) > 1 else None
+            logger.error("Malformed message from worker %s (pid %s)%s: %s", worker.worker_id,
+                         worker.pid, f" answering request {job_id}" if job_id else "", e)
+            self.broker.unreadable_reply(worker, job_id, str(e))
             return
         worker.last_heard, worker.unanswered_pings = time.monotonic(), 0
         if isinstance(message, Hello):
@@ -383,7 +352,7 @@ class Supervisor:
         elif isinstance(message, LoadFailed):
             worker.load_error = message.error
         else:
-            self.finish_job(worker, message)
+            self.broker.finish(worker, message)
 
     def worker_hello(self, worker: WorkerHandle) -> None:
         if worker.assignment is None:
@@ -473,7 +442,8 @@ class Supervisor:
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
         how = f"was killed: {worker.kill_reason}" if worker.killed else describe_exit(code)
         cause = worker.load_error or how
-        self.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how}")
+        self.broker.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how}",
+                            retry=not self.shutting_down)
         if worker.role == "draining" or self.shutting_down or self.should_exit:
             logger.info("Worker %s (pid %s) %s", worker.worker_id, worker.pid,
                         how if worker.killed else "drained and exited")
@@ -484,6 +454,11 @@ class Supervisor:
             logger.warning("Worker %s (pid %s) %s; replacing it", worker.worker_id, worker.pid,
                            how)
         elif worker.role in ("starting", "loading") and worker.assignment is not None:
+            if self.model is None and self.reload is None and code == EXIT_BOOT_ERROR:
+                logger.error("Cannot start: the inference worker %s; see its error above",
+                             cause)
+                self.should_exit, self.exit_code = True, 4
+                return
             if self.model is None and self.reload is None:
                 logger.error("Cannot start: the model did not load: %s. Fix the model directory "
                              "(python -m sensevoice_core doctor) and start again", cause)
@@ -498,20 +473,6 @@ class Supervisor:
             logger.warning("Standby worker %s (pid %s) %s; next one in %.0f s", worker.worker_id,
                            worker.pid, how, self.standby_backoff.delay_s)
 
-    def requeue(self, worker: WorkerHandle, cause: str) -> None:
-        """The request a dead worker held is retried once on another worker, then fails."""
-        job = self.jobs.get(worker.job_id) if worker.job_id else None
-        worker.job_id = None
-        if job is None:
-            return
-        if job.attempts < 2 and not self.shutting_down:
-            logger.warning("%s while serving request %s; retrying it on another worker",
-                           cause, job.request.request_id)
-            self.queue.appendleft(job.job_id)
-        else:
-            del self.jobs[job.job_id]
-            self.fail_job(job, "worker_lost", f"{cause} while serving this request, twice")
-
     def check_health(self) -> None:
         now = time.monotonic()
         for worker in list(self.workers.values()):
@@ -525,35 +486,34 @@ class Supervisor:
                 logger.error("Worker %s (pid %s) still %s after its deadline; killing it",
                              worker.worker_id, worker.pid, worker.role)
                 worker.kill(f"still {worker.role} after its deadline")
-            elif worker.busy:
-                job = self.jobs[worker.job_id]
-                if now - job.dispatched_at > self.settings.request_timeout:
-                    worker.job_id = None
-                    del self.jobs[job.job_id]
-                    self.fail_job(job, "timeout", f"no result within "
-                                  f"{self.settings.request_timeout:g} s (SENSEVOICE_REQUEST_TIMEOUT)")
-                    logger.error("Worker %s (pid %s) hung on a request for %.0f s; replacing it",
-                                 worker.worker_id, worker.pid, self.settings.request_timeout)
-                    worker.kill(f"hung on a request for {self.settings.request_timeout:g} s")
-            elif worker.role in ("standby", "serving") or worker.health_checked:
-                # Idle workers, and new ones waiting for the rest of a reload, are pinged; a
-                # worker is hung only after that many pings went unanswered.
-                if now - worker.last_ping < HEARTBEAT_INTERVAL_S:
-                    continue
-                if worker.unanswered_pings >= HEARTBEAT_LIVENESS:
-                    logger.error("Worker %s (pid %s) missed %d heartbeats; killing it as hung",
-                                 worker.worker_id, worker.pid, HEARTBEAT_LIVENESS)
-                    worker.kill(f"missed {HEARTBEAT_LIVENESS} heartbeats")
-                else:
-                    worker.last_ping = now
-                    worker.unanswered_pings += 1
-                    self.send_worker(worker, Ping(nonce=int(now * 1000)))
+            elif self.broker.expire_running(worker, now):
+                timeout = self.settings.request_timeout
+                logger.error("Worker %s (pid %s) spent %.0f s on one request; replacing it",
+                             worker.worker_id, worker.pid, timeout)
+                worker.kill(f"spent {timeout:g} s on one request")
+            else:
+                self.heartbeat(worker, now)
         if self.reload is not None and self.reload.started and now > self.reload.deadline:
             self.fail_reload(f"not ready within {self.settings.hotreload_timeout:g} s "
                              f"(SENSEVOICE_HOTRELOAD_TIMEOUT)")
-        while self.queue and now - self.jobs[self.queue[0]].received_at > self.settings.request_timeout:
-            self.fail_job(self.jobs.pop(self.queue.popleft()), "timeout",
-                          "no worker became free in time")
+        self.broker.expire_queued(now)
+
+    def heartbeat(self, worker: WorkerHandle, now: float) -> None:
+        """Ping every worker past its start, busy or not (pongs come from its I/O thread); it
+        is hung after HEARTBEAT_LIVENESS pings in a row went unanswered."""
+        if worker.role == "starting" or (worker.role == "loading" and not worker.health_checked):
+            return  # bounded by their deadlines instead
+        if now - worker.last_ping < HEARTBEAT_INTERVAL_S:
+            return
+        if worker.unanswered_pings >= HEARTBEAT_LIVENESS:
+            logger.error("Worker %s (pid %s) missed %d heartbeats%s; killing it as hung",
+                         worker.worker_id, worker.pid, HEARTBEAT_LIVENESS,
+                         f" while serving {len(worker.jobs)} request(s)" if worker.jobs else "")
+            worker.kill(f"missed {HEARTBEAT_LIVENESS} heartbeats")
+        else:
+            worker.last_ping = now
+            worker.unanswered_pings += 1
+            self.send_worker(worker, Ping(nonce=int(now * 1000)))
 
     def manage_workers(self) -> None:
         if self.shutting_down or self.should_exit:
@@ -584,6 +544,12 @@ class Supervisor:
         except ReloadRefused as e:
             logger.error(failure_line(self.model, str(e), verb="refused"))
             self.reload_counts["refused"] += 1
+            self.last_reload = ReloadOutcome(
+                ok=False, origin=request.origin,
+                requested_path=request.path[:300] if request.path else None,
+                model_dir=self.model.model_dir if self.model else None,
+                old_fingerprint=self.model.fingerprint if self.model else None,
+                error=f"refused: {e}")
             if waiter.client is not None:
                 self.reply_error(waiter.client, waiter.request_id, "reload_refused", str(e))
             return
@@ -664,6 +630,50 @@ class Supervisor:
             self.watcher = ModelWatcher(self.frontend_address, lambda: self.model,
                                         self.settings.watch_quiet_s)
             self.watcher.start()
+
+
+def bind_owner_only(socket: zmq.Socket, path: Path) -> None:
+    """Bind an ipc socket that only this user can connect to, whatever the umask: its directory
+    is created 0700 when missing, the socket file is created and kept 0600."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    shared = path.parent.stat().st_mode & 0o022
+    if shared:
+        logger.warning("The socket directory %s is writable by other users (mode %o); anyone "
+                       "who can write there can replace the socket. Fix: chmod go-w %s, or set "
+                       "SENSEVOICE_SUPERVISOR_ADDRESS to a private directory", path.parent,
+                       path.parent.stat().st_mode & 0o777, path.parent)
+    old_umask = os.umask(0o077)
+    try:
+        socket.bind(f"ipc://{path}")
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+
+
+def remove_stale_runtime_dirs() -> list[Path]:
+    """Delete runtime directories of supervisors that were killed (sensevoice-<pid>-*)."""
+    removed = []
+    for directory in Path(tempfile.gettempdir()).glob(f"{RUNTIME_PREFIX}*"):
+        try:
+            pid = int(directory.name[len(RUNTIME_PREFIX):].split("-", 1)[0])
+            if directory.stat().st_uid != os.getuid() or pid_alive(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def supervisor_answers(context: zmq.Context, address: str, timeout_s: float = 0.5) -> bool:

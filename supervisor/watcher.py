@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path

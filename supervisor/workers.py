@@ -61,7 +61,7 @@ class WorkerHandle:
     last_ping: float = 0.0
     unanswered_pings: int = 0  # pings sent since the worker was last heard from
     idle_since: float = field(default_factory=time.monotonic)
-    job_id: str | None = None  # the request it is serving, if any
+    jobs: list[str] = field(default_factory=list)  # ids of the requests it is serving
     model: ModelInfo | None = None
     requests_served: int = 0
     health_checked: bool = False  # answered a ping after Ready
@@ -74,7 +74,7 @@ class WorkerHandle:
 
     @property
     def busy(self) -> bool:
-        return self.job_id is not None
+        return bool(self.jobs)
 
     @property
     def killed(self) -> bool:

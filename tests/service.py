@@ -97,11 +97,13 @@ class Service:
 
 
 def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
-                  standby: bool = True, **env: str) -> Service:
+                  standby: bool = True, umask: int | None = None,
+                  address: str | None = None, **env: str) -> Service:
     """Start `python -m supervisor` in work_dir, with its own cache and socket."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    socket_dir = tempfile.mkdtemp(prefix="sv", dir="/tmp")  # ipc paths must be short
-    address = f"ipc://{socket_dir}/s.ipc"
+    if address is None:
+        socket_dir = tempfile.mkdtemp(prefix="sv", dir="/tmp")  # ipc paths must be short
+        address = f"ipc://{socket_dir}/s.ipc"
     environment = {
         **os.environ,
         "SENSEVOICE_CACHE_DIR": str(work_dir / "cache"),
@@ -117,13 +119,17 @@ def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "supervisor"], cwd=work_dir,
                                    env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    client = SupervisorClient(address, Settings(supervisor_address=address))
+                                   stdin=subprocess.DEVNULL,
+                                   preexec_fn=None if umask is None else lambda: os.umask(umask))
+    address = address.replace("//0.0.0.0:", "//127.0.0.1:")  # where clients connect
+    client = SupervisorClient(address, Settings(supervisor_address=address,
+                                                curve_dir=env.get("curve_dir")))
     service = Service(process, address, log_path, client, set())
     STARTED.append(process)
     if wait:
         deadline = time.monotonic() + 30
-        while not Path(address[6:]).exists() and time.monotonic() < deadline:
+        while (address.startswith("ipc://") and not Path(address[6:]).exists()
+               and time.monotonic() < deadline):
             if process.poll() is not None:
                 break
             time.sleep(0.02)
@@ -143,6 +149,7 @@ class BackgroundTraffic:
         self.service = service
         self.clip = clip
         self.replies: list = []
+        self.times: list[float] = []  # time.monotonic() when each reply arrived
         self.failures: list[ServiceError] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
@@ -153,6 +160,7 @@ class BackgroundTraffic:
         while not self._stop.is_set():
             try:
                 self.replies.append(client.transcribe(self.clip))
+                self.times.append(time.monotonic())
             except ServiceError as e:
                 self.failures.append(e)
         client.close()

@@ -4,7 +4,6 @@ the doctor, the converter and transformers' from_pretrained, in a fresh process.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 AUDITED_RUN = r'''
 import json, sys

@@ -6,13 +6,15 @@ import pytest
 
 from sensevoice_core.client import SupervisorClient
 from sensevoice_core.settings import Settings
-from ui.gateway import Gateway, RequestFailed
+from ui.gateway import FrontDoor, Gateway, RequestFailed
 from ui.metrics import ServiceMetrics
 
 
 def gateway(**values) -> Gateway:
     settings = Settings(supervisor_address="ipc:///tmp/sv-gateway-test.ipc", **values)
-    return Gateway(settings, SupervisorClient(settings=settings), ServiceMetrics(lambda: None))
+    door = FrontDoor(2)
+    return Gateway(settings, SupervisorClient(settings=settings),
+                   ServiceMetrics(lambda: None, door.held, door.capacity), door)
 
 
 def test_reload_is_off_on_a_public_address_without_a_token():
@@ -56,3 +58,19 @@ def test_status_panel_shows_outside_text_inert():
     assert "<img" not in rendered and "&lt;img" in rendered
     assert "\\*\\*bold\\*\\*" in rendered and "\\`tick\\`" in rendered
     assert code("/models/a`b") == "`` /models/a`b ``"
+
+
+def test_the_front_door_counts_what_the_page_holds_too():
+    page_holds = [0]
+    door = FrontDoor(3)
+    door.count_also(lambda: page_holds[0])
+    assert door.try_enter() and door.try_enter() and door.try_enter()
+    assert door.full() and not door.try_enter()
+    door.leave()
+    page_holds[0] = 1  # the page's queue took the freed place
+    assert door.full() and not door.try_enter()
+    page_holds[0] = 0
+    assert door.try_enter() and door.held() == 3
+    refusal = door.busy()
+    assert (refusal.status, refusal.code) == (429, "busy")
+    assert "3 transcriptions (SENSEVOICE_MAX_QUEUE + SENSEVOICE_WORKERS)" in refusal.message

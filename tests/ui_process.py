@@ -24,8 +24,13 @@ def free_port() -> int:
 @dataclass
 class UiProcess:
     process: subprocess.Popen
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT, whatever address it listens on
     log_path: Path
+    work_dir: Path  # its cwd; gradio/ is its GRADIO_TEMP_DIR, tmp/ its TMPDIR
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.work_dir / "gradio"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -41,8 +46,13 @@ class UiProcess:
 
 
 def start_ui(work_dir: Path, supervisor_address: str, **env: str) -> UiProcess:
-    """Start the UI against a supervisor address and wait until /health answers."""
+    """Start the UI against a supervisor address and wait until /health answers.
+
+    env: SENSEVOICE_* settings by their lower-case suffix (ui_host="0.0.0.0", max_queue="2").
+    Its temporary files stay under work_dir (TMPDIR, GRADIO_TEMP_DIR).
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "tmp").mkdir(exist_ok=True)
     port = free_port()
     environment = {
         **os.environ,
@@ -50,6 +60,7 @@ def start_ui(work_dir: Path, supervisor_address: str, **env: str) -> UiProcess:
         "SENSEVOICE_UI_PORT": str(port),
         "SENSEVOICE_CACHE_DIR": str(work_dir / "cache"),
         "GRADIO_TEMP_DIR": str(work_dir / "gradio"),
+        "TMPDIR": str(work_dir / "tmp"),
         **{f"SENSEVOICE_{key.upper()}": value for key, value in env.items()},
     }
     log_path = work_dir / "ui.log"
@@ -57,7 +68,7 @@ def start_ui(work_dir: Path, supervisor_address: str, **env: str) -> UiProcess:
         process = subprocess.Popen([sys.executable, "-m", "ui"], cwd=work_dir, env=environment,
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     STARTED.append(process)
-    ui = UiProcess(process, f"http://127.0.0.1:{port}", log_path)
+    ui = UiProcess(process, f"http://127.0.0.1:{port}", log_path, work_dir)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

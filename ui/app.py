@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
 import gradio as gr
 from fastapi import FastAPI
+from gradio.utils import get_upload_folder
 
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import ServiceStatus
 from sensevoice_core.settings import Settings
-from ui.blocks import CSS, EXAMPLES_DIR, build_blocks
-from ui.gateway import Gateway
+from ui.blocks import CSS, build_blocks
+from ui.downloads import SubtitleFiles
+from ui.gateway import FrontDoor, Gateway
+from ui.gradio_guard import TRANSCRIBE_API, GradioGuard, queued_transcriptions
 from ui.metrics import ServiceMetrics
 from ui.openai_api import build_openai_router
 from ui.ops import build_ops_router
+from ui.uploads import EXAMPLES_DIR
 
 SCRAPE_STATUS_TIMEOUT_S = 2.0
+
+
+def front_door_capacity(settings: Settings) -> int:
+    """What the supervisor can hold: its queue, plus the request each worker serves."""
+    return settings.max_queue + settings.workers
 
 
 def create_app(settings: Settings, client: SupervisorClient | None = None) -> FastAPI:
@@ -26,12 +39,28 @@ def create_app(settings: Settings, client: SupervisorClient | None = None) -> Fa
         except ServiceError:
             return None
 
-    gateway = Gateway(settings, client, ServiceMetrics(scrape_status))
-    app = FastAPI(title="SenseVoice Serve", docs_url="/docs", redoc_url=None)
+    door = FrontDoor(front_door_capacity(settings))
+    gateway = Gateway(settings, client, ServiceMetrics(scrape_status, door.held, door.capacity),
+                      door)
+    subtitles = SubtitleFiles(Path(get_upload_folder()))
+    subtitles.open()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            subtitles.close()
+
+    app = FastAPI(title="SenseVoice Serve", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.include_router(build_ops_router(gateway))
     app.include_router(build_openai_router(gateway))
+    page = build_blocks(gateway, subtitles)
+    door.count_also(queued_transcriptions(page))
+    [transcribe_fn] = [fn for fn in page.fns.values() if fn.api_name == TRANSCRIBE_API]
+    app.add_middleware(GradioGuard, gateway=gateway, transcribe_fn_index=transcribe_fn._id)
     return gr.mount_gradio_app(
-        app, build_blocks(gateway), path="/", server_name=settings.ui_host,
+        app, page, path="/", server_name=settings.ui_host,
         server_port=settings.ui_port, allowed_paths=[str(EXAMPLES_DIR)],
         max_file_size=int(settings.max_upload_mb * 1024 * 1024), footer_links=["api"],
         ssr_mode=False, css=CSS,

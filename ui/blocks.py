@@ -6,22 +6,20 @@ Handlers are plain functions over the ``Gateway``; every failure reaches the use
 
 from __future__ import annotations
 
-import tempfile
-import time
-import uuid
 from collections.abc import Iterator
 from html import escape
-from pathlib import Path
 
 import gradio as gr
 import soundfile
 
 from sensevoice_core.client import ServiceError
-from sensevoice_core.protocol import TranscribeReply
-from sensevoice_core.subtitles import to_srt
+from ui.downloads import KEEP_S, SubtitleFiles
 from ui.gateway import LANGUAGE_CHOICES, Gateway, RequestFailed
+from ui.gradio_guard import TRANSCRIBE_API, TRANSCRIBE_GROUP
+from ui.uploads import EXAMPLES_DIR, uploaded_file
 from ui.views import (
     SEGMENT_COLUMNS,
+    public_status,
     reload_summary,
     segment_rows,
     short_fingerprint,
@@ -29,9 +27,7 @@ from ui.views import (
     tags_html,
 )
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 STATUS_REFRESH_S = 5.0
-DOWNLOAD_KEEP_S = 3600  # subtitle files offered for download are deleted after an hour
 TRANSCRIBE_THREADS = 32  # of Gradio's 40 worker threads; the rest stay free for status and reload
 CSS = """
 .sv-tags { display: flex; gap: .5rem; flex-wrap: wrap; margin: .25rem 0; }
@@ -58,21 +54,21 @@ def audio_seconds(path: str) -> float | None:
 
 
 class PageHandlers:
-    def __init__(self, gateway: Gateway):
+    def __init__(self, gateway: Gateway, subtitles: SubtitleFiles):
         self.gateway = gateway
-        self.srt_dir = Path(tempfile.mkdtemp(prefix="sensevoice-srt-"))
+        self.subtitles = subtitles
 
     def transcribe(self, audio_path: str | None, language: str, use_itn: bool,
                    vad_threshold: float, progress: gr.Progress = gr.Progress()
                    ) -> tuple[str, str, list[list[object]], str | None]:
         if not audio_path:
             raise user_error("Upload or record some audio first.")
-        path = Path(audio_path)
+        path = uploaded_file(audio_path)
         try:
             audio = path.read_bytes()
         except OSError as e:
             raise user_error(f"Cannot read the uploaded file {path.name}: {e.strerror}.") from None
-        seconds = audio_seconds(audio_path)
+        seconds = audio_seconds(str(path))
         progress(0.0, desc=f"Transcribing {seconds:.1f} s of audio…" if seconds else
                  "Transcribing…")
         try:
@@ -80,30 +76,23 @@ class PageHandlers:
                                             vad_threshold)
         except RequestFailed as e:
             raise user_error(e.message) from None
-        return reply.text, tags_html(reply), segment_rows(reply), self.write_srt(reply, path)
+        subtitles = self.subtitles.write(reply.segments, path.stem) if reply.segments else None
+        return (reply.text, tags_html(reply, self.gateway.settings.ui_is_loopback()),
+                segment_rows(reply), subtitles)
 
-    def write_srt(self, reply: TranscribeReply, audio_path: Path) -> str | None:
-        """The subtitles as a file for the download button (None when there is no speech)."""
-        if not reply.segments:
-            return None
-        for old in self.srt_dir.glob("*.srt"):  # keep the folder from growing without end
-            if time.time() - old.stat().st_mtime > DOWNLOAD_KEEP_S:
-                old.unlink(missing_ok=True)
-        target = self.srt_dir / f"{audio_path.stem}-{uuid.uuid4().hex[:8]}.srt"
-        target.write_text(to_srt(reply.segments), encoding="utf-8")
-        return str(target)
-
-    def status(self) -> tuple[str, dict]:
+    def status(self, admin_token: str | None = None) -> tuple[str, dict]:
+        internals = self.gateway.shows_internals(admin_token)
         try:
-            status = self.gateway.status()
+            status = self.gateway.status(internals)
         except RequestFailed as e:
             return status_markdown(None, e.message), {}
-        return status_markdown(status), status.model_dump(mode="json")
+        details = status.model_dump(mode="json") if internals else public_status(status)
+        return status_markdown(status, full=internals), details
 
     def reload(self, admin_token: str | None) -> Iterator[tuple[str, dict]]:
         try:
             self.gateway.check_admin(admin_token)
-            before = self.gateway.status()
+            before = self.gateway.status(internals=True)
         except RequestFailed as e:
             raise user_error(e.message) from None
         serving = short_fingerprint(before.model.fingerprint if before.model else None)
@@ -115,7 +104,7 @@ class PageHandlers:
         except (RequestFailed, ServiceError) as e:
             raise user_error(f"Reload failed: {e}. The old model is still serving.") from None
         try:
-            after = self.gateway.status()
+            after = self.gateway.status(internals=True)
         except RequestFailed as e:
             yield status_markdown(None, e.message, note=reload_summary(outcome)), {}
             return
@@ -123,10 +112,10 @@ class PageHandlers:
                after.model_dump(mode="json"))
 
 
-def build_blocks(gateway: Gateway) -> gr.Blocks:
-    handlers = PageHandlers(gateway)
+def build_blocks(gateway: Gateway, subtitles: SubtitleFiles) -> gr.Blocks:
+    handlers = PageHandlers(gateway, subtitles)
     needs_token = gateway.settings.reload_needs_token()
-    with gr.Blocks(title="SenseVoice Serve", delete_cache=(3600, DOWNLOAD_KEEP_S)) as page:
+    with gr.Blocks(title="SenseVoice Serve", delete_cache=(3600, KEEP_S)) as page:
         gr.Markdown("## SenseVoice Serve\nSpeech recognition with language, emotion and "
                     "audio-event tags. Upload or record audio, then Transcribe.")
         with gr.Row():
@@ -151,8 +140,8 @@ def build_blocks(gateway: Gateway) -> gr.Blocks:
                 with gr.Accordion("Segments", open=True):
                     segments = gr.Dataframe(headers=list(SEGMENT_COLUMNS), interactive=False,
                                             wrap=True, elem_id="segments")
-                    subtitles = gr.File(label="Subtitles (SRT)", interactive=False,
-                                        elem_id="srt-download")
+                    subtitle_file = gr.File(label="Subtitles (SRT)", interactive=False,
+                                            elem_id="srt-download")
         examples = example_rows()
         if examples:
             gr.Examples(examples, inputs=[audio, language, itn], label="Examples (demo clips)")
@@ -166,14 +155,16 @@ def build_blocks(gateway: Gateway) -> gr.Blocks:
                 details = gr.JSON(elem_id="status-details")
 
         transcribe_button.click(handlers.transcribe, [audio, language, itn, vad_threshold],
-                                [transcript, tags, segments, subtitles],
-                                api_name="transcribe",
-                                concurrency_limit=min(gateway.settings.max_queue, TRANSCRIBE_THREADS))
+                                [transcript, tags, segments, subtitle_file],
+                                api_name=TRANSCRIBE_API, concurrency_id=TRANSCRIBE_GROUP,
+                                concurrency_limit=min(gateway.door.capacity, TRANSCRIBE_THREADS))
         reload_button.click(handlers.reload, [admin_token], [model_status, details],
                             api_name="reload", concurrency_limit=1)
-        page.load(handlers.status, None, [model_status, details], api_name="status",
+        # The token (when typed in) shows the operator's view: paths, pids, reload errors.
+        page.load(handlers.status, [admin_token], [model_status, details], api_name="status",
                   concurrency_limit=None)
-        gr.Timer(STATUS_REFRESH_S).tick(handlers.status, None, [model_status, details],
+        gr.Timer(STATUS_REFRESH_S).tick(handlers.status, [admin_token], [model_status, details],
                                         api_visibility="private", show_progress="hidden",
                                         concurrency_limit=None)
-    return page
+    # Every call goes through the queue, where the front door counts it: no direct /run/ route.
+    return page.queue(api_open=False)

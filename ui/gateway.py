@@ -7,8 +7,10 @@ Every failure becomes a ``RequestFailed`` with an HTTP status and a sentence a u
 from __future__ import annotations
 
 import hmac
-import re
+import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -18,6 +20,8 @@ from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus
 from sensevoice_core.settings import Settings
 from sensevoice_core.vocab import Language, language_of
 from ui.metrics import ServiceMetrics
+
+logger = logging.getLogger("sensevoice.ui")
 
 # Supervisor error code -> HTTP status.
 HTTP_STATUS = {
@@ -33,7 +37,17 @@ HTTP_STATUS = {
     "timeout": 504,
     "internal": 500,
 }
+# What a caller who may not see internals reads instead of the service's own sentence, which
+# can name paths, addresses and pids; that sentence goes to this process's log.
+PUBLIC_MESSAGES = {
+    "unavailable": "The transcription service is unavailable right now; retry in a few seconds",
+    "shutting_down": "The transcription service is restarting; retry in a few seconds",
+    "worker_lost": "the worker transcribing this audio stopped twice; the audio may be the cause",
+    "timeout": "the transcription took longer than the service allows",
+    "internal": "the transcription service failed on this request; its log says why",
+}
 LANGUAGE_CHOICES = tuple(lang.value for lang in Language if lang is not Language.NOSPEECH)
+RETRY_AFTER_S = 1  # what a refused (busy) or unavailable caller is told to wait
 
 
 @dataclass
@@ -47,13 +61,57 @@ class RequestFailed(Exception):
         return self.message
 
 
+class FrontDoor:
+    """The transcriptions this UI process holds at once, across the HTTP API and the page.
+
+    The bound is what the supervisor can hold (SENSEVOICE_MAX_QUEUE waiting plus one per
+    worker, SENSEVOICE_WORKERS): anything more would only wait here, unbounded, or be refused
+    there later. Beyond it a caller is refused at once (429), never made to wait.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entered = 0
+        self._lock = threading.Lock()
+        self._held_elsewhere: Callable[[], int] = lambda: 0
+
+    def count_also(self, held_elsewhere: Callable[[], int]) -> None:
+        """Requests held outside this object (the page's queue) that count against the bound."""
+        self._held_elsewhere = held_elsewhere
+
+    def held(self) -> int:
+        return self._entered + self._held_elsewhere()
+
+    def full(self) -> bool:
+        return self.held() >= self.capacity
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self._entered + self._held_elsewhere() >= self.capacity:
+                return False
+            self._entered += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._entered -= 1
+
+    def busy(self) -> RequestFailed:
+        return RequestFailed(429, "busy", f"the service is busy: it already holds "
+                                          f"{self.capacity} transcriptions (SENSEVOICE_MAX_QUEUE "
+                                          f"+ SENSEVOICE_WORKERS); retry in {RETRY_AFTER_S} s")
+
+
 class Gateway:
-    def __init__(self, settings: Settings, client: SupervisorClient, metrics: ServiceMetrics):
+    def __init__(self, settings: Settings, client: SupervisorClient, metrics: ServiceMetrics,
+                 door: FrontDoor):
         self.settings = settings
         self.client = client
         self.metrics = metrics
-        # Their own thread slots, so slow transcriptions never starve /ready or /metrics.
-        self.transcribe_slots = anyio.CapacityLimiter(settings.max_queue)
+        self.door = door
+        # Their own thread slots, so slow transcriptions never starve /ready or /metrics; one
+        # per request the front door admits, so an admitted request never waits for a thread.
+        self.transcribe_slots = anyio.CapacityLimiter(door.capacity)
         self.status_slots = anyio.CapacityLimiter(4)
 
     @property
@@ -82,39 +140,65 @@ class Gateway:
             self.check_upload(len(audio), name)
             try:
                 reply = self.client.transcribe(audio, language, use_itn,
-                                               vad_threshold=vad_threshold)
+                                               vad_threshold=vad_threshold, filename=name)
             except ServiceError as e:
-                message = re.sub(r"^<\d+ bytes of audio>", lambda _: name, e.message)
-                raise RequestFailed(HTTP_STATUS.get(e.code, 500), e.code, message,
-                                    "file" if e.code in ("bad_audio", "too_long") else None)
+                internals = self.settings.ui_is_loopback()
+                if not internals and e.code in PUBLIC_MESSAGES:  # the caller is not told why
+                    logger.warning("Transcription of %s failed (%s): %s", name, e.code, e.message)
+                raise self.failure(e, internals, "file" if e.code in ("bad_audio", "too_long")
+                                   else None) from None
         except RequestFailed as e:
             self.metrics.request_done(endpoint, e.code, time.perf_counter() - start, 0.0)
             raise
         self.metrics.request_done(endpoint, "ok", time.perf_counter() - start, reply.duration_s)
         return reply
 
+    def refused(self, endpoint: str) -> RequestFailed:
+        """The front door is full: count the refusal and say so."""
+        self.metrics.request_done(endpoint, "busy", 0.0, 0.0)
+        return self.door.busy()
+
+    def failure(self, error: ServiceError, internals: bool,
+                param: str | None = None) -> RequestFailed:
+        """The service's error for a caller; one who may not see internals gets a plain one."""
+        status = HTTP_STATUS.get(error.code, 500)
+        message = error.message
+        if not internals and error.code in PUBLIC_MESSAGES:
+            message = PUBLIC_MESSAGES[error.code]
+        elif status == 503:
+            message = f"The transcription service is unavailable: {message}"
+        return RequestFailed(status, error.code, message, param)
+
     def reload(self, token: str | None, origin: str = "ui") -> ReloadOutcome:
         self.check_admin(token)
         try:
             return self.client.reload(ReloadRequest(origin=origin))  # type: ignore[arg-type]
         except ServiceError as e:
-            raise RequestFailed(HTTP_STATUS.get(e.code, 500), e.code, e.message) from None
+            raise self.failure(e, internals=True) from None
+
+    def token_matches(self, token: str | None) -> bool:
+        expected = self.settings.admin_token
+        return (expected is not None and bool(token) and
+                hmac.compare_digest(str(token).encode(), expected.get_secret_value().encode()))
 
     def check_admin(self, token: str | None) -> None:
         if not self.settings.reload_needs_token():
             return
-        expected = self.settings.admin_token
-        if expected is None:
+        if self.settings.admin_token is None:
             raise RequestFailed(
                 403, "reload_disabled",
                 f"reloading from the UI is off: it listens on {self.settings.ui_host}, not "
                 f"loopback; set SENSEVOICE_ADMIN_TOKEN to allow it")
-        if not token or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
-            raise RequestFailed(403, "forbidden", "reloading needs the admin token "
-                                                  "(SENSEVOICE_ADMIN_TOKEN); the one given does not match")
+        if not self.token_matches(token):
+            raise RequestFailed(403, "forbidden", "reloading needs the admin token (SENSEVOICE_"
+                                                  "ADMIN_TOKEN); the one given does not match")
 
-    def status(self) -> ServiceStatus:
+    def shows_internals(self, token: str | None) -> bool:
+        """Paths, pids and the service's own error sentences: for loopback, or the admin token."""
+        return self.settings.ui_is_loopback() or self.token_matches(token)
+
+    def status(self, internals: bool) -> ServiceStatus:
         try:
             return self.client.status()
         except ServiceError as e:
-            raise RequestFailed(HTTP_STATUS.get(e.code, 503), e.code, e.message) from None
+            raise self.failure(e, internals) from None

@@ -1,15 +1,16 @@
 """Prometheus metrics for GET /metrics.
 
-Requests, latency and audio seconds are counted here, at the front door. Reloads, worker
-restarts and the cache level of the last load belong to the supervisor: they are read from its
-status at scrape time, so reloads triggered by the watcher or the CLI count too.
+Requests, latency and audio seconds are counted here, at the front door, with how many
+transcriptions it holds now and at most. Reloads, worker restarts and the cache level of the
+last load belong to the supervisor: they are read from its status at scrape time, so reloads
+triggered by the watcher or the CLI count too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -69,8 +70,13 @@ class SupervisorCollector(Collector):
 
 
 class ServiceMetrics:
-    def __init__(self, fetch_status: Callable[[], ServiceStatus | None]):
+    def __init__(self, fetch_status: Callable[[], ServiceStatus | None],
+                 front_door_held: Callable[[], int], front_door_capacity: int):
         self.registry = CollectorRegistry()
+        Gauge("sensevoice_front_door_requests", "transcriptions this UI process holds now "
+              "(HTTP API and page)", registry=self.registry).set_function(front_door_held)
+        Gauge("sensevoice_front_door_capacity", "transcriptions this UI process holds at most; "
+              "beyond it callers get 429", registry=self.registry).set(front_door_capacity)
         self.requests = Counter("sensevoice_requests", "transcription requests by endpoint "
                                 "and outcome (ok or an error code)",
                                 ["endpoint", "outcome"], registry=self.registry)

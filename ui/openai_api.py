@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 
 from sensevoice_core.protocol import TranscribeReply
 from sensevoice_core.subtitles import to_srt, to_vtt
-from ui.gateway import Gateway, RequestFailed
+from ui.gateway import RETRY_AFTER_S, Gateway, RequestFailed
 
 MODEL_ID = "sensevoice-small"
 MODEL_CARD = {"id": MODEL_ID, "object": "model", "created": 1719792000, "owned_by": "sensevoice-serve"}
@@ -30,18 +30,25 @@ LANGUAGE_NAMES = {"zh": "chinese", "en": "english", "yue": "cantonese", "ja": "j
 LANGUAGE_ALIASES = {name: code for code, name in LANGUAGE_NAMES.items()}
 MULTIPART_OVERHEAD = 1024 * 1024  # form fields and boundaries on top of the file itself
 MAX_FORM_FIELDS = 32  # OpenAI SDKs send list fields (include[], ...) once per item
-NOT_WORTH_RETRYING = {"worker_lost", "timeout", "bad_audio", "internal", "too_long"}
+RETRYABLE_4XX = {408, 409, 429}  # what OpenAI SDKs retry below 500
+SERVER_ERRORS_NOT_WORTH_RETRYING = {"worker_lost", "timeout", "internal"}
+
+
+def retry_headers(failure: RequestFailed) -> dict[str, str]:
+    """Tell OpenAI SDKs (which retry 408, 409, 429 and 5xx twice) what a retry can fix."""
+    if failure.status in (429, 503):
+        return {"Retry-After": str(RETRY_AFTER_S)}
+    if (failure.status < 500 and failure.status not in RETRYABLE_4XX) or \
+            failure.code in SERVER_ERRORS_NOT_WORTH_RETRYING:
+        return {"x-should-retry": "false"}
+    return {}
 
 
 def openai_error(failure: RequestFailed) -> JSONResponse:
     kind = "invalid_request_error" if failure.status < 500 else "server_error"
     if failure.status == 429:
         kind = "rate_limit_error"
-    headers = {}
-    if failure.code in NOT_WORTH_RETRYING:
-        headers["x-should-retry"] = "false"  # OpenAI SDKs retry 5xx twice otherwise
-    elif failure.status in (429, 503):
-        headers["Retry-After"] = "1"
+    headers = retry_headers(failure)
     return JSONResponse({"error": {"message": failure.message, "type": kind,
                                    "param": failure.param, "code": failure.code}},
                         status_code=failure.status, headers=headers)
@@ -118,16 +125,29 @@ def build_openai_router(gateway: Gateway) -> APIRouter:
     @router.post("/v1/audio/transcriptions")
     async def create_transcription(request: Request) -> Response:
         try:
+            check_length(request, gateway)
+        except RequestFailed as failure:
+            gateway.metrics.request_done("openai", failure.code, 0.0, 0.0)
+            return openai_error(failure)
+        # Refused at once when full, before the upload is read; but an upload being read
+        # holds no place, or a few clients sending slowly could keep everyone out.
+        if gateway.door.full():
+            return openai_error(gateway.refused("openai"))
+        try:
             form = await read_form(request, gateway)
         except RequestFailed as failure:
             gateway.metrics.request_done("openai", failure.code, 0.0, 0.0)
             return openai_error(failure)
+        if not gateway.door.try_enter():
+            return openai_error(gateway.refused("openai"))
         try:
             reply = await anyio.to_thread.run_sync(
                 gateway.transcribe, form.audio, form.name, form.language, form.use_itn,
                 "openai", form.vad_threshold, limiter=gateway.transcribe_slots)
         except RequestFailed as failure:
             return openai_error(failure)
+        finally:
+            gateway.door.leave()
         return render(reply, form.response_format)
 
     return router
@@ -143,7 +163,8 @@ class TranscriptionForm:
     vad_threshold: float | None
 
 
-async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
+def check_length(request: Request, gateway: Gateway) -> None:
+    """What the headers alone refuse: no length, too long, not a form."""
     declared = request.headers.get("content-length")
     if not declared or not declared.isdigit():
         # Without a length the body would be spooled to disk in full before any check.
@@ -157,6 +178,9 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestFailed(400, "bad_request", "expected a multipart/form-data body with a "
                                                 "'file' field", "file")
+
+
+async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
     try:
         form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
     except Exception as e:  # Starlette raises its own errors for malformed multipart bodies

@@ -1,9 +1,13 @@
-"""GET /health (this process is up), GET /ready (a worker is serving), GET /metrics (Prometheus)."""
+"""GET /health (this process is up), GET /ready (a worker is serving), GET /metrics (Prometheus).
+
+/ready names the model directory only to loopback callers, or with the admin token as
+`Authorization: Bearer <token>`; everyone else sees the fingerprint and readiness.
+"""
 
 from __future__ import annotations
 
 import anyio.to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -18,9 +22,10 @@ def build_ops_router(gateway: Gateway) -> APIRouter:
         return {"status": "ok"}
 
     @router.get("/ready")
-    async def ready() -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
+        internals = gateway.shows_internals(bearer_token(request))
         try:
-            status = await anyio.to_thread.run_sync(gateway.status,
+            status = await anyio.to_thread.run_sync(gateway.status, internals,
                                                     limiter=gateway.status_slots)
         except RequestFailed as failure:
             return JSONResponse({"status": "not_ready", "reason": failure.message},
@@ -31,9 +36,11 @@ def build_ops_router(gateway: Gateway) -> APIRouter:
                                                      for w in status.workers)
                       else "no worker is serving; see the supervisor's log")
             return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ready", "model_dir": status.model.model_dir,
-                             "fingerprint": status.model.fingerprint,
-                             "workers": len(serving), "reloading": status.reloading})
+        body = {"status": "ready", "fingerprint": status.model.fingerprint,
+                "workers": len(serving), "reloading": status.reloading}
+        if internals:
+            body["model_dir"] = status.model.model_dir
+        return JSONResponse(body)
 
     @router.get("/metrics")
     async def metrics() -> Response:
@@ -42,3 +49,9 @@ def build_ops_router(gateway: Gateway) -> APIRouter:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def bearer_token(request: Request) -> str | None:
+    """The admin token from `Authorization: Bearer <token>`, if sent."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None

@@ -19,8 +19,9 @@ def badge(kind: str, label: str) -> str:
     return f'<span class="sv-badge sv-{kind}" data-{kind}="{escape(label)}">{escape(label)}</span>'
 
 
-def tags_html(reply: TranscribeReply) -> str:
-    """Language, emotion and event as readable badges, plus where and how fast it ran."""
+def tags_html(reply: TranscribeReply, show_worker: bool) -> str:
+    """Language, emotion and event as readable badges, plus where and how fast it ran (the
+    worker's pid only for callers who may see internals)."""
     badges = []
     if reply.language:
         badges.append(badge("language", f"🌐 {LANGUAGE_LABELS.get(reply.language, reply.language)}"))
@@ -31,7 +32,8 @@ def tags_html(reply: TranscribeReply) -> str:
         emoji = EVENT_EMOJI.get(reply.event, "🗣️")
         badges.append(badge("event", f"{emoji} {reply.event.replace('_', ' ')}"))
     detail = (f"{reply.duration_s:.1f} s of audio in {reply.inference_s * 1000:.0f} ms · "
-              f"model {short_fingerprint(reply.fingerprint)} · worker pid {reply.worker_pid}")
+              f"model {short_fingerprint(reply.fingerprint)}"
+              + (f" · worker pid {reply.worker_pid}" if show_worker else ""))
     return (f'<div class="sv-tags">{" ".join(badges)}</div>'
             f'<div class="sv-detail">{escape(detail)}</div>')
 
@@ -68,7 +70,7 @@ def describe_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def reload_summary(outcome: ReloadOutcome) -> str:
+def reload_summary(outcome: ReloadOutcome, full: bool = True) -> str:
     if outcome.ok and outcome.old_fingerprint == outcome.new_fingerprint:
         return (f"✅ Model reloaded, unchanged (`{short_fingerprint(outcome.new_fingerprint)}`) in "
                 f"{outcome.seconds:.2f} s via {VIA.get(outcome.cache_level or '', outcome.cache_level)} "
@@ -77,13 +79,18 @@ def reload_summary(outcome: ReloadOutcome) -> str:
         return (f"✅ Model updated, new requests use it: `{short_fingerprint(outcome.old_fingerprint)}`"
                 f" → `{short_fingerprint(outcome.new_fingerprint)}` in {outcome.seconds:.2f} s via "
                 f"{VIA.get(outcome.cache_level or '', outcome.cache_level)} ({outcome.origin})")
-    return (f"❌ Reload failed ({outcome.origin}): {plain(outcome.error)}. The old model "
+    why = plain(outcome.error) if full else "the admin token shows why"
+    return (f"❌ Reload failed ({outcome.origin}): {why}. The old model "
             f"`{short_fingerprint(outcome.old_fingerprint)}` is still serving.")
 
 
 def status_markdown(status: ServiceStatus | None, problem: str | None = None,
-                    note: str | None = None) -> str:
-    """The model-status panel; `note` goes first (a reload in progress or its result)."""
+                    note: str | None = None, full: bool = True) -> str:
+    """The model-status panel; `note` goes first (a reload in progress or its result).
+
+    full=False leaves out what only the operator may see: the model's path, worker pids and
+    why a reload failed.
+    """
     lines = [note] if note else []
     if status is None:
         lines.append(f"⚠️ Service unavailable: {plain(problem)}")
@@ -93,10 +100,11 @@ def status_markdown(status: ServiceStatus | None, problem: str | None = None,
         lines.append("⏳ No model is serving yet (the first worker is loading).")
     else:
         ids = " · ".join(f"{key} `{value}`" for key, value in model.short_ids.items())
-        lines.append(f"**Model** {code(model.model_dir)}  \n**Fingerprint** `{short_fingerprint(model.fingerprint)}` ({ids})")
+        fingerprint = f"**Fingerprint** `{short_fingerprint(model.fingerprint)}` ({ids})"
+        lines.append(f"**Model** {code(model.model_dir)}  \n{fingerprint}" if full else fingerprint)
         lines.append(f"**Loaded from** {CACHE_LEVEL_LABELS.get(model.cache_level, model.cache_level)}"
                      f" in {model.load_s:.2f} s, warm-up {model.warmup_s:.2f} s")
-    workers = "; ".join(f"pid {w.pid} {w.role}, up {describe_age(w.age_s)}, "
+    workers = "; ".join(f"{f'pid {w.pid} ' if full else ''}{w.role}, up {describe_age(w.age_s)}, "
                         f"{w.requests_served} served" for w in status.workers)
     lines.append(f"**Workers** {workers or 'none'}  \n**Requests served** {status.requests_served}"
                  f" · in flight {status.in_flight} · queued {status.queued} · worker restarts "
@@ -105,5 +113,27 @@ def status_markdown(status: ServiceStatus | None, problem: str | None = None,
         lines.append("⏳ A reload is in progress; the current model keeps serving until the new "
                      "one passes its health check.")
     if status.last_reload is not None and note is None:
-        lines.append(f"**Last reload** {reload_summary(status.last_reload)}")
+        lines.append(f"**Last reload** {reload_summary(status.last_reload, full)}")
     return "\n\n".join(lines)
+
+
+def public_status(status: ServiceStatus) -> dict:
+    """The status for a caller who may not see internals: what serves and how it is doing,
+    without paths, pids, checksums or error sentences (a whitelist: new fields stay hidden)."""
+    model = status.model
+    last = status.last_reload
+    return {
+        "model": None if model is None else {
+            "fingerprint": model.fingerprint, "short_ids": model.short_ids,
+            "cache_level": model.cache_level, "load_s": model.load_s,
+            "warmup_s": model.warmup_s},
+        "workers": [{"role": w.role, "age_s": w.age_s, "requests_served": w.requests_served}
+                    for w in status.workers],
+        "queued": status.queued, "in_flight": status.in_flight,
+        "requests_served": status.requests_served, "worker_restarts": status.worker_restarts,
+        "reloading": status.reloading, "reload_counts": status.reload_counts,
+        "last_reload": None if last is None else {
+            "ok": last.ok, "origin": last.origin, "old_fingerprint": last.old_fingerprint,
+            "new_fingerprint": last.new_fingerprint, "seconds": last.seconds,
+            "cache_level": last.cache_level},
+    }

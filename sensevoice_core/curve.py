@@ -1,0 +1,85 @@
+"""ZeroMQ CURVE keys for a supervisor that listens off loopback (SENSEVOICE_CURVE_DIR).
+
+Layout of the directory (``python -m supervisor keygen DIR`` writes it, owner-only):
+``server.key`` / ``server.key_secret`` (the supervisor's pair; clients need ``server.key``),
+``client.key`` / ``client.key_secret`` (this machine's client identity) and ``clients/*.key``,
+the public keys of the clients the supervisor accepts. A client whose key is not in
+``clients/`` never completes the handshake, so it sees "no supervisor answers".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from sensevoice_core.errors import SenseVoiceError
+
+AUTHORIZED_DIR = "clients"
+
+
+class CurveKeyError(SenseVoiceError):
+    """A key file under SENSEVOICE_CURVE_DIR is missing or unreadable."""
+
+
+def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret_key = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise CurveKeyError(f"{path}: cannot read the CURVE key ({e}); create the keys with "
+                            f"`python -m supervisor keygen {path.parent}`") from None
+    if secret and secret_key is None:
+        raise CurveKeyError(f"{path}: holds no secret key")
+    return public, secret_key
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    directory: Path
+
+    def secure_server(self, socket: zmq.Socket) -> object:
+        """Make socket a CURVE server accepting only clients/*.key; returns the authenticator
+        thread, which must be stopped with the socket (``.stop()``)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = _load(self.directory / "server.key_secret", secret=True)
+        authorized = self.directory / AUTHORIZED_DIR
+        if not authorized.is_dir():
+            raise CurveKeyError(f"{authorized}: no such directory of authorized client keys")
+        authenticator = ThreadAuthenticator(socket.context)
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=str(authorized))
+        socket.curve_secretkey = secret
+        socket.curve_publickey = public
+        socket.curve_server = True
+        return authenticator
+
+    def secure_client(self, socket: zmq.Socket) -> None:
+        server_public, _ = _load(self.directory / "server.key", secret=False)
+        public, secret = _load(self.directory / "client.key_secret", secret=True)
+        socket.curve_serverkey = server_public
+        socket.curve_publickey = public
+        socket.curve_secretkey = secret
+
+
+def generate_keys(directory: Path) -> list[Path]:
+    """Write a server pair, a client pair and authorize that client; owner-only files."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    authorized = directory / AUTHORIZED_DIR
+    authorized.mkdir(mode=0o700, exist_ok=True)
+    old_umask = os.umask(0o077)
+    try:
+        written = []
+        for name in ("server", "client"):
+            public, secret = zmq.auth.create_certificates(str(directory), name)
+            written += [Path(public), Path(secret)]
+        shutil.copyfile(directory / "client.key", authorized / "client.key")
+        written.append(authorized / "client.key")
+    finally:
+        os.umask(old_umask)
+    return written

@@ -1,0 +1,62 @@
+"""Subtitle files offered for download by the page, in a folder of this process's own.
+
+The folder lies in Gradio's upload folder, so Gradio serves the files where they are (no
+copy), and is named after this process's pid: it is removed when the process exits, and one
+left by a process that was killed is recognised (its pid is gone) and removed at the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from sensevoice_core.atomic import write_bytes_atomic
+from sensevoice_core.subtitles import to_srt
+
+FOLDER_PREFIX = "sensevoice-srt-"
+KEEP_S = 3600  # files older than this are deleted when the next one is written
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class SubtitleFiles:
+    def __init__(self, root: Path):
+        self.folder = root / f"{FOLDER_PREFIX}{os.getpid()}"
+
+    def open(self) -> None:
+        """Create this process's folder, removing folders whose process is gone."""
+        parent = self.folder.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f"{FOLDER_PREFIX}*"):
+            pid = stale.name.removeprefix(FOLDER_PREFIX)
+            if stale == self.folder or (pid.isdigit() and not process_alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.folder.mkdir()
+
+    def write(self, segments: Sequence, stem: str) -> str:
+        """The SRT of segments as a file named after stem; its path."""
+        now = time.time()
+        for old in self.folder.glob("*.srt"):  # keep the folder from growing without end
+            try:
+                if now - old.stat().st_mtime > KEEP_S:
+                    old.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+        target = self.folder / f"{stem}-{uuid.uuid4().hex[:8]}.srt"
+        write_bytes_atomic(target, to_srt(segments).encode("utf-8"))
+        return str(target)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
