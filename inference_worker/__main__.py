@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     worker = InferenceWorker(args.worker_id, args.backend, settings)
-    signal.signal(signal.SIGTERM, worker.request_stop)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            # The supervisor died (PR_SET_PDEATHSIG): answers would have nowhere to go.
+            os._exit(0)
+        worker.request_stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if idle_boot:
         # Before any thread exists: threads inherit the policy of the thread creating them.
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))

@@ -274,7 +274,8 @@ class InferenceWorker:
 def reply_frames(reply: TranscribeReply | ErrorReply) -> list[bytes]:
     """The encoded reply, or an error for this request alone when it is too large to send."""
     frames = encode(reply)
-    if len(frames[0]) <= MAX_REPLY_HEADER_BYTES:
+    # The supervisor puts the client's request id (up to 64 characters) in place of its own.
+    if len(frames[0]) + 64 <= MAX_REPLY_HEADER_BYTES:
         return frames
     logger.error("Request %s: the result is %.1f MiB, over the %d MiB a reply may carry",
                  reply.request_id, len(frames[0]) / 2**20, MAX_REPLY_HEADER_BYTES >> 20)

@@ -10,9 +10,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 DIRECTORY_MODE = 0o755
 FILE_MODE = 0o644

@@ -30,6 +30,7 @@ MAX_NATIVE_RATE = 384_000
 BLOCK_S = 30.0  # seconds decoded at a time
 READ_CHUNK = 1 << 20  # samples x channels per soundfile read: bounds memory for many channels
 HEAD_BYTES = 65536  # enough of a file to find its WAV data chunk
+WAV_SIZE_PLACEHOLDER = 0x7FFF0000  # a WAV data size this large is a streaming writer's filler
 MP3_HEAD_BYTES = 4096  # after any ID3 tag: enough to find the first MP3 frame
 # A length the header states exactly still differs from what decodes by codec delay and padding
 # (under 0.3 s even for 8 kHz MP3 or AAC); a bigger shortfall means the file was cut short.
@@ -408,7 +409,10 @@ def wav_data_frames(head: bytes) -> int | None:
         if chunk == b"fmt " and at + 22 <= len(head):
             block_align = int.from_bytes(head[at + 20:at + 22], "little")
         if chunk == b"data":
-            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            # Writers that stream (to a pipe) cannot go back to fill the size in: they leave 0
+            # or a value near 2 or 4 GiB (espeak-ng: 0x7FFFFFFF less the header).
+            unknown = size == 0 or size >= WAV_SIZE_PLACEHOLDER
+            return size // block_align if block_align and not unknown else None
         at += 8 + size + (size & 1)
     return None
 

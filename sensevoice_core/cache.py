@@ -3,6 +3,13 @@
 ``load_sensevoice_cached`` follows the seed's six steps: L3 check -> L2 -> repair -> strict
 local load -> write L2 + L3 -> return. A cache that cannot be read or written degrades to a
 logged warning and a direct load; it never stops a model from loading.
+
+What is trusted, and why it is enough: L3 only names a snapshot (a ``stat`` per file). The
+snapshot is served only if its own checksummed header says it was built from this directory's
+files with the checksums L3 holds, and, the first time this process maps that file, its data
+hashes to the checksum in its header (reading it also pages the weights in). When no snapshot
+confirms L3, the files are hashed while they are loaded, so neither the model nor its label
+ever rests on ``model_path.json`` alone.
 """
 
 from __future__ import annotations
@@ -23,15 +30,16 @@ from filelock import FileLock, Timeout
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.loader import ModelFiles, load_model, model_files
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
-from sensevoice_core.path_cache import ROLES, FileRecord, PathCache, PathRecord
+from sensevoice_core.path_cache import FileIdentity, PathCache, PathRecord
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import (
     SnapshotError,
-    load_snapshot,
+    SnapshotSource,
+    check_source,
+    open_snapshot,
     read_header,
     snapshot_path,
-    verify_data,
     write_snapshot,
 )
 
@@ -122,23 +130,34 @@ def resolve_model_dir(path: str | Path | None, settings: Settings) -> ModelFiles
     return model_files(model_dir)
 
 
-def _snapshot_trusted(record: PathRecord, path: Path) -> bool:
-    """True when L3 saw this exact snapshot file (same size and mtime) when it was written."""
-    if record.snapshot is None or record.snapshot.path != str(path):
-        return False
-    stat = path.stat()
-    return stat.st_size == record.snapshot.size and stat.st_mtime_ns == record.snapshot.mtime_ns
+class _VerifiedSnapshots:
+    """The snapshot files whose data this process has hashed (or written): a file is hashed
+    the first time a process maps it, and again only if its identity changed since."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: set[tuple[str, FileIdentity]] = set()
+
+    def __contains__(self, key: tuple[str, FileIdentity]) -> bool:
+        with self._lock:
+            return key in self._files
+
+    def add(self, key: tuple[str, FileIdentity]) -> None:
+        with self._lock:
+            self._files.add(key)
 
 
-def _file_record(path: Path, sha256: str) -> FileRecord:
-    stat = path.stat()
-    return FileRecord(path=str(path), size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=sha256)
+_verified = _VerifiedSnapshots()
+
+
+def _warn(report: LoadReport, message: str) -> None:
+    logger.warning(message)
+    report.warnings.append(message)
 
 
 def _discard(path: Path, reason: str, report: LoadReport) -> None:
-    message = f"L2 snapshot {path} discarded ({reason}); rebuilding it from the model directory"
-    logger.warning(message)
-    report.warnings.append(message)
+    _warn(report, f"L2 snapshot {path} discarded ({reason}); loading from the model directory "
+                  f"and rebuilding it")
     _remove(path)
 
 
@@ -151,43 +170,56 @@ def _remove(path: Path) -> None:
 
 
 def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
-                       report: LoadReport) -> SenseVoice | None:
+                       report: LoadReport, timer: _StepTimer, step: str) -> SenseVoice | None:
+    """The snapshot's model if it was built from exactly these files and its data is whole.
+
+    The data is hashed (first map in this process) on other threads while the module tree is
+    built; mapping and building are timed as `step`, the wait for the hash as "verify_l2".
+    """
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
-        if not _snapshot_trusted(record, path):
-            data_sha256 = verify_data(path)  # unknown to L3: read it all once, then trust it
-            report.bytes_read += path.stat().st_size
-            record.snapshot = _file_record(path, data_sha256)
-        return load_snapshot(path, record.fingerprint, settings.device)
-    except (SnapshotError, ModelFileError, OSError, RuntimeError) as e:
+        with timer(step):
+            mapped = open_snapshot(path)
+            check_source(path, mapped.metadata, record.fingerprint, SnapshotSource.of(record))
+            key = (str(path), mapped.identity)
+            hashing = None if key in _verified else pool.submit(mapped.verify)
+            model = mapped.build(settings.device)
+        if hashing is not None:
+            with timer("verify_l2"):
+                hashing.result()
+            report.bytes_read += mapped.identity.size
+            _verified.add(key)
+        return model
+    except SnapshotError as e:
+        _discard(path, e.problem, report)
+    except (ModelFileError, OSError, RuntimeError) as e:
         _discard(path, str(e), report)
-        record.snapshot = None
-        return None
+    finally:
+        pool.shutdown(wait=True)  # a build that failed still waits for the hash to end
+    return None
 
 
 def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings: Settings,
                     report: LoadReport) -> None:
-    """Write L2 under a lock; a second process arriving meanwhile reuses the finished file."""
+    """Write L2 under a lock; a second process arriving meanwhile reuses the finished file
+    (the data of a file this process did not write is hashed when it is mapped)."""
+    source = SnapshotSource.of(record)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path.with_suffix(".lock")), timeout=SNAPSHOT_LOCK_TIMEOUT_S):
             try:
                 _, metadata, _ = read_header(path)
-                if metadata.get("fingerprint") == record.fingerprint:
-                    record.snapshot = _file_record(path, metadata["data_sha256"])
-                    return
-            except SnapshotError:
-                pass  # absent or broken: (re)write it
-            data_sha256 = write_snapshot(path, model, {"fingerprint": record.fingerprint,
-                                                       "code_version": record.code_version})
-            record.snapshot = _file_record(path, data_sha256)
+                check_source(path, metadata, record.fingerprint, source)
+            except SnapshotError:  # absent, broken or not ours: (re)write it
+                write_snapshot(path, model, source, {"fingerprint": record.fingerprint,
+                                                     "code_version": record.code_version})
+                _verified.add((str(path), FileIdentity.of(path)))  # hashed as it was written
         prune_snapshots(path.parent, settings.keep_snapshots, keep=path)
         report.snapshot = path
     except (OSError, Timeout) as e:
-        message = (f"cannot write L2 snapshot {path} ({e}); serving from a direct load. "
-                   f"Fix: make {settings.cache_dir} writable with free space, or set "
-                   f"SENSEVOICE_DISABLE_CACHE=true")
-        logger.warning(message)
-        report.warnings.append(message)
+        _warn(report, f"cannot write L2 snapshot {path} ({e}); serving from a direct load. "
+                      f"Fix: make {settings.cache_dir} writable with free space, or set "
+                      f"SENSEVOICE_DISABLE_CACHE=true")
         report.snapshot = None
 
 
@@ -233,44 +265,37 @@ def load_sensevoice_cached(
         record = path_cache.unchanged_record(files)  # a stat per file, no hashing
     l3_hit, loaded = record is not None, None
     if record is None:
-        # New or changed files must be hashed before L2 can be looked up. Load the model
-        # from the directory meanwhile, on the other core: if no snapshot turns out to match,
-        # that load was needed anyway, and the slower of the two sets the time.
-        with timer("hash_and_load"), ThreadPoolExecutor(max_workers=1) as pool:
-            hashing = pool.submit(path_cache.record_for, files)
-            loaded = load_model(files.directory, settings.device)
-            record = hashing.result()
+        loaded, record = _hash_and_load(files, path_cache, settings, timer)
     report = LoadReport(level="fresh", model_dir=files.directory.resolve(), layout=files.layout,
-                        fingerprint=record.fingerprint, short_ids=record.short_ids(),
-                        snapshot=None, steps_s=steps, bytes_hashed=path_cache.bytes_hashed,
-                        bytes_read=path_cache.bytes_hashed,
-                        file_sha256={role: rec.sha256 for role, rec in record.files.items()},
-                        file_paths={role: rec.path for role, rec in record.files.items()})
+                        fingerprint="", short_ids={}, snapshot=None, steps_s=steps)
+    _label(report, record)
 
     if holder is not None and not force_fresh and holder.fingerprint == record.fingerprint:
         model = holder.get_model()
         if model is not None:
             report.level = "L1"
-            return model, report
+            return model, _finish(report, path_cache)
 
     use_l2 = not settings.disable_cache
-    snapshot = snapshot_path(settings.cache_dir, record.fingerprint)
+    snapshot = snapshot_path(settings.cache_dir, record.fingerprint, record.model_dir)
     if force_fresh and use_l2:
         _remove(snapshot)
-        record.snapshot = None
     model = None
-    known_snapshot = record.snapshot
     if use_l2 and snapshot.is_file() and not force_fresh:
-        with timer("l2"):
-            model = _try_load_snapshot(snapshot, record, settings, report)
+        model = _try_load_snapshot(snapshot, record, settings, report, timer, "l2")
         if model is not None:
             report.level, report.snapshot = "L2", snapshot
     if model is None and loaded is None:
-        with timer("load"):
-            loaded = load_model(files.directory, settings.device)
-    if loaded is not None:
-        report.bytes_read += sum(getattr(files, role).stat().st_size for role in ROLES)
+        # L3 named a model that no snapshot confirmed: hash the files while loading them.
+        claimed = record
+        loaded, record = _hash_and_load(files, path_cache, settings, timer)
+        if record.fingerprint != claimed.fingerprint:
+            _warn(report, _stale_entry_message(path_cache, claimed, record))
+        _label(report, record)
+        snapshot = snapshot_path(settings.cache_dir, record.fingerprint, record.model_dir)
     if model is None:
+        assert loaded is not None
+        report.bytes_read += sum(rec.size for rec in record.files.values())
         model = loaded
         if use_l2:
             with timer("write_l2"):
@@ -278,18 +303,53 @@ def load_sensevoice_cached(
             if report.snapshot is not None and settings.device == "cpu":
                 # Serve from the mapped snapshot too: its pages are shared page cache, where
                 # the freshly loaded copy is private memory of this process.
-                with timer("map_l2"):
-                    mapped = _try_load_snapshot(snapshot, record, settings, report)
-                    if mapped is not None:
-                        model = mapped
+                mapped = _try_load_snapshot(snapshot, record, settings, report, timer, "map_l2")
+                if mapped is not None:
+                    model = mapped
     if loaded is not None and loaded is not model:
         del loaded  # the fresh copy, replaced by a mapped snapshot
         _return_freed_memory_to_os()
-    if not (l3_hit and report.level == "L2" and record.snapshot == known_snapshot):
+    if not (l3_hit and report.level == "L2"):
         with timer("write_l3"):
             _store(path_cache, record, report)
+    _finish(report, path_cache)
     logger.info("Loaded model %s", report.summary())
     return model, report
+
+
+def _hash_and_load(files: ModelFiles, path_cache: PathCache, settings: Settings,
+                   timer: _StepTimer) -> tuple[SenseVoice, PathRecord]:
+    """Hash every model file while loading the model from them, on the other core: if no
+    snapshot turns out to match, that load was needed anyway, and the slower of the two sets
+    the time."""
+    with timer("hash_and_load"), ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(path_cache.record_for, files)
+        loaded = load_model(files.directory, settings.device)
+        return loaded, hashing.result()
+
+
+def _label(report: LoadReport, record: PathRecord) -> None:
+    report.fingerprint = record.fingerprint
+    report.short_ids = record.short_ids()
+    report.file_sha256 = {role: rec.sha256 for role, rec in record.files.items()}
+    report.file_paths = {role: rec.path for role, rec in record.files.items()}
+
+
+def _stale_entry_message(path_cache: PathCache, claimed: PathRecord, hashed: PathRecord) -> str:
+    wrong = [f"{role} {Path(rec.path).name} sha256 {claimed.files[role].sha256[:16]}, "
+             f"now {rec.sha256[:16]}" for role, rec in hashed.files.items()
+             if claimed.files[role].sha256 != rec.sha256]
+    return (f"L3 entry for {hashed.model_dir} in {path_cache.path} was wrong ("
+            f"{'; '.join(wrong) or 'fingerprint'}) though every file kept its identity: "
+            f"was model_path.json edited? Loaded from the files and rewrote the entry")
+
+
+def _finish(report: LoadReport, path_cache: PathCache) -> LoadReport:
+    """Count the bytes hashed and put L3's own warnings, which came first, before the rest."""
+    report.bytes_hashed = path_cache.bytes_hashed
+    report.bytes_read += path_cache.bytes_hashed
+    report.warnings[:0] = path_cache.warnings
+    return report
 
 
 def _return_freed_memory_to_os() -> None:
@@ -304,7 +364,7 @@ def _return_freed_memory_to_os() -> None:
 def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings) -> None:
     cached = path_cache.read().entries.get(str(files.directory.resolve()))
     if cached is not None:
-        _remove(snapshot_path(settings.cache_dir, cached.fingerprint))
+        _remove(snapshot_path(settings.cache_dir, cached.fingerprint, cached.model_dir))
         try:
             path_cache.forget(files.directory)
         except (OSError, Timeout) as e:
@@ -315,7 +375,5 @@ def _store(path_cache: PathCache, record: PathRecord, report: LoadReport) -> Non
     try:
         path_cache.store(record)
     except (OSError, Timeout) as e:
-        message = (f"cannot write L3 {path_cache.path} ({e}); the next start re-hashes the "
-                   f"model files. Fix: make the cache directory writable")
-        logger.warning(message)
-        report.warnings.append(message)
+        _warn(report, f"cannot write L3 {path_cache.path} ({e}); the next start re-hashes the "
+                      f"model files. Fix: make the cache directory writable")

@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from sensevoice_core.curve import CurveKeys
+from sensevoice_core.curve import ClientKeys, CurveKeyError
 from sensevoice_core.errors import REQUEST_AUDIO, AudioError, SenseVoiceError
 from sensevoice_core.protocol import (
     STATUS_TIMEOUT_S,
@@ -43,12 +43,13 @@ from sensevoice_core.protocol import (
     decode_reply,
     encode,
 )
-from sensevoice_core.settings import Settings, load_settings
+from sensevoice_core.settings import LOOPBACK_HOSTS, Settings, load_settings
 
 REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
 CONNECT_TIMEOUT_S = 3.0  # a supervisor completes the ZeroMQ handshake well within this
 HEARTBEAT_IVL_MS = 1000  # ZMTP pings on each connection...
 HEARTBEAT_TIMEOUT_MS = 3000  # ...and a connection with no answer this long is dropped
+REMOTE_HEARTBEAT_TIMEOUT_MS = 30_000  # off loopback (tcp with CURVE)
 MAX_IDLE_SOCKETS = 16  # sockets kept for reuse; more concurrent requests open (and close) more
 
 
@@ -73,7 +74,11 @@ class SupervisorClient:
         self.settings = settings or load_settings()
         self.address = address or self.settings.client_address()
         self._context = zmq.Context.instance()
-        self._curve = self.settings.curve_keys(self.address)
+        keys = self.settings.curve_keys(self.address)
+        try:
+            self._curve = keys.client() if keys is not None else None
+        except CurveKeyError as e:
+            raise ServiceError("bad_request", str(e)) from None
         self._idle: list[_Connection] = []
         self._generation = 0  # close() bumps it; sockets of an older one are not reused
         self._lock = threading.Lock()
@@ -163,23 +168,35 @@ class SupervisorClient:
                     f"within {CONNECT_TIMEOUT_S:g} s); start the service with `python -m "
                     f"supervisor`, or check SENSEVOICE_SUPERVISOR_ADDRESS and the CURVE keys")
             limit = deadline if connection.connected else min(deadline, connect_deadline)
-            ready = dict(poller.poll(max(0.0, limit - now) * 1000))
-            if connection.monitor in ready:
-                connection.update()
-                if connection.lost:
-                    raise ServiceUnavailableError(
-                        f"the supervisor at {self.address} went away before answering (it "
-                        f"stopped or died); the request was not completed, retry it when the "
-                        f"service is back")
-            if connection.socket in ready:
-                try:
-                    reply = decode_reply(connection.socket.recv_multipart())
-                except ProtocolError:
-                    continue
-                if reply.request_id in (request_id, None):
-                    return reply
+            poller.poll(max(0.0, limit - now) * 1000)
+            # The socket first: a reply that arrived just before the connection closed (a
+            # supervisor that answered, then stopped) is still this request's answer.
+            if (reply := self._read_reply(connection, request_id)) is not None:
+                return reply
+            connection.update()
+            if connection.lost:
+                raise ServiceUnavailableError(
+                    f"the supervisor at {self.address} went away or closed the connection "
+                    f"before answering (it stopped or died, or the request was over its "
+                    f"SENSEVOICE_MAX_REQUEST_MB); the request was not completed")
         raise ServiceUnavailableError(f"no reply from the supervisor at {self.address} within "
                                       f"{timeout:g} s")
+
+    @staticmethod
+    def _read_reply(connection: _Connection, request_id: str):
+        """This request's reply if one is waiting; replies to older requests are dropped."""
+        while True:
+            try:
+                frames = connection.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                reply = decode_reply(frames)
+            except ProtocolError as e:
+                raise ServiceError("internal", f"the supervisor's reply could not be read "
+                                               f"({e})") from None
+            if reply.request_id in (request_id, None):
+                return reply
 
     def __enter__(self) -> SupervisorClient:
         return self
@@ -222,13 +239,16 @@ class _Connection:
     HEARTBEAT_TIMEOUT_MS, even in the middle of a long request.
     """
 
-    def __init__(self, context: zmq.Context, address: str, curve: CurveKeys | None):
+    def __init__(self, context: zmq.Context, address: str, curve: ClientKeys | None):
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        # A heartbeat is answered only after the message before it has arrived whole: over a
+        # slow network link a large reply takes longer than a local one ever does.
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS if is_local(address)
+                               else REMOTE_HEARTBEAT_TIMEOUT_MS)
         if curve is not None:
-            curve.secure_client(self.socket)
+            curve.apply(self.socket)
         self.monitor = self.socket.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.connected = False  # a supervisor completed the handshake
@@ -251,6 +271,13 @@ class _Connection:
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+def is_local(address: str) -> bool:
+    """ipc, or tcp on a loopback host."""
+    if not address.startswith("tcp://"):
+        return True
+    return address[len("tcp://"):].rsplit(":", 1)[0] in LOOPBACK_HOSTS
 
 
 def _encode_audio(audio: Any, filename: str | None) -> tuple[str, bytes]:

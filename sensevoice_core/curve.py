@@ -58,16 +58,34 @@ class CurveKeys:
         socket.curve_server = True
         return authenticator
 
-    def secure_client(self, socket: zmq.Socket) -> None:
+    def client(self) -> ClientKeys:
+        """This machine's client identity and the server's public key, read once."""
         server_public, _ = _load(self.directory / "server.key", secret=False)
         public, secret = _load(self.directory / "client.key_secret", secret=True)
-        socket.curve_serverkey = server_public
-        socket.curve_publickey = public
-        socket.curve_secretkey = secret
+        assert secret is not None
+        return ClientKeys(server_public, public, secret)
 
 
-def generate_keys(directory: Path) -> list[Path]:
-    """Write a server pair, a client pair and authorize that client; owner-only files."""
+@dataclass(frozen=True)
+class ClientKeys:
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    def apply(self, socket: zmq.Socket) -> None:
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.public
+        socket.curve_secretkey = self.secret
+
+
+def generate_keys(directory: Path, force: bool = False) -> list[Path]:
+    """Write a server pair, a client pair and authorize that client; owner-only files.
+    Existing keys are kept unless force: replacing the server's pair cuts off every client."""
+    existing = [p for p in (directory / "server.key_secret", directory / "client.key_secret")
+                if p.exists()]
+    if existing and not force:
+        raise CurveKeyError(f"{existing[0]} already exists; replacing it would cut off every "
+                            f"client that has the old keys (use --force to replace them)")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     authorized = directory / AUTHORIZED_DIR

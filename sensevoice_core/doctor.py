@@ -2,7 +2,9 @@
 
 Model path (or every rejected candidate and why), each model file, the L3 and L2 caches, torch
 and CUDA, the offline flags and the effective settings. The first problem found decides the
-exit status and is named on the last line.
+exit status and is named on the last line. A cache entry found wrong (an L2 snapshot that
+fails its checks, with --verify an L3 entry whose checksums the files contradict) is removed,
+as the next load would remove it, so that nothing can use it meanwhile.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import Timeout
 
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.loader import model_files
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
-from sensevoice_core.path_cache import ROLES, PathCache, sha256_file
+from sensevoice_core.path_cache import ROLES, FileIdentity, PathCache, PathRecord
 from sensevoice_core.settings import Settings
-from sensevoice_core.snapshot import SnapshotError, read_header, snapshot_path, verify_data
+from sensevoice_core.snapshot import (
+    SnapshotError,
+    SnapshotSource,
+    check_source,
+    open_snapshot,
+    read_header,
+    snapshot_path,
+)
 
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -46,69 +56,107 @@ def _path_checks(hint: str | Path | None, settings: Settings) -> tuple[list[Chec
                   {"path": str(chosen), "candidates": listing})], chosen
 
 
-def _file_checks(model_dir: Path, settings: Settings, verify: bool) -> list[Check]:
+def _file_checks(model_dir: Path, path_cache: PathCache,
+                 hashed: PathRecord | None) -> list[Check]:
+    """One line per model file; with --verify (hashed) its sha256 against L3's."""
     files = model_files(model_dir)
-    cached = PathCache(settings.cache_dir).read().entries.get(str(model_dir.resolve()))
+    cached = path_cache.read().entries.get(str(model_dir.resolve()))
     checks = []
     for role in ROLES:
         path: Path = getattr(files, role).resolve()
-        stat = path.stat()
+        identity = FileIdentity.of(path)
         old = cached.files.get(role) if cached else None
-        same = old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-        if verify:
-            digest = sha256_file(path)
-            status = ("sha256 matches L3" if old and digest == old.sha256
-                      else f"sha256 {digest[:16]}" + (" (differs from L3)" if old else ""))
+        same = old is not None and old.path == str(path) and old.identity() == identity
+        ok = True
+        if hashed is not None:
+            digest = hashed.files[role].sha256
+            if old is None or digest == old.sha256:
+                status = "sha256 matches L3" if old else f"sha256 {digest[:16]}"
+            else:
+                # Unchanged identity but other bytes: the entry, not the file, is wrong.
+                ok = not same
+                status = (f"sha256 {digest[:16]} differs from L3's {old.sha256[:16]}"
+                          + (" although the file's identity (inode, ctime, size, mtime) is "
+                             "unchanged: model_path.json was edited" if same else ""))
         else:
             status = (f"unchanged since cached (sha256 {old.sha256[:16]})" if same
                       else "not in L3 yet" if old is None else "changed since cached")
-        checks.append(Check(f"file {role}", True, f"{path.name}: {stat.st_size:,} bytes, {status}",
-                            {"path": str(path), "size": stat.st_size}))
+        checks.append(Check(f"file {role}", ok, f"{path.name}: {identity.size:,} bytes, {status}",
+                            {"path": str(path), "size": identity.size}))
     return checks
 
 
-def _cache_checks(model_dir: Path | None, settings: Settings, verify: bool) -> list[Check]:
+def _cache_checks(model_dir: Path | None, settings: Settings, path_cache: PathCache,
+                  hashed: PathRecord | None) -> list[Check]:
     cache_dir = settings.cache_dir.resolve()
     checks = [_writable_check(cache_dir)]
-    path_cache = PathCache(cache_dir)
-    content = path_cache.read()
-    entry = content.entries.get(str(model_dir.resolve())) if model_dir else None
     if model_dir is None:
         return checks
-    if entry is None:
+    entry = path_cache.read().entries.get(str(model_dir.resolve()))
+    unchanged = path_cache.unchanged_record(model_files(model_dir)) if entry else None
+    if path_cache.warnings:
+        checks.append(Check("L3 path cache", False,
+                            "; ".join(path_cache.warnings) + ". The next load rewrites it"))
+    elif entry is None:
         checks.append(Check("L3 path cache", True,
                             f"{path_cache.path}: no entry for this model yet (the next load "
                             "hashes its files once)"))
-        return checks
-    files = model_files(model_dir)
-    reused = path_cache.unchanged_record(files) is not None
-    record = path_cache.record_for(files)
-    checks.append(Check("L3 path cache", True,
-                        f"{path_cache.path}: {'valid' if reused else 'stale, will be refreshed'}"
-                        f", fingerprint {record.fingerprint[:16]}",
-                        {"fingerprint": record.fingerprint, "valid": reused}))
+    elif unchanged and hashed and hashed.fingerprint != unchanged.fingerprint:
+        checks.append(Check("L3 path cache", False,
+                            f"{path_cache.path}: the entry for {model_dir.resolve()} names "
+                            f"fingerprint {unchanged.fingerprint[:16]}, the files hash to "
+                            f"{hashed.fingerprint[:16]}. {_forget_entry(path_cache, model_dir)}"))
+    else:
+        record = unchanged or hashed or path_cache.record_for(model_files(model_dir))
+        checks.append(Check("L3 path cache", True,
+                            f"{path_cache.path}: "
+                            f"{'valid' if unchanged else 'stale, will be refreshed'}, "
+                            f"fingerprint {record.fingerprint[:16]}",
+                            {"fingerprint": record.fingerprint, "valid": unchanged is not None}))
     if settings.disable_cache:
         checks.append(Check("L2 snapshot", True, "disabled (SENSEVOICE_DISABLE_CACHE=true)"))
         return checks
-    snapshot = snapshot_path(cache_dir, record.fingerprint)
-    if not snapshot.is_file():
-        checks.append(Check("L2 snapshot", True,
-                            f"{snapshot}: not built yet (the next load builds it)"))
-        return checks
-    try:
-        _, metadata, _ = read_header(snapshot)
-        if metadata.get("fingerprint") != record.fingerprint:
-            raise SnapshotError(snapshot, "fingerprint differs from the model's")
-        if verify:
-            verify_data(snapshot)
-        size = snapshot.stat().st_size
-        checks.append(Check("L2 snapshot", True,
-                            f"{snapshot}: valid{' (data verified)' if verify else ''}, "
-                            f"{size / 2**20:.1f} MiB", {"path": str(snapshot), "size": size}))
-    except SnapshotError as e:
-        checks.append(Check("L2 snapshot", False,
-                            f"{e}. It will be discarded and rebuilt on the next load"))
+    record = hashed or unchanged or path_cache.record_for(model_files(model_dir))
+    checks.append(_snapshot_check(cache_dir, record, verify=hashed is not None))
     return checks
+
+
+def _forget_entry(path_cache: PathCache, model_dir: Path) -> str:
+    try:
+        path_cache.forget(model_dir)
+        return "Removed the entry; the next load hashes the files"
+    except (OSError, Timeout) as e:
+        return f"Could not remove the entry ({e}). Fix: delete {path_cache.path}"
+
+
+def _snapshot_check(cache_dir: Path, record: PathRecord, verify: bool) -> Check:
+    """The snapshot for this record, checked as a load checks it; a bad one is removed, as a
+    load would remove it, so that nothing can use it meanwhile."""
+    snapshot = snapshot_path(cache_dir, record.fingerprint, record.model_dir)
+    if not snapshot.is_file():
+        return Check("L2 snapshot", True, f"{snapshot}: not built yet (the next load builds it)")
+    source = SnapshotSource.of(record)
+    try:
+        if verify:
+            mapped = open_snapshot(snapshot)
+            check_source(snapshot, mapped.metadata, record.fingerprint, source)
+            mapped.verify()
+            del mapped
+        else:
+            _, metadata, _ = read_header(snapshot)
+            check_source(snapshot, metadata, record.fingerprint, source)
+    except SnapshotError as e:
+        try:
+            snapshot.unlink()
+            outcome = "Removed it; the next load rebuilds it"
+        except OSError as unlink_error:
+            outcome = (f"Could not remove it ({unlink_error.strerror}); every load checks it "
+                       f"and will refuse it. Fix: delete it")
+        return Check("L2 snapshot", False, f"{e}. {outcome}", {"path": str(snapshot)})
+    size = snapshot.stat().st_size
+    return Check("L2 snapshot", True,
+                 f"{snapshot}: valid{' (data verified)' if verify else ''}, "
+                 f"{size / 2**20:.1f} MiB", {"path": str(snapshot), "size": size})
 
 
 def _writable_check(cache_dir: Path) -> Check:
@@ -145,13 +193,17 @@ def _environment_checks(settings: Settings) -> list[Check]:
 
 def run_checks(hint: str | Path | None, settings: Settings, verify: bool = False) -> list[Check]:
     checks, model_dir = _path_checks(hint, settings)
+    path_cache = PathCache(settings.cache_dir.resolve())  # warns once about a broken L3
+    hashed = None
     if model_dir is not None:
         try:
-            checks += _file_checks(model_dir, settings, verify)
+            # --verify: every file hashed once, for its own line and for the caches' checks.
+            hashed = path_cache.record_for(model_files(model_dir)) if verify else None
+            checks += _file_checks(model_dir, path_cache, hashed)
         except (ModelFileError, OSError) as e:
             checks.append(Check("model files", False, str(e)))
             model_dir = None
-    checks += _cache_checks(model_dir, settings, verify)
+    checks += _cache_checks(model_dir, settings, path_cache, hashed)
     checks += _environment_checks(settings)
     return checks
 

@@ -1,14 +1,22 @@
 """L3: ``cache/model_path.json``, the resolved model path plus per-file checksums.
 
-Validating an entry when nothing changed costs one ``stat`` per file; a file is hashed again
-only when its size or mtime changed. The fingerprint names the model for the L2 snapshot and
-for logs: a hash of the weights, config, tokenizer and CMVN checksums plus the code version.
+An entry is a hint that names the model (its fingerprint, hence its L2 snapshot) without
+hashing: it is taken when every file still has the identity it had when it was hashed (a
+``stat`` each: size, mtime, and the inode and ctime, which no tool can set back, so a file
+changed in place with its mtime restored is hashed again) and when its fingerprint is the hash
+of its checksums. The snapshot it names must then confirm it (see ``cache.py``); a file is
+hashed again whenever its identity changed. The fingerprint names the model for the L2
+snapshot and for logs: a hash of the weights, config, tokenizer and CMVN checksums plus the
+code version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +32,10 @@ if TYPE_CHECKING:  # the loader imports torch; the supervisor hashes files witho
 logger = logging.getLogger("sensevoice.cache")
 
 PATH_CACHE_NAME = "model_path.json"
-PATH_CACHE_VERSION = 1
+PATH_CACHE_VERSION = 2  # 2: file identity (inode, ctime) beside size and mtime
 # Bump when the snapshot's tensors or metadata change meaning; it is part of every fingerprint.
-SNAPSHOT_FORMAT = 1
+# 2: chunked data checksum, source files' checksums in the metadata, one snapshot per directory.
+SNAPSHOT_FORMAT = 2
 ROLES = ("weights", "config", "tokenizer", "cmvn")
 HASH_CHUNK = 1 << 24
 LOCK_TIMEOUT_S = 30.0
@@ -38,11 +47,34 @@ def code_version() -> str:
     return f"{__version__}+snapshot{SNAPSHOT_FORMAT}"
 
 
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a ``stat`` says about a file. ctime and inode cannot be set by ``utime`` or a copy
+    that preserves times, so an equal identity means the same, unrewritten file."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity:
+        stat = os.stat(path)
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 class FileRecord(BaseModel):
     path: str
     size: int
     mtime_ns: int
+    device: int
+    inode: int
+    ctime_ns: int
     sha256: str
+
+    def identity(self) -> FileIdentity:
+        return FileIdentity(self.device, self.inode, self.size, self.mtime_ns, self.ctime_ns)
 
 
 class PathRecord(BaseModel):
@@ -51,7 +83,6 @@ class PathRecord(BaseModel):
     files: dict[str, FileRecord]  # role -> record, roles as in ROLES
     code_version: str
     fingerprint: str
-    snapshot: FileRecord | None = None  # the L2 file built from these files, as last seen
 
     def short_ids(self) -> dict[str, str]:
         """8-hex ids for log lines: config, weights, code."""
@@ -60,6 +91,11 @@ class PathRecord(BaseModel):
             "weights": self.files["weights"].sha256[:8],
             "code": hashlib.sha256(self.code_version.encode()).hexdigest()[:8],
         }
+
+    def consistent(self) -> bool:
+        """Its fingerprint is the hash of its own checksums (a hand-edited entry is not)."""
+        return (set(self.files) == set(ROLES)
+                and self.fingerprint == fingerprint_of(self.files, self.code_version))
 
 
 class PathCacheFile(BaseModel):
@@ -82,11 +118,20 @@ def fingerprint_of(files: dict[str, FileRecord], version: str) -> str:
 
 
 class PathCache:
-    """Read, validate and atomically rewrite ``<cache_dir>/model_path.json``."""
+    """Read, validate and atomically rewrite ``<cache_dir>/model_path.json``.
+
+    Problems with the file are logged once per instance (one load) and kept in ``warnings``.
+    """
 
     def __init__(self, cache_dir: Path):
         self.path = cache_dir / PATH_CACHE_NAME
         self.bytes_hashed = 0
+        self.warnings: list[str] = []
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            logger.warning(message)
 
     def read(self) -> PathCacheFile:
         try:
@@ -94,69 +139,67 @@ class PathCache:
         except FileNotFoundError:
             return PathCacheFile()
         except OSError as e:
-            logger.warning("L3 cache %s is unreadable (%s); checksums will be recomputed",
-                           self.path, e)
+            self._warn(f"L3 cache {self.path} is unreadable ({e.strerror}); checksums will be "
+                       f"recomputed. Fix: make it readable, or delete it")
             return PathCacheFile()
         try:
-            content = PathCacheFile.model_validate_json(raw)
-            if content.version != PATH_CACHE_VERSION:
-                raise ValueError(f"version {content.version}, expected {PATH_CACHE_VERSION}")
-            return content
-        except (ValidationError, ValueError) as e:
-            logger.warning("L3 cache %s is corrupt (%s); ignoring it, it will be rewritten",
-                           self.path, str(e).splitlines()[0])
+            version = json.loads(raw).get("version")
+        except (ValueError, AttributeError):
+            version = None
+        if isinstance(version, int) and version != PATH_CACHE_VERSION:
+            logger.info("L3 cache %s has format %d, this version writes %d; rebuilding it",
+                        self.path, version, PATH_CACHE_VERSION)
+            return PathCacheFile()
+        try:
+            return PathCacheFile.model_validate_json(raw)
+        except ValidationError as e:
+            error = e.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "the file"
+            self._warn(f"L3 cache {self.path} is corrupt ({where}: {error['msg']}); ignoring "
+                       f"it, it will be rewritten")
             return PathCacheFile()
 
     def unchanged_record(self, files: ModelFiles) -> PathRecord | None:
-        """The cached record if every file has the size and mtime it had; else None."""
-        cached = self.read().entries.get(str(files.directory.resolve()))
+        """The cached record if every file has the identity it had when hashed; else None."""
+        model_dir = str(files.directory.resolve())
+        cached = self.read().entries.get(model_dir)
         if cached is None or cached.code_version != code_version():
+            return None
+        if not cached.consistent():
+            self._warn(f"L3 entry for {model_dir} in {self.path} is inconsistent: its "
+                       f"fingerprint {cached.fingerprint[:16]} is not the hash of its file "
+                       f"checksums (edited by hand?); ignoring it and hashing the files")
             return None
         for role in ROLES:
             path = getattr(files, role).resolve()
-            old = cached.files.get(role)
+            old = cached.files[role]
             try:
-                stat = path.stat()
+                identity = FileIdentity.of(path)
             except OSError:
                 return None  # record_for names the file
-            if old is None or (old.path, old.size, old.mtime_ns) != (
-                    str(path), stat.st_size, stat.st_mtime_ns):
+            if old.path != str(path) or old.identity() != identity:
                 return None
         return cached
 
     def record_for(self, files: ModelFiles) -> PathRecord:
-        """A current record for these files: cached checksums where size and mtime match."""
-        model_dir = str(files.directory.resolve())
-        cached = self.read().entries.get(model_dir)
-        version = code_version()
+        """A record for these files, every one of them hashed now."""
         records: dict[str, FileRecord] = {}
-        unchanged = cached is not None and cached.code_version == version
         for role in ROLES:
             path = getattr(files, role).resolve()
             try:
-                stat = path.stat()
-            except OSError as e:
-                raise ModelFileError(path, f"cannot read {role} file: {e.strerror}") from e
-            old = cached.files.get(role) if cached else None
-            if (old is not None and old.path == str(path) and old.size == stat.st_size
-                    and old.mtime_ns == stat.st_mtime_ns):
-                records[role] = old
-                continue
-            unchanged = False
-            self.bytes_hashed += stat.st_size
-            try:
+                identity = FileIdentity.of(path)
                 digest = sha256_file(path)
             except OSError as e:
                 raise ModelFileError(path, f"cannot read {role} file: {e.strerror}") from e
-            records[role] = FileRecord(path=str(path), size=stat.st_size,
-                                       mtime_ns=stat.st_mtime_ns, sha256=digest)
-        if unchanged and cached is not None:
-            return cached
-        fingerprint = fingerprint_of(records, version)
-        # Touched but identical files keep their fingerprint, and with it the known snapshot.
-        snapshot = cached.snapshot if cached and cached.fingerprint == fingerprint else None
-        return PathRecord(model_dir=model_dir, layout=files.layout, files=records,
-                          code_version=version, fingerprint=fingerprint, snapshot=snapshot)
+            self.bytes_hashed += identity.size
+            records[role] = FileRecord(path=str(path), size=identity.size,
+                                       mtime_ns=identity.mtime_ns, device=identity.device,
+                                       inode=identity.inode, ctime_ns=identity.ctime_ns,
+                                       sha256=digest)
+        version = code_version()
+        return PathRecord(model_dir=str(files.directory.resolve()), layout=files.layout,
+                          files=records, code_version=version,
+                          fingerprint=fingerprint_of(records, version))
 
     def store(self, record: PathRecord) -> None:
         """Record this model as the last one resolved. Raises OSError if the cache is not writable."""
@@ -176,4 +219,3 @@ class PathCache:
         """Read-modify-write under a lock, so processes loading other models keep their entries."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.path) + ".lock", timeout=LOCK_TIMEOUT_S)
-

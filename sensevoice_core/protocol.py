@@ -28,11 +28,13 @@ SPAWN_TIMEOUT_S = 60.0  # a fresh worker process must say hello within this (tor
 MAX_HEADER_BYTES = 64 * 1024  # a request's JSON header is small; anything larger is malformed
 # A reply carries every segment and token id: three hours of speech is well under 2 MiB.
 MAX_REPLY_HEADER_BYTES = 16 * 1024 * 1024
-STATUS_TIMEOUT_S = 5.0
+STATUS_TIMEOUT_S = 5.0  # client wait for a status reply
 # A worker serving a request that has run this long is given one more (on its second compute
-# thread), so that one long upload does not hold up every short request behind it.
+# thread), so that one long upload does not hold up every short request behind it...
 LONG_REQUEST_S = 2.0
-MAX_REQUESTS_PER_WORKER = 2  # client wait for a status reply
+MAX_REQUESTS_PER_WORKER = 2
+# ...if that one is small: 4 MiB is two minutes of 16 kHz 16-bit wav, or about four of MP3.
+BESIDE_LONG_MAX_BYTES = 4 * 1024 * 1024
 
 # Worker exit codes. The supervisor does not respawn in a loop on the boot/load errors.
 EXIT_OK = 0

@@ -1,11 +1,16 @@
-"""L2: one self-describing, inference-ready safetensors file per model fingerprint.
+"""L2: one self-describing, inference-ready safetensors file per model directory and fingerprint.
 
 The file holds the model's tensors, the CMVN vectors and the tokenizer's bytes, and its
-metadata holds the dims, the frontend config, the source files' checksums and a sha256 of the
-data section, so it can be checked and loaded with nothing else. We write and map it ourselves
-(the safetensors layout: u64 header length, JSON header, data) so that loading is one
-``mmap``: tensors are views of the file's pages, shared between processes through the page
-cache, never copied and never unpickled. safetensors' own reader accepts these files.
+metadata holds the dims, the frontend config, the source directory and its files' checksums,
+and a sha256 of the data section, so it can be checked and loaded with nothing else. We write
+and map it ourselves (the safetensors layout: u64 header length, JSON header, data) so that
+loading is one ``mmap``: tensors are views of the file's pages, shared between processes
+through the page cache, never copied and never unpickled. safetensors' own reader accepts
+these files.
+
+The data checksum is a sha256 over the sha256 of each DATA_CHUNK_BYTES chunk of the data
+section, so that checking it runs on every core; reading the mapped pages to hash them also
+maps the pages the first transcription would fault in anyway.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +31,7 @@ from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.frontend import CMVN
 from sensevoice_core.loader import build_model
+from sensevoice_core.path_cache import FileIdentity, PathRecord
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.tokenizer import Tokenizer
 
@@ -31,6 +39,8 @@ SNAPSHOT_MAGIC = "sensevoice-snapshot"
 CMVN_SHIFT, CMVN_SCALE, TOKENIZER_BYTES = "cmvn.shift", "cmvn.scale", "tokenizer.model"
 MAX_HEADER_BYTES = 64 << 20
 SNAPSHOT_MODE = 0o444
+DATA_CHUNK_BYTES = 16 << 20  # small enough to keep 16 cores busy on a full-size model
+OPEN_ATTEMPTS = 3  # the file was replaced (renamed over) while being opened: open the new one
 _DTYPES = {torch.float32: "F32", torch.uint8: "U8"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
@@ -40,15 +50,104 @@ class SnapshotError(SenseVoiceError):
 
     def __init__(self, path: Path, problem: str):
         self.path = path
+        self.problem = problem
         super().__init__(f"{path}: {problem}")
 
 
-def snapshot_path(cache_dir: Path, fingerprint: str) -> Path:
-    return cache_dir / "snapshots" / f"sensevoice-{fingerprint[:16]}.safetensors"
+@dataclass(frozen=True)
+class SnapshotSource:
+    """The model directory a snapshot is built from, and its files' sha256 and size by role."""
+
+    model_dir: str
+    files: dict[str, tuple[str, int]]
+
+    @classmethod
+    def of(cls, record: PathRecord) -> SnapshotSource:
+        return cls(model_dir=record.model_dir,
+                   files={role: (rec.sha256, rec.size) for role, rec in record.files.items()})
+
+    def to_metadata(self) -> dict[str, str]:
+        files = {role: {"sha256": sha256, "size": size}
+                 for role, (sha256, size) in sorted(self.files.items())}
+        return {"source_dir": self.model_dir, "source_files": json.dumps(files)}
+
+    @classmethod
+    def from_metadata(cls, path: Path, metadata: dict[str, str]) -> SnapshotSource:
+        try:
+            files = json.loads(metadata["source_files"])
+            return cls(model_dir=str(metadata["source_dir"]),
+                       files={str(role): (str(entry["sha256"]), int(entry["size"]))
+                              for role, entry in files.items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SnapshotError(path, f"bad source metadata ({type(e).__name__}: {e}); "
+                                      "written by another version") from e
 
 
-def write_snapshot(path: Path, model: SenseVoice, metadata: dict[str, str]) -> str:
-    """Write atomically (temp + fsync + rename); returns the sha256 of the data section."""
+def snapshot_path(cache_dir: Path, fingerprint: str, model_dir: str) -> Path:
+    """One snapshot per fingerprint and model directory: each is checked against its source
+    directory, so two copies of one model each get their own rather than evicting each other."""
+    directory_id = hashlib.sha256(model_dir.encode()).hexdigest()[:12]
+    return cache_dir / "snapshots" / f"sensevoice-{fingerprint[:16]}-{directory_id}.safetensors"
+
+
+def check_source(path: Path, metadata: dict[str, str], fingerprint: str,
+                 expected: SnapshotSource) -> None:
+    """Raise SnapshotError naming both sides unless the snapshot was built from exactly the
+    expected files in the expected directory."""
+    found = metadata.get("fingerprint", "?")
+    if found != fingerprint:
+        raise SnapshotError(path, f"its fingerprint {found[:16]} is not {fingerprint[:16]}, the "
+                                  f"fingerprint of {expected.model_dir}")
+    source = SnapshotSource.from_metadata(path, metadata)
+    if source.model_dir != expected.model_dir:
+        raise SnapshotError(path, f"it was built from {source.model_dir}, not from "
+                                  f"{expected.model_dir}, the directory being loaded")
+    for role, (sha256, size) in expected.files.items():
+        built_from = source.files.get(role)
+        if built_from != (sha256, size):
+            was = (f"sha256 {built_from[0][:16]}, {built_from[1]:,} bytes" if built_from
+                   else "no record")
+            raise SnapshotError(path, f"it was built from a {role} file with {was}; the one in "
+                                      f"{expected.model_dir} has sha256 {sha256[:16]}, "
+                                      f"{size:,} bytes")
+
+
+class _ChunkedDigest:
+    """sha256 over the sha256 of each DATA_CHUNK_BYTES chunk, fed sequentially."""
+
+    def __init__(self) -> None:
+        self._digests: list[bytes] = []
+        self._chunk = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), DATA_CHUNK_BYTES - self._filled)
+            self._chunk.update(data[:take])
+            self._filled += take
+            data = data[take:]
+            if self._filled == DATA_CHUNK_BYTES:
+                self._digests.append(self._chunk.digest())
+                self._chunk, self._filled = hashlib.sha256(), 0
+
+    def hexdigest(self) -> str:
+        tail = [self._chunk.digest()] if self._filled else []
+        return hashlib.sha256(b"".join(self._digests + tail)).hexdigest()
+
+
+def chunked_sha256(data: memoryview, threads: int) -> str:
+    """The same digest as _ChunkedDigest, the chunks hashed on up to `threads` threads
+    (hashlib releases the GIL for large buffers)."""
+    chunks = [data[start:start + DATA_CHUNK_BYTES]
+              for start in range(0, len(data), DATA_CHUNK_BYTES)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks) or 1))) as pool:
+        digests = list(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def write_snapshot(path: Path, model: SenseVoice, source: SnapshotSource,
+                   metadata: dict[str, str]) -> str:
+    """Write atomically (temp + fsync + rename); returns the checksum of the data section."""
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous()
                for key, value in model.model.state_dict().items()}
     tensors[CMVN_SHIFT] = model.cmvn.shift.contiguous()
@@ -65,12 +164,13 @@ def write_snapshot(path: Path, model: SenseVoice, metadata: dict[str, str]) -> s
         offset += size
     metadata = {
         **metadata,
+        **source.to_metadata(),
         "format": "pt",
         "snapshot": SNAPSHOT_MAGIC,
         "dims": json.dumps(asdict(model.model.dims)),
         "frontend": json.dumps(asdict(model.frontend)),
-        "source_dir": str(model.model_dir),
         "source_layout": model.layout,
+        "data_chunk_bytes": str(DATA_CHUNK_BYTES),
     }
 
     # Read-only: the file is mapped by every process serving it, and an in-place write
@@ -80,7 +180,7 @@ def write_snapshot(path: Path, model: SenseVoice, metadata: dict[str, str]) -> s
         # of fixed length, is written first with placeholders and rewritten at the end.
         placeholder = _header_bytes(entries, metadata, "0" * 64)
         handle.write(placeholder)
-        digest = hashlib.sha256()
+        digest = _ChunkedDigest()
         for tensor in tensors.values():
             raw = _raw_bytes(tensor)
             digest.update(raw)
@@ -130,7 +230,7 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     if not isinstance(header, dict):
         raise SnapshotError(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", {})
-    if metadata.get("snapshot") != SNAPSHOT_MAGIC:
+    if not isinstance(metadata, dict) or metadata.get("snapshot") != SNAPSHOT_MAGIC:
         raise SnapshotError(path, "not a SenseVoice snapshot")
     data_start = 8 + header_size
     expected_end = 0
@@ -152,58 +252,94 @@ def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
     return header, metadata, data_start
 
 
-def verify_data(path: Path) -> str:
-    """Hash the data section and compare it with the checksum in the metadata (reads it all);
-    returns that checksum."""
-    _, metadata, data_start = read_header(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(data_start)
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    if digest.hexdigest() != metadata.get("data_sha256"):
-        raise SnapshotError(path, "data checksum mismatch: the file was altered or damaged")
-    return digest.hexdigest()
+@dataclass
+class MappedSnapshot:
+    """A snapshot's checked header and its mapping (private, copy-on-write), from one file."""
+
+    path: Path
+    identity: FileIdentity
+    entries: dict
+    metadata: dict[str, str]
+    data_start: int
+    storage: torch.UntypedStorage
+
+    def verify(self, threads: int | None = None) -> str:
+        """Hash the mapped data section and compare it with the header's checksum; returns it.
+
+        threads: default every CPU this process may use. It is a short burst, and a worker
+        loading beside a serving one runs at idle priority, so it takes only idle cores.
+        """
+        threads = threads or len(os.sched_getaffinity(0))
+        chunk_bytes = self.metadata.get("data_chunk_bytes")
+        if chunk_bytes != str(DATA_CHUNK_BYTES):
+            raise SnapshotError(self.path, f"data checksum over chunks of {chunk_bytes} bytes, "
+                                           f"this version uses {DATA_CHUNK_BYTES}")
+        whole = torch.empty(0, dtype=torch.uint8).set_(self.storage, 0, (self.identity.size,))
+        digest = chunked_sha256(memoryview(whole.numpy())[self.data_start:], threads)
+        if digest != self.metadata.get("data_sha256"):
+            raise SnapshotError(self.path,
+                                "data checksum mismatch: the file was altered or damaged")
+        return digest
+
+    def build(self, device: str = "cpu") -> SenseVoice:
+        """A ready model whose tensors are views of the mapping."""
+        path, metadata = self.path, self.metadata
+        try:
+            dims = SenseVoiceDims(**json.loads(metadata["dims"]))
+            frontend = FrontendConfig(**json.loads(metadata["frontend"]))
+        except (KeyError, TypeError, ValueError) as e:  # FrontendConfig/SenseVoiceDims validate
+            raise SnapshotError(path, f"bad metadata: {e}") from e
+        tensors = {}
+        for name, entry in self.entries.items():
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            itemsize = dtype.itemsize
+            begin = self.data_start + entry["data_offsets"][0]
+            if begin % itemsize:
+                raise SnapshotError(path, f"tensor {name} is not aligned")
+            tensors[name] = torch.empty(0, dtype=dtype).set_(self.storage, begin // itemsize,
+                                                              entry["shape"])
+        tokenizer_bytes = tensors.pop(TOKENIZER_BYTES, None)
+        shift, scale = tensors.pop(CMVN_SHIFT, None), tensors.pop(CMVN_SCALE, None)
+        if tokenizer_bytes is None or shift is None or scale is None:
+            raise SnapshotError(path, "missing tokenizer or CMVN tensors")
+        if not shift.numel() == scale.numel() == dims.input_size == frontend.feature_size:
+            raise SnapshotError(path, f"CMVN size {shift.numel()}, model input "
+                                      f"{dims.input_size} and frontend {frontend.feature_size} "
+                                      f"disagree")
+        model = build_model(path, dims, tensors)
+        if torch.device(device) != torch.device("cpu"):
+            model = model.to(device)
+        source_dir = Path(metadata.get("source_dir", str(path.parent)))
+        return SenseVoice(
+            model=model,
+            tokenizer=Tokenizer.from_bytes(tokenizer_bytes.numpy().tobytes(), source_dir),
+            cmvn=CMVN(shift=shift, scale=scale),
+            frontend=frontend,
+            model_dir=source_dir,
+            layout=metadata.get("source_layout", "official"),
+        )
 
 
-def load_snapshot(path: Path, expected_fingerprint: str, device: str = "cpu") -> SenseVoice:
-    """Map the snapshot and build a ready model; raises SnapshotError if anything disagrees."""
-    entries, metadata, data_start = read_header(path)
-    if metadata.get("fingerprint") != expected_fingerprint:
-        raise SnapshotError(path, f"fingerprint {metadata.get('fingerprint', '?')[:16]} is not "
-                                  f"the model's {expected_fingerprint[:16]}")
-    try:
-        dims = SenseVoiceDims(**json.loads(metadata["dims"]))
-        frontend = FrontendConfig(**json.loads(metadata["frontend"]))
-    except (KeyError, TypeError, ValueError) as e:  # FrontendConfig/SenseVoiceDims validate
-        raise SnapshotError(path, f"bad metadata: {e}") from e
-    storage = torch.UntypedStorage.from_file(str(path), shared=False,
-                                             nbytes=path.stat().st_size)
-    tensors = {}
-    for name, entry in entries.items():
-        dtype = _TORCH_DTYPES[entry["dtype"]]
-        itemsize = dtype.itemsize
-        begin = data_start + entry["data_offsets"][0]
-        if begin % itemsize:
-            raise SnapshotError(path, f"tensor {name} is not aligned")
-        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, begin // itemsize,
-                                                          entry["shape"])
-    tokenizer_bytes = tensors.pop(TOKENIZER_BYTES, None)
-    shift, scale = tensors.pop(CMVN_SHIFT, None), tensors.pop(CMVN_SCALE, None)
-    if tokenizer_bytes is None or shift is None or scale is None:
-        raise SnapshotError(path, "missing tokenizer or CMVN tensors")
-    if not shift.numel() == scale.numel() == dims.input_size == frontend.feature_size:
-        raise SnapshotError(path, f"CMVN size {shift.numel()}, model input {dims.input_size} "
-                                  f"and frontend {frontend.feature_size} disagree")
-    model = build_model(path, dims, tensors)
-    if torch.device(device) != torch.device("cpu"):
-        model = model.to(device)
-    source_dir = Path(metadata.get("source_dir", str(path.parent)))
-    return SenseVoice(
-        model=model,
-        tokenizer=Tokenizer.from_bytes(tokenizer_bytes.numpy().tobytes(), source_dir),
-        cmvn=CMVN(shift=shift, scale=scale),
-        frontend=frontend,
-        model_dir=source_dir,
-        layout=metadata.get("source_layout", "official"),
-    )
+def open_snapshot(path: Path) -> MappedSnapshot:
+    """Read and check the header and map the file, both from the same file: a snapshot is
+    replaced by rename, so its identity (inode, ctime, ...) is compared before and after."""
+    for _ in range(OPEN_ATTEMPTS):
+        try:
+            before = FileIdentity.of(path)
+        except OSError as e:
+            raise SnapshotError(path, f"unreadable: {e.strerror}") from e
+        entries, metadata, data_start = read_header(path)
+        try:
+            storage = torch.UntypedStorage.from_file(str(path), shared=False,
+                                                     nbytes=before.size)
+            after = FileIdentity.of(path)
+        except (OSError, RuntimeError) as e:
+            raise SnapshotError(path, f"cannot map it: {e}") from e
+        if after == before:
+            return MappedSnapshot(path, before, entries, metadata, data_start, storage)
+    raise SnapshotError(path, f"replaced {OPEN_ATTEMPTS} times while being opened")
+
+
+def verify_data(path: Path, threads: int | None = None) -> str:
+    """Check a snapshot's header and data checksum (reads it all); returns the data checksum."""
+    return open_snapshot(path).verify(threads)

@@ -46,11 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     keygen = commands.add_parser("keygen", help="write CURVE keys for a supervisor that listens "
                                                 "off loopback (SENSEVOICE_CURVE_DIR)")
     keygen.add_argument("directory", type=Path)
+    keygen.add_argument("--force", action="store_true",
+                        help="replace existing keys (every client needs the new ones)")
     args = parser.parse_args(argv)
     if args.command == "keygen":
-        from sensevoice_core.curve import generate_keys
+        from sensevoice_core.curve import CurveKeyError, generate_keys
 
-        for path in generate_keys(args.directory):
+        try:
+            written = generate_keys(args.directory, args.force)
+        except (CurveKeyError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        for path in written:
             print(path)
         return 0
     try:
@@ -73,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_client_command(args: argparse.Namespace, settings) -> int:
     from sensevoice_core.client import ServiceError, SupervisorClient
 
-    client = SupervisorClient(settings=settings)
+    try:
+        client = SupervisorClient(settings=settings)
+    except ServiceError as e:  # e.g. unreadable CURVE keys
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
     try:
         if args.command == "status":
             print(wait_for_model(client, args.wait).model_dump_json(indent=2))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from sensevoice_core.protocol import (
+    BESIDE_LONG_MAX_BYTES,
     LONG_REQUEST_S,
     MAX_REQUESTS_PER_WORKER,
     ErrorCode,
@@ -38,6 +39,10 @@ class Job:
     received_at: float = field(default_factory=time.monotonic)
     attempts: int = 0
     dispatched_at: float = 0.0
+    # Worker time charged to it: wall time divided by the requests sharing its worker, so a
+    # request slowed by a neighbour is not timed out for that.
+    charged_s: float = 0.0
+    charged_at: float = 0.0
 
 
 class Broker:
@@ -76,25 +81,37 @@ class Broker:
         self.queue.append(job.job_id)
 
     def dispatch(self, workers: Iterable[WorkerHandle]) -> None:
-        """Queued jobs to idle serving workers, oldest-idle first; then one more job to each
-        worker whose requests have all run for LONG_REQUEST_S (its second compute thread)."""
+        """Queued jobs to idle serving workers, oldest-idle first; then, to each worker whose
+        requests have all run for LONG_REQUEST_S, the oldest queued job small enough to be
+        short (BESIDE_LONG_MAX_BYTES), on its second compute thread. A large one waits for a
+        free worker: two long requests sharing one worker would only slow each other."""
         if not self.queue:
             return
         now = time.monotonic()
         serving = [w for w in workers if w.role == "serving" and not w.killed]
-        idle = sorted((w for w in serving if not w.busy), key=lambda w: w.idle_since)
-        beside_long = [w for w in serving if 0 < len(w.jobs) < MAX_REQUESTS_PER_WORKER
-                       and all(now - self.jobs[j].dispatched_at > LONG_REQUEST_S
-                               for j in w.jobs)]
-        for worker in idle + beside_long:
+        for worker in sorted((w for w in serving if not w.busy), key=lambda w: w.idle_since):
             if not self.queue:
                 return
-            job = self.jobs[self.queue.popleft()]
-            job.attempts += 1
-            job.dispatched_at = now
-            worker.jobs.append(job.job_id)
-            forward = job.request.model_copy(update={"request_id": job.job_id})
-            self.backend.send_multipart([worker.worker_id.encode(), *encode(forward, job.payload)])
+            self.send_job(worker, self.queue.popleft(), now)
+        for worker in serving:
+            if not (0 < len(worker.jobs) < MAX_REQUESTS_PER_WORKER and all(
+                    now - self.jobs[j].dispatched_at > LONG_REQUEST_S for j in worker.jobs)):
+                continue
+            small = next((j for j in self.queue
+                          if len(self.jobs[j].payload) <= BESIDE_LONG_MAX_BYTES), None)
+            if small is None:
+                return
+            self.queue.remove(small)
+            self.send_job(worker, small, now)
+
+    def send_job(self, worker: WorkerHandle, job_id: str, now: float) -> None:
+        job = self.jobs[job_id]
+        job.attempts += 1
+        job.dispatched_at = job.charged_at = now
+        job.charged_s = 0.0
+        worker.jobs.append(job_id)
+        forward = job.request.model_copy(update={"request_id": job_id})
+        self.backend.send_multipart([worker.worker_id.encode(), *encode(forward, job.payload)])
 
     def finish(self, worker: WorkerHandle, reply: TranscribeReply | ErrorReply) -> None:
         if reply.request_id not in worker.jobs:
@@ -130,13 +147,23 @@ class Broker:
         worker.jobs.clear()
 
     def expire_running(self, worker: WorkerHandle, now: float) -> bool:
-        """Fail the worker's requests that ran past SENSEVOICE_REQUEST_TIMEOUT; True if any did."""
+        """Fail the worker's requests charged more than SENSEVOICE_REQUEST_TIMEOUT; True if any
+        were (the worker is then replaced: the requests beside them keep their retry)."""
         timeout = self.settings.request_timeout
-        expired = [j for j in worker.jobs if now - self.jobs[j].dispatched_at > timeout]
+        expired = []
+        for job_id in worker.jobs:
+            job = self.jobs[job_id]
+            job.charged_s += (now - job.charged_at) / len(worker.jobs)
+            job.charged_at = now
+            if job.charged_s > timeout:
+                expired.append(job_id)
         for job_id in expired:
             worker.jobs.remove(job_id)
             self.fail(job_id, "timeout",
                       f"no result within {timeout:g} s (SENSEVOICE_REQUEST_TIMEOUT)")
+        if expired:
+            for job_id in worker.jobs:
+                self.jobs[job_id].attempts -= 1  # its worker is killed for another request
         return bool(expired)
 
     def expire_queued(self, now: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,16 @@ class ReloadRefused(ValueError):
 
 @dataclass(frozen=True)
 class Waiter:
-    """A client waiting for a reload's outcome (None for triggers that wait for nothing)."""
+    """Who waits for a reload's outcome: a client (None for triggers that are not clients),
+    and an event set when it is over (the file watcher's thread waits on it)."""
 
     client: bytes | None
     request_id: str
+    done: threading.Event | None = None
+
+    def notify(self) -> None:
+        if self.done is not None:
+            self.done.set()
 
 
 @dataclass

@@ -1,18 +1,21 @@
 """The supervisor: routes client requests to inference workers and swaps models blue-green.
 
 It never imports torch. Clients talk to its ROUTER frontend, workers to its ROUTER backend.
-Each worker serves one request at a time; requests wait in a bounded queue. A reload loads the
-new model in a warm standby (or a fresh worker), checks it with a ping once it has warmed up,
-then moves traffic to it and lets the old worker finish its request and exit.
+Requests wait in a bounded queue (``broker.py``); a worker serves one at a time, and a second
+one beside a request that runs long. A reload loads the new model in a warm standby (or a fresh
+worker), checks it with a ping once it has warmed up, then moves traffic to it and lets the old
+worker finish its requests and exit.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -75,6 +78,7 @@ FIRST_LOAD_TIMEOUT_S = 300.0  # a first load may hash and convert a large model
 BACKOFF_MAX_S = 30.0
 BURST = 100  # messages handled per socket per tick, so one side cannot starve the other
 RUNTIME_PREFIX = "sensevoice-"  # /tmp/sensevoice-<supervisor pid>-*: the workers' socket
+RUNTIME_NAME = re.compile(r"sensevoice-(\d+)-[a-z0-9_]{8}")  # as tempfile.mkdtemp names it
 
 
 class StartupError(RuntimeError):
@@ -101,6 +105,8 @@ class Supervisor:
         self.last_reload: ReloadOutcome | None = None
         self.reload_counts: Counter[str] = Counter()  # outcome -> count, for /metrics
         self.signals: deque[int] = deque()
+        # From the watcher's thread: a reload to request, and the event to set when it is over.
+        self.watch_reloads: deque[tuple[ReloadRequest, threading.Event]] = deque()
         self.watcher: ModelWatcher | None = None
         self.should_exit = False
         self.shutting_down = False
@@ -215,6 +221,9 @@ class Supervisor:
         self.signals.append(signum)
 
     def handle_signals(self) -> None:
+        while self.watch_reloads:
+            request, done = self.watch_reloads.popleft()
+            self.request_reload(request, Waiter(None, "", done))
         while self.signals:
             signum = self.signals.popleft()
             if signum == signal.SIGHUP:
@@ -420,7 +429,7 @@ class Supervisor:
         return standby
 
     def drain_worker(self, worker: WorkerHandle) -> None:
-        """No new work; finish the request in hand (Stop queues behind it), then exit."""
+        """No new work; finish the requests in hand, then exit (the worker drains on Stop)."""
         worker.role = "draining"
         worker.deadline = time.monotonic() + self.settings.drain_timeout
         self.send_worker(worker, Stop())
@@ -552,6 +561,7 @@ class Supervisor:
                 error=f"refused: {e}")
             if waiter.client is not None:
                 self.reply_error(waiter.client, waiter.request_id, "reload_refused", str(e))
+            waiter.notify()
             return
         if self.reload is None:
             self.reload = ReloadJob(path, request.force_fresh, request.origin, [waiter])
@@ -561,6 +571,7 @@ class Supervisor:
         else:
             replaced = self.next_reload.path
             for superseded in self.next_reload.merge(request, path, waiter):
+                superseded.notify()
                 if superseded.client is not None:
                     outcome = ReloadOutcome(
                         ok=False, origin=request.origin, requested_path=replaced,
@@ -616,6 +627,7 @@ class Supervisor:
         self.last_reload = outcome
         self.reload_counts["ok" if outcome.ok else "failed"] += 1
         for waiter in self.reload.waiters:
+            waiter.notify()
             if waiter.client is not None:
                 self.send_client(waiter.client, ReloadReply(request_id=waiter.request_id,
                                                             outcome=outcome))
@@ -625,9 +637,15 @@ class Supervisor:
         elif self.reload is not None:
             self.fail_reload("the service is stopping")
 
+    def request_watch_reload(self, request: ReloadRequest) -> threading.Event:
+        """Called from the watcher's thread; the loop picks the request up within a tick."""
+        done = threading.Event()
+        self.watch_reloads.append((request, done))
+        return done
+
     def start_watcher(self) -> None:
         if self.settings.enable_file_watch and self.watcher is None:
-            self.watcher = ModelWatcher(self.frontend_address, lambda: self.model,
+            self.watcher = ModelWatcher(self.request_watch_reload, lambda: self.model,
                                         self.settings.watch_quiet_s)
             self.watcher.start()
 
@@ -635,8 +653,10 @@ class Supervisor:
 def bind_owner_only(socket: zmq.Socket, path: Path) -> None:
     """Bind an ipc socket that only this user can connect to, whatever the umask: its directory
     is created 0700 when missing, the socket file is created and kept 0600."""
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True)
+    missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    for directory in reversed(missing):  # each level we create is ours alone
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)
     shared = path.parent.stat().st_mode & 0o022
     if shared:
         logger.warning("The socket directory %s is writable by other users (mode %o); anyone "
@@ -652,16 +672,19 @@ def bind_owner_only(socket: zmq.Socket, path: Path) -> None:
 
 
 def remove_stale_runtime_dirs() -> list[Path]:
-    """Delete runtime directories of supervisors that were killed (sensevoice-<pid>-*)."""
+    """Delete runtime directories of supervisors that were killed: ours, named exactly as
+    mkdtemp names them, holding nothing but the workers' socket, their supervisor gone."""
     removed = []
     for directory in Path(tempfile.gettempdir()).glob(f"{RUNTIME_PREFIX}*"):
+        match = RUNTIME_NAME.fullmatch(directory.name)
         try:
-            pid = int(directory.name[len(RUNTIME_PREFIX):].split("-", 1)[0])
-            if directory.stat().st_uid != os.getuid() or pid_alive(pid):
+            if (match is None or directory.is_symlink() or directory.stat().st_uid != os.getuid()
+                    or pid_alive(int(match[1]))
+                    or {p.name for p in directory.iterdir()} - {"workers.ipc"}):
                 continue
-        except (ValueError, OSError):
+            shutil.rmtree(directory)
+        except OSError:
             continue
-        shutil.rmtree(directory, ignore_errors=True)
         removed.append(directory)
     return removed
 

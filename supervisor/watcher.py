@@ -69,9 +69,11 @@ def file_states(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 class ModelWatcher:
-    def __init__(self, supervisor_address: str, served: Callable[[], ModelInfo | None],
-                 quiet_s: float):
-        self.supervisor_address = supervisor_address
+    def __init__(self, reload: Callable[[ReloadRequest], threading.Event],
+                 served: Callable[[], ModelInfo | None], quiet_s: float):
+        # Hands the request to the supervisor's loop (thread-safe); the event is set when that
+        # reload is over. In-process, so it needs no client keys on a CURVE address.
+        self.reload = reload
         self.served = served
         self.quiet_s = quiet_s
         self.stop_event = threading.Event()
@@ -86,9 +88,6 @@ class ModelWatcher:
         self.thread.join(timeout=5)
 
     def run(self) -> None:
-        from sensevoice_core.client import SupervisorClient
-
-        client = SupervisorClient(self.supervisor_address)
         try:
             while not self.stop_event.is_set():
                 model = self.served()
@@ -96,14 +95,12 @@ class ModelWatcher:
                     self.stop_event.wait(WATCH_TIMEOUT_MS / 1000)
                     continue
                 self.directory = Path(model.model_dir)
-                self.watch(self.directory, client)
+                self.watch(self.directory)
         except Exception:  # noqa: BLE001 - a watcher failure must not take the service down
             logger.exception("[WATCH] file watching stopped after an error; reloads by API "
                              "and the UI still work")
-        finally:
-            client.close()
 
-    def watch(self, directory: Path, client) -> None:
+    def watch(self, directory: Path) -> None:
         """Watch one directory until told to stop or until another directory is served."""
         logger.info("[WATCH] watching %s for model changes", directory)
         for changes in watchfiles.watch(directory, watch_filter=watch_filter,
@@ -120,9 +117,9 @@ class ModelWatcher:
                                "directory; restart the service to run changed code",
                                ", ".join(code), directory)
             if names - set(code):
-                self.reload_when_stable(directory, model, client)
+                self.reload_when_stable(directory, model)
 
-    def reload_when_stable(self, directory: Path, model: ModelInfo, client) -> None:
+    def reload_when_stable(self, directory: Path, model: ModelInfo) -> None:
         states = self.wait_until_stable(directory)
         if states is None:
             return
@@ -132,11 +129,12 @@ class ModelWatcher:
                         "not reloading", directory)
             return
         logger.info("[WATCH] %s changed in %s; reloading", ", ".join(changed), directory)
-        request = ReloadRequest(path=str(directory), origin="watch")
-        try:
-            client.reload(request, timeout=None)
-        except Exception as e:  # noqa: BLE001 - logged; the supervisor logs the outcome too
-            logger.error("[WATCH] reload request failed: %s", e)
+        done = self.reload(ReloadRequest(path=str(directory), origin="watch"))
+        # Wait for the outcome (the supervisor logs it): changes seen meanwhile are then
+        # compared with the model that is serving after it, not the one before.
+        while not done.wait(0.2):
+            if self.stop_event.is_set():
+                return
 
     def wait_until_stable(self, directory: Path) -> dict[str, tuple[int, int]] | None:
         """File states once nothing changed for quiet_s and the weights are whole; None on stop."""

@@ -99,7 +99,12 @@ class Service:
 def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
                   standby: bool = True, umask: int | None = None,
                   address: str | None = None, **env: str) -> Service:
-    """Start `python -m supervisor` in work_dir, with its own cache and socket."""
+    """Start `python -m supervisor` in work_dir, with its own cache and socket.
+
+    env: SENSEVOICE_* settings by their lower-case suffix; client_curve_dir (not a setting) is
+    the test client's CURVE directory, curve_dir by default.
+    """
+    client_curve_dir = env.pop("client_curve_dir", env.get("curve_dir"))
     work_dir.mkdir(parents=True, exist_ok=True)
     if address is None:
         socket_dir = tempfile.mkdtemp(prefix="sv", dir="/tmp")  # ipc paths must be short
@@ -123,7 +128,7 @@ def start_service(work_dir: Path, model_dir: Path | None, wait: bool = True,
                                    preexec_fn=None if umask is None else lambda: os.umask(umask))
     address = address.replace("//0.0.0.0:", "//127.0.0.1:")  # where clients connect
     client = SupervisorClient(address, Settings(supervisor_address=address,
-                                                curve_dir=env.get("curve_dir")))
+                                                curve_dir=client_curve_dir))
     service = Service(process, address, log_path, client, set())
     STARTED.append(process)
     if wait:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sensevoice_core import load_sensevoice_cached
+from sensevoice_core import load_model, load_sensevoice_cached
+from sensevoice_core.path_cache import FileRecord, fingerprint_of
 from sensevoice_core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,22 +208,85 @@ def test_flipped_bytes_in_the_snapshot_data_are_found_by_verify(doctor, official
     assert result.returncode == 1, result.stdout
     line = check_line(result, "L2 snapshot")
     assert line.startswith("[PROBLEM] L2 snapshot:")
-    assert "checksum" in line and "rebuilt on the next load" in line
+    assert "checksum" in line and "Removed it; the next load rebuilds it" in line
     assert last_line(result).startswith("first problem: L2 snapshot:")
+    assert not snapshot.exists()
 
 
-def test_truncated_snapshot_is_a_problem_even_without_verify(doctor, official_dir):
+@pytest.mark.parametrize("args", [(), ("--verify",)])
+def test_truncated_snapshot_is_a_problem_even_without_verify(doctor, official_dir, args):
     doctor.load(official_dir)
     snapshot = only_snapshot(doctor.cache)
     with open(snapshot, "r+b") as handle:
         handle.truncate(snapshot.stat().st_size - 1000)
 
-    for args in ((), ("--verify",)):
-        result = doctor.run("--model", official_dir, *args)
-        assert result.returncode == 1, result.stdout
-        line = check_line(result, "L2 snapshot")
-        assert line.startswith("[PROBLEM] L2 snapshot:") and "truncated" in line
-        assert last_line(result).startswith("first problem: L2 snapshot:")
+    result = doctor.run("--model", official_dir, *args)
+    assert result.returncode == 1, result.stdout
+    line = check_line(result, "L2 snapshot")
+    assert line.startswith("[PROBLEM] L2 snapshot:") and "truncated" in line
+    assert last_line(result).startswith("first problem: L2 snapshot:")
+    assert not snapshot.exists()  # removed, as the next load would remove it
+
+
+def test_verify_removes_a_snapshot_damaged_with_size_and_mtime_kept(doctor, official_dir,
+                                                                   data_dir):
+    """What --verify finds bad is gone: the next load cannot map it again."""
+    model = shutil.copytree(official_dir, doctor.work / "sv")
+    doctor.load(model)
+    snapshot = only_snapshot(doctor.cache)
+    stat = snapshot.stat()
+    with open(snapshot, "r+b") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        handle.seek(8 + header_size + 64)
+        handle.write(b"\xff" * 4096)  # a bad sector's worth of the first weights
+    os.utime(snapshot, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    result = doctor.run("--model", model, "--verify")
+    assert result.returncode == 1, result.stdout
+    assert "data checksum mismatch" in check_line(result, "L2 snapshot")
+    assert not snapshot.exists()
+
+    reference = load_model(model).transcribe(data_dir / "en.mp3")
+    loaded, report = load_sensevoice_cached(model, settings=Settings(cache_dir=doctor.cache))
+    assert report.level == "fresh" and loaded.transcribe(data_dir / "en.mp3") == reference
+    assert doctor.run("--model", model, "--verify").returncode == 0  # rebuilt whole
+
+
+def test_verify_finds_an_l3_entry_the_files_contradict_and_removes_it(doctor, official_dir):
+    """A hand-edited entry (checksum and fingerprint agree with each other, not with the file)
+    passes a stat; --verify hashes the file, says so, and removes the entry."""
+    model = shutil.copytree(official_dir, doctor.work / "sv")
+    doctor.load(model)
+    l3 = doctor.cache / "model_path.json"
+    content = json.loads(l3.read_text(encoding="utf-8"))
+    entry = content["entries"][str(model.resolve())]
+    entry["files"]["weights"]["sha256"] = "0" * 64
+    records = {role: FileRecord(**record) for role, record in entry["files"].items()}
+    entry["fingerprint"] = fingerprint_of(records, entry["code_version"])
+    l3.write_text(json.dumps(content), encoding="utf-8")
+
+    assert doctor.run("--model", model).returncode == 0  # a stat cannot tell
+    result = doctor.run("--model", model, "--verify")
+    assert result.returncode == 1, result.stdout
+    weights = check_line(result, "file weights")
+    assert weights.startswith("[PROBLEM]") and "model_path.json was edited" in weights
+    assert "0000000000000000" in weights
+    assert "Removed the entry" in check_line(result, "L3 path cache")
+    assert "no entry for this model yet" in check_line(doctor.run("--model", model),
+                                                       "L3 path cache")
+
+
+def test_a_corrupt_l3_file_is_a_problem_named_once(doctor, official_dir):
+    doctor.load(official_dir)
+    l3 = doctor.cache / "model_path.json"
+    l3.write_text('{"version": 2, "entries": ', encoding="utf-8")
+    result = doctor.run("--model", official_dir)
+
+    assert result.returncode == 1
+    line = check_line(result, "L3 path cache")
+    assert line.startswith(f"[PROBLEM] L3 path cache: L3 cache {l3} is corrupt (")
+    assert "The next load rewrites it" in line
+    assert result.stderr.count("is corrupt") == 1
 
 
 def test_snapshot_that_is_not_a_snapshot_is_a_problem(doctor, official_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import resource
+import subprocess
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -363,17 +364,20 @@ def test_a_concat_script_naming_a_local_file_is_not_followed(tmp_path: Path, mon
 
 
 def test_header_sizes_that_lie_cost_nothing(tmp_path: Path):
-    # An ID3 tag claiming 256 MB, and a WAV claiming 4 GB of data over 1 KB.
+    # An ID3 tag claiming 256 MB; a WAV claiming 4 GB of data over 1 KB (a streaming
+    # writer's filler: measured by decoding), and one claiming 1 GB (a cut-off file).
     huge_id3 = b"ID3\x04\x00\x00\x7f\x7f\x7f\x7f" + bytes(2000)
     wav = io.BytesIO()
     soundfile.write(wav, np.zeros(512, np.float32), 16000, format="WAV", subtype="PCM_16")
     lying_wav = bytearray(wav.getvalue())
-    lying_wav[40:44] = (0xFFFFFFF0).to_bytes(4, "little")
     start = time.perf_counter()
     with pytest.raises(AudioError, match="tag.mp3: cannot decode audio"):
         load_audio(huge_id3, source_name="tag.mp3")
+    lying_wav[40:44] = (0xFFFFFFF0).to_bytes(4, "little")
+    assert load_audio(bytes(lying_wav), max_seconds=None, source_name="big.wav").numel() == 512
+    lying_wav[40:44] = (1 << 30).to_bytes(4, "little")
     with pytest.raises(AudioError, match=r"big.wav: decoding stopped at 0\.03 s of the "
-                                         r"134217.7\d s its header states"):
+                                         r"33554.4\d s its header states"):
         load_audio(bytes(lying_wav), max_seconds=None, source_name="big.wav")
     assert time.perf_counter() - start < 1.0
 
@@ -402,3 +406,24 @@ def test_audio_of_unknown_length_is_refused_while_decoding_not_after():
     with pytest.raises(AudioTooLongError, match=r"pipe.flac: the audio is at least 60\.0 s long; "
                                                 r"the limit is 45 s"):
         load_audio(minutes, max_seconds=45, source_name="pipe.flac")
+
+
+@pytest.mark.parametrize("placeholder", [0, 0x7FFFFFFF - 36, 0xFFFFFFFF])
+def test_a_wav_written_to_a_pipe_is_measured_not_refused(placeholder: int):
+    """Streaming writers (espeak-ng --stdout, ffmpeg or sox to a pipe) cannot fill the data
+    size in: it is 0 or a filler near 2 or 4 GiB, never a length to hold the file to."""
+    speech = (np.sin(np.arange(16000) / 7.0) * 8000).astype(np.int16)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, speech, 16000, format="WAV", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = placeholder.to_bytes(4, "little")
+    decoded = load_audio(bytes(data))
+    assert decoded.numel() == speech.size
+
+
+def test_espeak_ng_stdout_decodes_whole():
+    spoken = subprocess.run(["espeak-ng", "--stdout", "three zero five two"],
+                            capture_output=True, check=True, timeout=60).stdout
+    assert 0x7FFF0000 <= int.from_bytes(spoken[40:44], "little")  # the filler, as shipped
+    assert load_audio(spoken).numel() > 16000 * 0.5

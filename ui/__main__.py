@@ -63,9 +63,14 @@ def main() -> int:
 
     import uvicorn
 
+    from sensevoice_core.client import ServiceError
     from ui.app import create_app
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ServiceError as e:  # e.g. unreadable CURVE keys for a tcp:// supervisor
+        logger.error("Cannot start: %s", e.message)
+        return EXIT_CANNOT_START
     host = f"[{settings.ui_host.strip('[]')}]" if ":" in settings.ui_host else settings.ui_host
     logger.info("Serving the UI on http://%s:%d (supervisor at %s)", host, settings.ui_port,
                 address)

@@ -26,7 +26,8 @@ SCRAPE_STATUS_TIMEOUT_S = 2.0
 
 
 def front_door_capacity(settings: Settings) -> int:
-    """What the supervisor can hold: its queue, plus the request each worker serves."""
+    """What the supervisor can hold: its queue, plus one request per worker (a worker takes a
+    second only beside a long one, so that is not counted on)."""
     return settings.max_queue + settings.workers
 
 
