@@ -204,9 +204,12 @@ class FFmpegDecoder(Decoder):
             assert self.container is not None
             kind = self.container.format.name.split(",")[0]
             stream, container = self.stream, self.container
-            seconds = (float(stream.duration * stream.time_base) if stream.duration
-                       else container.duration / 1e6 if container.duration else None)
-            exact = kind in FFMPEG_EXACT or (kind == "mp3" and mp3_states_its_length(mp3_head))
+            # The audio stream's own length; the container's covers every stream (a longer
+            # video track, a second audio track), so it is exact only when there is one.
+            own = track_seconds(stream, kind, len(container.streams))
+            seconds = own or (container.duration / 1e6 if container.duration else None)
+            exact = ((kind in FFMPEG_EXACT and (own is not None or len(container.streams) == 1))
+                     or (kind == "mp3" and mp3_states_its_length(mp3_head)))
             # The rate of the decoded frames, which the header may not give (HE-AAC's is half).
             try:
                 peek: av.AudioFrame | None = next(self.frames)
@@ -334,6 +337,21 @@ class FFmpegDecoder(Decoder):
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+
+
+def track_seconds(stream: av.audio.stream.AudioStream, kind: str, streams: int) -> float | None:
+    """The audio track's own length, if the file states one. Matroska states it as a DURATION
+    tag per track; FFmpeg gives its streams the whole file's length when there is more than one."""
+    tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+    if tag:
+        try:
+            hours, minutes, secs = tag.strip().split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(secs)
+        except ValueError:
+            return None
+    if not stream.duration or (kind == "matroska" and streams > 1):
+        return None
+    return float(stream.duration * stream.time_base)
 
 
 def open_decoder(audio: str | Path | bytes, name: str) -> Decoder:

@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.loader import ModelFiles, load_model, model_files
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
-from sensevoice_core.path_cache import FileIdentity, PathCache, PathRecord
+from sensevoice_core.path_cache import ROLES, FileIdentity, PathCache, PathRecord
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import (
@@ -46,6 +46,7 @@ from sensevoice_core.snapshot import (
 logger = logging.getLogger("sensevoice.cache")
 
 SNAPSHOT_LOCK_TIMEOUT_S = 300.0  # another process building the same snapshot
+LOAD_ATTEMPTS = 3  # model files changing under a load (a copy in progress) are read again
 
 
 @dataclass
@@ -321,11 +322,38 @@ def _hash_and_load(files: ModelFiles, path_cache: PathCache, settings: Settings,
                    timer: _StepTimer) -> tuple[SenseVoice, PathRecord]:
     """Hash every model file while loading the model from them, on the other core: if no
     snapshot turns out to match, that load was needed anyway, and the slower of the two sets
-    the time."""
+    the time.
+
+    The hash and the load read the files separately, so they must have read the same files:
+    both go through the directory resolved once (a symlink switched meanwhile is not
+    followed), and every file keeps its identity from before the hash to after the load; a
+    model being copied in is loaded again, or refused, never labelled with another's checksums.
+    """
+    files = model_files(files.directory.resolve())
+    paths = [getattr(files, role) for role in ROLES]
     with timer("hash_and_load"), ThreadPoolExecutor(max_workers=1) as pool:
-        hashing = pool.submit(path_cache.record_for, files)
-        loaded = load_model(files.directory, settings.device)
-        return loaded, hashing.result()
+        for _ in range(LOAD_ATTEMPTS):
+            before = _identities(paths)
+            hashing = pool.submit(path_cache.record_for, files)
+            loaded = load_model(files.directory, settings.device)
+            record = hashing.result()
+            if _identities(paths) == before == [rec.identity() for rec in
+                                                (record.files[role] for role in ROLES)]:
+                return loaded, record
+            del loaded
+    raise ModelFileError(files.directory, f"the model files changed while they were being "
+                                          f"loaded, {LOAD_ATTEMPTS} times; load again once "
+                                          f"they are completely written")
+
+
+def _identities(paths: list[Path]) -> list[FileIdentity | None]:
+    identities: list[FileIdentity | None] = []
+    for path in paths:
+        try:
+            identities.append(FileIdentity.of(path))
+        except OSError:
+            identities.append(None)
+    return identities
 
 
 def _label(report: LoadReport, record: PathRecord) -> None:

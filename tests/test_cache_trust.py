@@ -280,3 +280,36 @@ def test_an_l3_path_that_is_a_directory_is_one_warning_per_problem(tmp_path, cap
     assert len(unreadable) == 1 and len(unwritable) == 1, caplog.messages
     assert unreadable[0] in report.warnings and unwritable[0] in report.warnings
     assert "model_path.json" in unreadable[0] and "Fix:" in unreadable[0]
+
+
+def test_weights_replaced_during_a_fresh_load_are_never_labelled_with_the_old_checksums(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A deploy renames new weights in while a fresh load runs, between the hash and the
+    parse: the load is done again on the new files, and no snapshot pairs one model's
+    checksums with the other's weights (that snapshot would later pass every check)."""
+    import sensevoice_core.cache as cache
+
+    served, other = tmp_path / "served", tmp_path / "other"
+    write_official(served, seed=1)
+    write_official(other, seed=2)
+    settings = Settings(cache_dir=tmp_path / "cache")
+    real_load = cache.load_model
+    calls = []
+
+    def load_after_a_deploy(directory: Path, device: str):
+        if not calls:  # the race, made certain: the files were hashed, now they change
+            staging = served / ".incoming"
+            shutil.copyfile(other / "model.pt", staging)
+            os.replace(staging, served / "model.pt")
+        calls.append(directory)
+        return real_load(directory, device)
+
+    monkeypatch.setattr(cache, "load_model", load_after_a_deploy)
+    model, report = load_sensevoice_cached(served, settings=settings)
+    monkeypatch.setattr(cache, "load_model", real_load)
+    expected = load_model(other)
+    assert len(calls) == 2, "the load was not done again after the files changed"
+    assert report.fingerprint == load_sensevoice_cached(other, settings=Settings(
+        cache_dir=tmp_path / "other-cache"))[1].fingerprint
+    for name, tensor in expected.model.state_dict().items():
+        torch.testing.assert_close(model.model.state_dict()[name], tensor, rtol=0, atol=0)

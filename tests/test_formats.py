@@ -48,7 +48,7 @@ MAX_LEAD_S = 0.06  # codec delay a container may leave in front (AAC priming wit
 
 def encode(samples: np.ndarray, path: Path, container: str, codec: str,
            video: str | None = None, options: dict[str, str] | None = None,
-           audio: bool = True, rate: int = 48000) -> Path:
+           audio: bool = True, rate: int = 48000, video_s: float | None = None) -> Path:
     """16 kHz mono samples written with PyAV; a video stream first when asked (as cameras do)."""
     out = av.open(str(path), "w", format=container, options=options or {})
     picture = None
@@ -74,7 +74,7 @@ def encode(samples: np.ndarray, path: Path, container: str, codec: str,
         for packet in stream.encode(None):
             out.mux(packet)
     if picture is not None:
-        for index in range(int(len(samples) / 16000 * 10) + 1):
+        for index in range(int((video_s or len(samples) / 16000) * 10) + 1):
             image = av.VideoFrame.from_ndarray(np.full((48, 64, 3), index * 10 % 255, np.uint8),
                                                format="rgb24")
             image.pts = index
@@ -427,3 +427,14 @@ def test_espeak_ng_stdout_decodes_whole():
                             capture_output=True, check=True, timeout=60).stdout
     assert 0x7FFF0000 <= int.from_bytes(spoken[40:44], "little")  # the filler, as shipped
     assert load_audio(spoken).numel() > 16000 * 0.5
+
+
+@pytest.mark.parametrize("container, codec", [("matroska", "libopus"), ("mp4", "aac")])
+def test_a_video_longer_than_its_sound_is_not_taken_for_a_cut_file(tmp_path: Path,
+                                                                   container: str, codec: str):
+    """The file's length covers every track; only the audio track's own length is held to."""
+    speech = load_audio(CLIPS[0]).numpy()
+    path = encode(speech, tmp_path / f"screen.{container}", container, codec, VIDEO_CODEC,
+                  video_s=2 * len(speech) / 16000 + 1)
+    decoded = load_audio(path)
+    assert abs(decoded.numel() - speech.size) < 16000 * 0.1

@@ -421,6 +421,44 @@ def test_page_transcriptions_count_against_the_bound(held_ui: UiProcess,
         assert post_audio(http, HELLO.read_bytes()).json() == {"text": HELD_TEXT}
 
 
+def test_cancelled_page_calls_keep_their_place_while_the_service_works(
+        held_ui: UiProcess, stand_in: HeldSupervisor):
+    """Gradio's /cancel ends the page's event, but its supervisor call goes on: it still
+    counts, so join + cancel cannot pour requests past the bound."""
+    with httpx.Client(base_url=held_ui.url, timeout=30) as http:
+        fn_index = next(d["id"] for d in http.get("/config").json()["dependencies"]
+                        if d.get("api_name") == "transcribe")
+        upload = http.post("/gradio_api/upload", files={
+            "files": ("hello.flac", HELLO.read_bytes())}).json()[0]
+        refused = 0
+        for index in range(CAPACITY + 3):
+            joined = http.post("/gradio_api/queue/join", json={
+                "data": [file_data(upload), "auto", True, 0.35], "fn_index": fn_index,
+                "session_hash": f"cancel{index}"})
+            if joined.status_code == 429:
+                refused += 1
+                continue
+            assert joined.status_code == 200, joined.text
+            stand_in.wait_for(index + 1)
+            http.post("/gradio_api/cancel", json={"session_hash": f"cancel{index}",
+                                                  "fn_index": fn_index,
+                                                  "event_id": joined.json()["event_id"]})
+        assert refused == 3 and len(stand_in.held) == CAPACITY
+        assert metric(http, "sensevoice_front_door_requests") == CAPACITY
+        assert post_audio(http, HELLO.read_bytes()).status_code == 429
+        stand_in.release()
+        wait_for_metric(http, "sensevoice_front_door_requests", 0)
+
+
+def test_the_ui_fetches_no_urls_and_serves_no_cdn_pages(public_ui: UiProcess, http: httpx.Client):
+    for target in ("https://example.invalid/speech.wav", "https%3A%2F%2Fexample.invalid%2Fa.wav",
+                   "http:/example.invalid/a.wav", "//example.invalid/a.wav"):
+        for route in ("/gradio_api/file=", "/gradio_api/proxy="):
+            response = http.get(route + target)
+            assert response.status_code == 403, (route, target, response.status_code)
+    assert http.get("/docs").status_code == 404  # Swagger UI would load from a CDN
+
+
 def test_a_supervisor_that_goes_away_is_503_with_retry_after_and_a_sentence(
         held_ui: UiProcess, stand_in: HeldSupervisor):
     gradio = Client(held_ui.url, verbose=False)
@@ -491,8 +529,9 @@ def test_subtitle_files_are_removed_when_the_ui_exits(tmp_path: Path):
     stand_in = HeldSupervisor(f"ipc://{socket_dir}/s.ipc", hold=False)
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid no process has any more: a UI killed before it could clean up
-    stale = tmp_path / "ui" / "gradio" / f"sensevoice-srt-{gone.pid}"
+    stale = tmp_path / "ui" / "gradio" / "sensevoice-srt-0123456789abcdef"
     stale.mkdir(parents=True)
+    (stale / "owner.pid").write_text(str(gone.pid))
     (stale / "old.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nold\n")
     try:
         ui = start_ui(tmp_path / "ui", f"ipc://{socket_dir}/s.ipc")
@@ -501,8 +540,9 @@ def test_subtitle_files_are_removed_when_the_ui_exits(tmp_path: Path):
             *_, srt = Client(ui.url, verbose=False).predict(
                 handle_file(str(HELLO)), "auto", True, 0.35, api_name="/transcribe")
             assert HELD_TEXT in Path(srt).read_text(encoding="utf-8")
-            own = ui.upload_dir / f"sensevoice-srt-{ui.process.pid}"
-            assert [p.suffix for p in own.iterdir()] == [".srt"]
+            [own] = ui.upload_dir.glob("sensevoice-srt-*")
+            assert str(ui.process.pid) not in Path(srt).parent.name  # paths reach callers
+            assert sorted(p.suffix for p in own.iterdir()) == [".pid", ".srt"]
         finally:
             ui.stop()
         assert sorted(str(p) for p in (tmp_path / "ui").rglob("sensevoice-srt*")) == []

@@ -53,7 +53,8 @@ def create_app(settings: Settings, client: SupervisorClient | None = None) -> Fa
         finally:
             subtitles.close()
 
-    app = FastAPI(title="SenseVoice Serve", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    # No /docs: Swagger UI loads its assets from a CDN, and nothing here may reach the network.
+    app = FastAPI(title="SenseVoice Serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.include_router(build_ops_router(gateway))
     app.include_router(build_openai_router(gateway))
     page = build_blocks(gateway, subtitles)

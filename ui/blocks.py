@@ -72,8 +72,9 @@ class PageHandlers:
         progress(0.0, desc=f"Transcribing {seconds:.1f} s of audio…" if seconds else
                  "Transcribing…")
         try:
-            reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui",
-                                            vad_threshold)
+            with self.gateway.door.hold():
+                reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui",
+                                                vad_threshold)
         except RequestFailed as e:
             raise user_error(e.message) from None
         subtitles = self.subtitles.write(reply.segments, path.stem) if reply.segments else None

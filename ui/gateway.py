@@ -10,7 +10,8 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -95,6 +96,17 @@ class FrontDoor:
     def leave(self) -> None:
         with self._lock:
             self._entered -= 1
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Count a request admitted earlier (the page's, at its queue join) for as long as it
+        runs: Gradio may call it done (a /cancel) while its supervisor call goes on."""
+        with self._lock:
+            self._entered += 1
+        try:
+            yield
+        finally:
+            self.leave()
 
     def busy(self) -> RequestFailed:
         return RequestFailed(429, "busy", f"the service is busy: it already holds "

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote
 from collections.abc import Callable
 
 import gradio as gr
@@ -30,12 +31,13 @@ CALL_PATHS = {f"{API_PREFIX}/call/{TRANSCRIBE_API}", f"{API_PREFIX}/call/v2/{TRA
 
 
 def queued_transcriptions(page: gr.Blocks) -> Callable[[], int]:
-    """Transcribe events in the page's queue, waiting or running."""
+    """Transcribe events waiting in the page's queue; once one runs, its handler holds a place
+    itself (``FrontDoor.hold``) until its supervisor call ends, whatever Gradio's queue says."""
 
     def count() -> int:
         # Gradio offers no public count per event; its queue keeps one list per concurrency group.
         group = page._queue.event_queue_per_concurrency_id.get(TRANSCRIBE_GROUP)
-        return 0 if group is None else len(group.queue) + group.current_concurrency
+        return 0 if group is None else len(group.queue)
 
     return count
 
@@ -50,6 +52,9 @@ class GradioGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").rstrip("/") if scope["type"] == "http" else ""
+        if scope.get("method") in ("GET", "HEAD") and fetches_a_url(path):
+            await respond(send, 403, {"detail": "this server does not fetch URLs"})
+            return
         # The first one, as Starlette reads it.
         content_type = next((value for key, value in scope.get("headers", [])
                              if key == b"content-type"), b"")
@@ -87,6 +92,18 @@ class GradioGuard:
         """Whether a queue join is for the transcribe event; anything unclear counts as one."""
         index = payload.get("fn_index") if isinstance(payload, dict) else None
         return not (type(index) is int and index != self.transcribe_fn_index)
+
+
+def fetches_a_url(path: str) -> bool:
+    """Gradio's file= and proxy= routes fetch http(s) URLs for anyone: nothing here may reach
+    for the network, and the UI must not be an open proxy."""
+    for route in (f"{API_PREFIX}/file=", f"{API_PREFIX}/proxy=", "/file=", "/proxy="):
+        if path.startswith(route):
+            target = path[len(route):]
+            for _ in range(3):  # percent-encoding, possibly twice
+                target = unquote(target)
+            return "://" in target or target.lower().startswith(("http:", "https:", "//"))
+    return False
 
 
 def all_files_allowed(payload: object) -> bool:
