@@ -51,6 +51,7 @@ from sensevoice_core.protocol import (
     request_id_of,
 )
 from sensevoice_core.curve import CurveKeyError
+from sensevoice_core.processes import pid_alive
 from sensevoice_core.settings import Settings
 from supervisor.broker import Broker
 from supervisor.reload import (
@@ -687,16 +688,6 @@ def remove_stale_runtime_dirs() -> list[Path]:
             continue
         removed.append(directory)
     return removed
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def supervisor_answers(context: zmq.Context, address: str, timeout_s: float = 0.5) -> bool:

@@ -16,22 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sensevoice_core.atomic import write_bytes_atomic
+from sensevoice_core.processes import pid_alive
 from sensevoice_core.subtitles import to_srt
 
 FOLDER_PREFIX = "sensevoice-srt-"
 OWNER_FILE = "owner.pid"
 KEEP_S = 3600  # files older than this are deleted when the next one is written
 UNOWNED_GRACE_S = 60  # a folder without its owner file yet may be another UI starting
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def owner_alive(folder: Path) -> bool:
@@ -42,7 +33,7 @@ def owner_alive(folder: Path) -> bool:
             return time.time() - folder.stat().st_mtime < UNOWNED_GRACE_S
         except OSError:
             return True  # gone meanwhile
-    return not pid.isdigit() or process_alive(int(pid))
+    return not pid.isdigit() or pid_alive(int(pid))
 
 
 class SubtitleFiles:
