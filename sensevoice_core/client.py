@@ -43,7 +43,7 @@ from sensevoice_core.protocol import (
     decode_reply,
     encode,
 )
-from sensevoice_core.settings import LOOPBACK_HOSTS, Settings, load_settings
+from sensevoice_core.settings import LOOPBACK_HOSTS, Settings, load_settings, tcp_host
 
 REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
 CONNECT_TIMEOUT_S = 3.0  # a supervisor completes the ZeroMQ handshake well within this
@@ -245,7 +245,8 @@ class _Connection:
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         # A heartbeat is answered only after the message before it has arrived whole: over a
         # slow network link a large reply takes longer than a local one ever does.
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS if is_local(address)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS
+                               if tcp_host(address) in ("", *LOOPBACK_HOSTS)
                                else REMOTE_HEARTBEAT_TIMEOUT_MS)
         if curve is not None:
             curve.apply(self.socket)
@@ -271,13 +272,6 @@ class _Connection:
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
-
-
-def is_local(address: str) -> bool:
-    """ipc, or tcp on a loopback host."""
-    if not address.startswith("tcp://"):
-        return True
-    return address[len("tcp://"):].rsplit(":", 1)[0] in LOOPBACK_HOSTS
 
 
 def _encode_audio(audio: Any, filename: str | None) -> tuple[str, bytes]:

@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _remote_needs_keys(self) -> Settings:
         address = self.supervisor_address
-        host = address[len("tcp://"):].rsplit(":", 1)[0] if address.startswith("tcp://") else ""
+        host = tcp_host(address)
         if host and host not in LOOPBACK_HOSTS and not self.supervisor_allow_remote:
             raise ValueError(f"SENSEVOICE_SUPERVISOR_ADDRESS={address!r}: host {host!r} is not "
                              f"loopback; set SENSEVOICE_SUPERVISOR_ALLOW_REMOTE=true and "
@@ -184,6 +184,11 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}SUPERVISOR_ADDRESS=ipc:///tmp/sensevoice.ipc or a tcp://127.0.0.1 "
                 f"port")
         return f"ipc://{path}"
+
+
+def tcp_host(address: str) -> str:
+    """The host of a tcp:// address; empty for ipc:// (always local)."""
+    return address[len("tcp://"):].rsplit(":", 1)[0] if address.startswith("tcp://") else ""
 
 
 def describe_validation_error(error: ValidationError) -> str:
