@@ -88,7 +88,7 @@ class FrontDoor:
 
     def try_enter(self) -> bool:
         with self._lock:
-            if self._entered + self._held_elsewhere() >= self.capacity:
+            if self.full():
                 return False
             self._entered += 1
             return True
