@@ -13,7 +13,7 @@ import signal
 import sys
 
 from sensevoice_core.logs import configure_logging
-from sensevoice_core.protocol import EXIT_BOOT_ERROR
+from sensevoice_core.exit_codes import EXIT_BOOT_ERROR
 from sensevoice_core.settings import SettingsError, load_settings
 
 

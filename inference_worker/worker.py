@@ -27,9 +27,8 @@ from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
 from sensevoice_core.long_audio import transcribe_long
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
+from sensevoice_core.exit_codes import EXIT_OK, EXIT_MODEL_LOAD_ERROR
 from sensevoice_core.protocol import (
-    EXIT_MODEL_LOAD_ERROR,
-    EXIT_OK,
     HEARTBEAT_INTERVAL_S,
     MAX_REPLY_HEADER_BYTES,
     MAX_REQUESTS_PER_WORKER,

@@ -19,6 +19,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from sensevoice_core.result import Result
+
 PROTOCOL_VERSION = 1
 
 HEARTBEAT_INTERVAL_S = 1.0  # the supervisor pings every worker this often
@@ -36,10 +38,18 @@ MAX_REQUESTS_PER_WORKER = 2
 # ...if that one is small: 4 MiB is two minutes of 16 kHz 16-bit wav, or about four of MP3.
 BESIDE_LONG_MAX_BYTES = 4 * 1024 * 1024
 
-# Worker exit codes. The supervisor does not respawn in a loop on the boot/load errors.
-EXIT_OK = 0
-EXIT_BOOT_ERROR = 3  # could not start: imports, settings, socket
-EXIT_MODEL_LOAD_ERROR = 4  # the model it was asked to load failed to load or warm up
+# What a worker is doing, as the supervisor sees it:
+WorkerRole = Literal[
+    "starting",  # process started, has not said hello (importing torch)
+    "standby",  # the warm spare: torch imported, no model, waiting for a load
+    "loading",  # loading a model to fill serving capacity (first start, a crashed worker)
+    "warming",  # loading the new model of a reload (green): traffic moves when all pass
+    "serving",  # takes requests
+    "draining",  # replaced: finishes the requests it holds, then exits
+]
+# Where a model was loaded from: its L2 snapshot, or its files (fresh).
+CacheLevel = Literal["L2", "fresh"]
+CACHE_LEVEL_WORDS: dict[str, str] = {"L2": "its L2 snapshot", "fresh": "a fresh load"}  # for logs, UI
 
 ErrorCode = Literal[
     "bad_request",  # malformed frame, unknown kind, wrong protocol version, bad field
@@ -95,28 +105,12 @@ class StatusRequest(_Message):
 
 # Supervisor -> client
 
-class SegmentInfo(BaseModel):
-    start: float  # seconds from the start of the audio
-    end: float
-    text: str
-    language: str | None
-    emotion: str | None
-    event: str | None
+class TranscribeReply(_Message, Result):
+    """A Result (text, tags, segments: result.py) and where and how fast it ran."""
 
-
-class TranscribeReply(_Message):
     kind: Literal["transcription"] = "transcription"
     request_id: str
-    text: str  # tags removed
-    raw: str  # as the model emitted it, tags included
-    language: str | None
-    emotion: str | None
-    event: str | None
-    text_norm: str | None
-    duration_s: float
-    token_ids: list[int]
     fingerprint: str  # the model that served this request
-    segments: list[SegmentInfo] = []  # in time order; empty when there is no speech
     worker_pid: int
     inference_s: float  # decode + model time inside the worker
 
@@ -129,7 +123,7 @@ class ModelInfo(BaseModel):
     short_ids: dict[str, str]  # config / weights / code, 8 hex each
     file_sha256: dict[str, str]  # role (weights, config, tokenizer, cmvn) -> checksum
     file_paths: dict[str, str]  # role -> absolute path
-    cache_level: str  # L1, L2 or fresh
+    cache_level: CacheLevel
     load_s: float
     steps_s: dict[str, float]
     warmup_s: float
@@ -145,7 +139,7 @@ class ReloadOutcome(BaseModel):
     old_fingerprint: str | None = None
     new_fingerprint: str | None = None  # None when the reload failed
     seconds: float = 0.0  # request received -> traffic on the new model
-    cache_level: str | None = None
+    cache_level: CacheLevel | None = None
     error: str | None = None
     coalesced: int = 1  # how many reload requests this one swap answered
 
@@ -159,7 +153,7 @@ class ReloadReply(_Message):
 class WorkerStatus(BaseModel):
     worker_id: str
     pid: int
-    role: Literal["starting", "standby", "loading", "serving", "draining"]
+    role: WorkerRole
     age_s: float
     requests_served: int
     busy: bool

@@ -14,11 +14,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.curve import CurveKeys
 from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.segmentation import VadOptions
 
 ENV_PREFIX = "SENSEVOICE_"
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes; ZeroMQ refuses longer ipc:// paths
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+MiB = 1024 * 1024
+_VAD = VadOptions()  # the defaults of the VAD and batch settings are the library's own
+_TRANSCRIBE = TranscribeOptions()
 
 
 class SettingsError(SenseVoiceError):
@@ -91,16 +95,16 @@ class Settings(BaseSettings):
         256.0, gt=0, description="largest upload the UI and HTTP API accept, in MiB")
 
     # Long audio
-    vad_threshold: float = Field(0.35, ge=0.0, le=1.0,
+    vad_threshold: float = Field(_VAD.threshold, ge=0.0, le=1.0,
                                  description="speech probability above which audio is speech")
-    vad_min_speech_s: float = Field(0.25, ge=0, description="shorter bursts of speech are dropped")
-    vad_min_silence_s: float = Field(0.3, ge=0, description="shorter pauses do not split speech")
-    vad_speech_pad_s: float = Field(0.1, ge=0, description="audio kept on each side of speech")
+    vad_min_speech_s: float = Field(_VAD.min_speech_s, ge=0, description="shorter bursts of speech are dropped")
+    vad_min_silence_s: float = Field(_VAD.min_silence_s, ge=0, description="shorter pauses do not split speech")
+    vad_speech_pad_s: float = Field(_VAD.speech_pad_s, ge=0, description="audio kept on each side of speech")
     max_segment_s: float = Field(
-        30.0, ge=1.0, le=120.0, description="longest segment; longer speech is split at its "
+        _VAD.max_segment_s, ge=1.0, le=120.0, description="longest segment; longer speech is split at its "
                                             "quietest point, and shorter audio is not segmented")
     batch_s: float = Field(
-        120.0, gt=0, description="padded seconds of audio transcribed per batch: bounds memory")
+        _TRANSCRIBE.batch_s, gt=0, description="padded seconds of audio transcribed per batch: bounds memory")
 
     @field_validator("model_dir", "curve_dir", mode="before")
     @classmethod
@@ -166,6 +170,21 @@ class Settings(BaseSettings):
                           min_speech_s=self.vad_min_speech_s,
                           min_silence_s=self.vad_min_silence_s,
                           speech_pad_s=self.vad_speech_pad_s, max_segment_s=self.max_segment_s)
+
+    def transcribe_options(self, language: str = "auto", use_itn: bool = False,
+                           vad_threshold: float | None = None) -> TranscribeOptions:
+        """The options of one request: its language, ITN and threshold, the rest from here."""
+        return TranscribeOptions(language=language, use_itn=use_itn,
+                                 vad=self.vad_options(vad_threshold), batch_s=self.batch_s,
+                                 max_audio_s=self.max_audio_s)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * MiB)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MiB)
 
     def ui_is_loopback(self) -> bool:
         return self.ui_host in LOOPBACK_HOSTS or self.ui_host == "::1"

@@ -9,6 +9,7 @@ demo vocabulary works as well as the official 25,055-piece one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -27,16 +28,30 @@ class TextNorm(str, Enum):
     WITHOUT_ITN = "woitn"  # spoken form: "one two three"
 
 
-# Rows of the 16-row query embedding, as the official model was trained with them.
-LANGUAGE_QUERY_ROW: dict[Language, int] = {
-    Language.AUTO: 0,
-    Language.ZH: 3,
-    Language.EN: 4,
-    Language.YUE: 7,
-    Language.JA: 11,
-    Language.KO: 12,
-    Language.NOSPEECH: 13,
+@dataclass(frozen=True)
+class LanguageInfo:
+    query_row: int  # row of the 16-row query embedding, as the official model was trained
+    name: str  # the English name OpenAI's API uses ("chinese"); also accepted as input
+    label: str  # what the page shows ("Mandarin")
+    unspaced: bool = False  # written without spaces between sentences
+
+
+# Every language, once: everything else about languages is derived from this table.
+LANGUAGES: dict[Language, LanguageInfo] = {
+    Language.AUTO: LanguageInfo(0, "auto", "auto-detect"),
+    Language.ZH: LanguageInfo(3, "chinese", "Mandarin", unspaced=True),
+    Language.EN: LanguageInfo(4, "english", "English"),
+    Language.YUE: LanguageInfo(7, "cantonese", "Cantonese", unspaced=True),
+    Language.JA: LanguageInfo(11, "japanese", "Japanese", unspaced=True),
+    Language.KO: LanguageInfo(12, "korean", "Korean"),
+    Language.NOSPEECH: LanguageInfo(13, "nospeech", "no speech"),
 }
+LANGUAGE_QUERY_ROW: dict[Language, int] = {lang: info.query_row for lang, info in LANGUAGES.items()}
+# What a caller may ask for (the model answers "nospeech"; nobody asks for it).
+LANGUAGE_CHOICES = tuple(lang.value for lang in LANGUAGES if lang is not Language.NOSPEECH)
+# What the model may answer.
+LANGUAGE_TAGS = tuple(lang.value for lang in LANGUAGES if lang is not Language.AUTO)
+UNSPACED_LANGUAGES = frozenset(lang.value for lang, info in LANGUAGES.items() if info.unspaced)
 EVENT_QUERY_ROW = 1
 EMOTION_QUERY_ROW = 2
 TEXT_NORM_QUERY_ROW: dict[TextNorm, int] = {TextNorm.WITH_ITN: 14, TextNorm.WITHOUT_ITN: 15}
@@ -44,7 +59,6 @@ NUM_PROMPT_FRAMES = 4  # language, event, emotion, text-norm
 
 CTC_BLANK_ID = 0  # FunASR's blank_id; the piece at id 0 is <unk>, which the model never emits as text
 
-LANGUAGE_TAGS = ("zh", "en", "yue", "ja", "ko", "nospeech")
 EMOTION_TAGS = (
     "HAPPY", "SAD", "ANGRY", "NEUTRAL", "FEARFUL", "DISGUSTED", "SURPRISED", "OTHER",
     "EMO_UNKNOWN",
@@ -69,9 +83,13 @@ def tag_piece(name: str) -> str:
 
 
 def language_of(value: str | Language) -> Language:
-    """Convert a user-supplied language to the enum, naming the valid choices on error."""
-    try:
-        return Language(value)
-    except ValueError:
-        choices = ", ".join(lang.value for lang in Language if lang is not Language.NOSPEECH)
-        raise ValueError(f"unknown language {value!r}; expected one of: {choices}") from None
+    """A user-supplied language ("en", "English", Language.EN) as the enum; an unknown one is a
+    ValueError naming the valid choices."""
+    if isinstance(value, Language):
+        return value
+    lowered = str(value).strip().lower()
+    for lang, info in LANGUAGES.items():
+        if lowered in (lang.value, info.name) and lang is not Language.NOSPEECH:
+            return lang
+    raise ValueError(f"unknown language {value!r}; expected one of: "
+                     f"{', '.join(LANGUAGE_CHOICES)}")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import zmq
 
+from sensevoice_core.exit_codes import EXIT_BOOT_ERROR
 from sensevoice_core.protocol import (
-    EXIT_BOOT_ERROR,
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
     SPAWN_TIMEOUT_S,

@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sensevoice_core.exit_codes import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR
 from sensevoice_core.protocol import (
-    EXIT_BOOT_ERROR,
-    EXIT_MODEL_LOAD_ERROR,
     ModelInfo,
 )
 

@@ -1,0 +1,31 @@
+"""How to transcribe: the options of one call, with the defaults the settings take as theirs.
+
+No torch here: the settings (read by every process) take their defaults from these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sensevoice_core.segmentation import VadOptions
+from sensevoice_core.vocab import Language, TextNorm, language_of
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    language: Language = Language.AUTO  # the language prompt; AUTO lets the model decide
+    use_itn: bool = False  # True: numerals and punctuation ("withitn"); False: spoken form
+    vad: VadOptions = field(default_factory=VadOptions)  # where long audio is split
+    batch_s: float = 120.0  # padded seconds of audio per batch of segments: bounds memory
+    max_audio_s: float | None = None  # longer audio is refused (AudioTooLongError); None: any
+
+    def __post_init__(self) -> None:
+        # "en" or Language.EN; an unknown language is a ValueError naming the choices.
+        object.__setattr__(self, "language", language_of(self.language))
+        object.__setattr__(self, "use_itn", bool(self.use_itn))
+        if self.batch_s <= 0:
+            raise ValueError(f"batch_s must be positive, got {self.batch_s}")
+
+    @property
+    def text_norm(self) -> TextNorm:
+        return TextNorm.WITH_ITN if self.use_itn else TextNorm.WITHOUT_ITN

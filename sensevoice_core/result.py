@@ -1,0 +1,88 @@
+"""What a transcription returns: one ``Result`` of timed ``Segment``s.
+
+The same two types flow from the model (``SenseVoice.transcribe``) through the ZeroMQ protocol
+(``TranscribeReply`` is a ``Result`` plus where it ran) to the UI, the HTTP API and both CLIs,
+so a new field is added here once. Pydantic (no torch): the supervisor and the UI import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from sensevoice_core.vocab import EMOTION_EMOJI, EVENT_EMOJI, UNSPACED_LANGUAGES
+
+
+class Segment(BaseModel):
+    """One stretch of speech, decoded in one pass of the model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start: float  # seconds from the start of the audio
+    end: float
+    text: str  # the transcript with every <|tag|> removed
+    raw: str  # the tagged string exactly as the model emitted it
+    language: str | None  # the language tag the model emitted ("en", "zh", ...), None if none
+    emotion: str | None  # the emotion tag ("NEUTRAL", "HAPPY", ...)
+    event: str | None  # the audio event tag ("Speech", "BGM", ...)
+    token_ids: tuple[int, ...] = ()  # after CTC collapse and blank removal
+
+
+class Result(BaseModel):
+    """A whole input: its segments in time order (none when there is no speech), and the
+    text, tags and token ids of all of them together."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str  # the segments' texts joined (no space between neighbours in unspaced scripts)
+    raw: str  # the segments' raw strings joined
+    language: str | None  # the language covering the most speech time
+    emotion: str | None  # the emotion covering the most speech time
+    event: str | None  # the event covering the most speech time
+    text_norm: str  # "withitn" or "woitn": the text normalisation asked for
+    duration_s: float  # length of the input audio
+    token_ids: tuple[int, ...]  # every segment's ids in order
+    segments: tuple[Segment, ...] = ()
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[Segment], duration_s: float,
+                      text_norm: str) -> Result:
+        return cls(text=join_text(segments), raw="".join(s.raw for s in segments),
+                   language=dominant(segments, "language"),
+                   emotion=dominant(segments, "emotion"), event=dominant(segments, "event"),
+                   text_norm=text_norm, duration_s=duration_s,
+                   token_ids=tuple(i for s in segments for i in s.token_ids),
+                   segments=tuple(segments))
+
+    @property
+    def rich_text(self) -> str:
+        """The text with event and emotion shown as emoji, as SenseVoice's demos show it."""
+        event = EVENT_EMOJI.get(self.event or "", "")
+        emotion = EMOTION_EMOJI.get(self.emotion or "", "")
+        return f"{event}{self.text}{emotion}"
+
+    def result(self) -> Result:
+        """Just the Result fields (a TranscribeReply also says where it ran)."""
+        return Result.model_validate(self.model_dump(include=set(Result.model_fields)))
+
+
+def join_text(segments: Sequence[Segment]) -> str:
+    text = ""
+    previous: Segment | None = None
+    for segment in (s for s in segments if s.text):
+        unspaced = (previous is not None and previous.language in UNSPACED_LANGUAGES
+                    and segment.language in UNSPACED_LANGUAGES)
+        text += ("" if previous is None or unspaced else " ") + segment.text
+        previous = segment
+    return text
+
+
+def dominant(segments: Sequence[Segment], tag: str) -> str | None:
+    """The language / emotion / event covering the most time, over segments that have it."""
+    seconds: dict[str, float] = {}
+    for segment in segments:
+        value = getattr(segment, tag)
+        if value is not None:
+            seconds[value] = seconds.get(value, 0.0) + segment.end - segment.start
+    return max(seconds, key=seconds.__getitem__) if seconds else None
