@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from sensevoice_core import Settings, load_audio, load_model, load_sensevoice_cached
+from sensevoice_core import Settings, load_sensevoice_cached
+from sensevoice_core.audio import load_audio
+from sensevoice_core.loader import load_model_dir
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN, compute_features
 from sensevoice_core.random_model import random_model, write_random_model
@@ -26,8 +28,8 @@ CLIP = Path(__file__).resolve().parent.parent / "tests" / "data" / "en.mp3"
 
 def tiny_model_agrees(scratch: Path) -> None:
     model_dir = write_random_model(scratch / "tiny")
-    cpu = load_model(model_dir)
-    gpu = load_model(model_dir, device="cuda")
+    cpu = load_model_dir(model_dir)
+    gpu = load_model_dir(model_dir, device="cuda")
     settings = Settings(cache_dir=scratch / "cache", device="cuda")
     load_sensevoice_cached(model_dir, settings=settings)
     cached, report = load_sensevoice_cached(model_dir, settings=settings)

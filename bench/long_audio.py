@@ -32,23 +32,20 @@ import json, resource, sys, time
 import torch
 from sensevoice_core.cache import load_sensevoice_cached
 from sensevoice_core.audio import load_audio
-from sensevoice_core.long_audio import transcribe_long
-from sensevoice_core.pipeline import TranscribeOptions
+from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.settings import Settings
-from sensevoice_core.vad import SileroVAD
 model_dir, cache_dir, audio_path, mode, batch_s, seconds, threads = sys.argv[1:8]
 torch.set_num_threads(int(threads))
 model, _ = load_sensevoice_cached(model_dir, settings=Settings(cache_dir=cache_dir))
-vad = SileroVAD.from_package()
-options = TranscribeOptions.create("auto", True)
-model.transcribe(load_audio(audio_path)[:16000 * 2])  # kernels and allocator warmed
+options = TranscribeOptions(use_itn=True, batch_s=float(batch_s) or TranscribeOptions.batch_s)
+model.transcribe(load_audio(audio_path)[:16000 * 2])  # kernels, allocator and VAD warmed
 start = time.perf_counter()
 if mode == "segmented":
-    result = transcribe_long(model, vad, audio_path, options, batch_s=float(batch_s))
+    result = model.transcribe(audio_path, options)
     detail = len(result.segments)
 else:
     waveform = load_audio(audio_path)[: int(16000 * float(seconds))]
-    detail = len(model.transcribe_waveforms([waveform], options)[0].text)
+    detail = len(model.decode([waveform], options)[0].text)
 wall = time.perf_counter() - start
 peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"wall_s": wall, "peak_mib": peak_mib, "detail": detail}))

@@ -25,10 +25,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sensevoice_core import load_audio, load_model  # noqa: E402
+from sensevoice_core.audio import load_audio  # noqa: E402
 from sensevoice_core.config import SenseVoiceDims  # noqa: E402
 from sensevoice_core.frontend import compute_features  # noqa: E402
-from sensevoice_core.pipeline import TranscribeOptions  # noqa: E402
+from sensevoice_core.loader import load_model_dir  # noqa: E402
+from sensevoice_core.options import TranscribeOptions  # noqa: E402
 from sensevoice_core.vocab import NUM_PROMPT_FRAMES  # noqa: E402
 
 CLIP = Path(__file__).resolve().parent.parent / "tests" / "data" / "en.mp3"
@@ -92,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    ours = load_model(args.model)
+    ours = load_model_dir(args.model)  # no L2 snapshot of the full-size model left behind
     dims = ours.model.dims
     print(f"model: {args.model} ({sum(p.numel() for p in ours.model.parameters()):,} parameters), "
           f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
@@ -104,14 +105,14 @@ def main() -> None:
                                  disable_update=True, disable_pbar=True, disable_log=True)
         torch.set_num_threads(args.threads)  # AutoModel sets its own thread count
 
-    options = TranscribeOptions.create("auto", False)
+    options = TranscribeOptions()
     for seconds in args.seconds:
         waveform = clip_of(seconds)
         frames = compute_features(waveform, ours.frontend, ours.cmvn).shape[0]
         gemm, gemm_flops = gemm_run(frames + NUM_PROMPT_FRAMES, dims.output_size,
                                     dims.linear_units)
         runs: dict[str, Callable[[], object]] = {
-            "ours": lambda: ours.transcribe_waveforms([waveform], options),
+            "ours": lambda: ours.decode([waveform], options),  # one pass, as FunASR's
             "gemm": gemm,
         }
         if funasr_model is not None:

@@ -1,7 +1,8 @@
 """python -m inference_worker --backend ADDRESS --worker-id ID [--parent-pid PID]
 
-Started by the supervisor, not by hand. Exit codes: 0 stopped, 3 could not boot,
-4 the model it was asked to load failed (the supervisor does not respawn it in a loop).
+Started by the supervisor, not by hand. Exit codes (sensevoice_core.exit_codes): 0 stopped,
+3 could not boot, 4 the model it was asked to load failed (the supervisor does not respawn it
+in a loop).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import os
 import signal
 import sys
 
-from sensevoice_core.logs import configure_logging
+from sensevoice_core.cli import settings_or_exit
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR
-from sensevoice_core.settings import SettingsError, load_settings
+from sensevoice_core.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     idle_boot = args.standby and enter_idle_priority()
     # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        settings = load_settings()
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BOOT_ERROR
+    settings = settings_or_exit(EXIT_BOOT_ERROR)
     configure_logging(f"worker {args.worker_id}", settings.log_level)
     try:
         import torch

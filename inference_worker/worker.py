@@ -2,10 +2,11 @@
 
 Life of a worker: connect to the supervisor's backend and say Hello (torch is already
 imported and its first construction paid: a warm standby), wait for LoadModel, load through
-the cache (L2 first), transcribe the bundled clip as a warm-up, announce Ready with the model's
-fingerprint and load report, then answer Transcribe and Ping until Stop. A worker holds at most
-MAX_REQUESTS_PER_WORKER requests (the supervisor gives it a second one only beside a long one);
-after Stop it finishes and answers the requests it holds, then exits: that is the drain.
+the cache (L2 first), transcribe the bundled clip as a warm-up (which also loads the VAD),
+announce Ready with the model's fingerprint and load report, then answer Transcribe and Ping
+until Stop. A worker holds at most MAX_REQUESTS_PER_WORKER requests (the supervisor gives it a
+second one only beside a long one); after Stop it finishes and answers the requests it holds,
+then exits: that is the drain.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import zmq
 
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
 from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
-from sensevoice_core.long_audio import transcribe_long
+from sensevoice_core.exit_codes import EXIT_MODEL_LOAD_ERROR, EXIT_OK
 from sensevoice_core.model import SenseVoiceSmall
-from sensevoice_core.pipeline import SenseVoice, TranscribeOptions
-from sensevoice_core.exit_codes import EXIT_OK, EXIT_MODEL_LOAD_ERROR
+from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
     MAX_REPLY_HEADER_BYTES,
@@ -42,7 +42,6 @@ from sensevoice_core.protocol import (
     Pong,
     ProtocolError,
     Ready,
-    SegmentInfo,
     Stop,
     TranscribeReply,
     TranscribeRequest,
@@ -51,7 +50,6 @@ from sensevoice_core.protocol import (
 )
 from sensevoice_core.random_model import random_model, small_dims
 from sensevoice_core.settings import Settings
-from sensevoice_core.vad import SileroVAD
 
 logger = logging.getLogger("sensevoice.worker")
 
@@ -69,7 +67,8 @@ def prewarm() -> None:
 
 
 def warm_up(model: SenseVoice) -> float:
-    """Transcribe the bundled clip: pages the weights in and proves the model runs.
+    """Transcribe the bundled clip: pages the weights in, loads the VAD and proves the model
+    runs, so the first request pays none of it.
 
     One thread: a reload warms up beside the old worker, which is serving on every core;
     two thread pools spinning on the same cores would slow both far more than half.
@@ -102,7 +101,6 @@ class InferenceWorker:
         self.backend = backend
         self.settings = settings
         self.model: SenseVoice | None = None
-        self.vad = SileroVAD.from_package()  # 1 MB, shipped in the silero-vad wheel
         self.fingerprint = ""
         self.stop_requested = False
         self.in_flight: set[str] = set()  # request ids on the compute threads
@@ -232,12 +230,10 @@ class InferenceWorker:
                 audio: bytes | np.ndarray = np.frombuffer(payload, dtype="<f4")
             else:
                 audio = payload
-            options = TranscribeOptions.create(request.language, request.use_itn)
-            result = transcribe_long(self.model, self.vad, audio, options,
-                                     self.settings.vad_options(request.vad_threshold),
-                                     request.sample_rate, self.settings.batch_s,
-                                     self.settings.max_audio_s,
-                                     source_name=request.filename)
+            options = self.settings.transcribe_options(request.language, request.use_itn,
+                                                       request.vad_threshold)
+            result = self.model.transcribe(audio, options, sample_rate=request.sample_rate,
+                                           source_name=request.filename)
         except AudioTooLongError as e:
             return ErrorReply(request_id=request.request_id, code="too_long",
                               message=f"{e} (SENSEVOICE_MAX_AUDIO_S)")
@@ -250,17 +246,9 @@ class InferenceWorker:
             return ErrorReply(request_id=request.request_id, code="internal",
                               message=f"the worker failed on this request: {type(e).__name__}: "
                                       f"{e}"[:500])
-        return TranscribeReply(
-            request_id=request.request_id, text=result.text,
-            raw="".join(segment.raw for segment in result.segments),
-            language=result.dominant("language"), emotion=result.dominant("emotion"),
-            event=result.dominant("event"),
-            text_norm=options.text_norm.value, duration_s=result.duration_s,
-            token_ids=[i for segment in result.segments for i in segment.token_ids],
-            segments=[SegmentInfo(start=s.start, end=s.end, text=s.text, language=s.language,
-                                  emotion=s.emotion, event=s.event) for s in result.segments],
-            fingerprint=self.fingerprint, worker_pid=os.getpid(),
-            inference_s=time.perf_counter() - start)
+        return TranscribeReply(**result.model_dump(), request_id=request.request_id,
+                               fingerprint=self.fingerprint, worker_pid=os.getpid(),
+                               inference_s=time.perf_counter() - start)
 
     def send(self, message: Ready | Hello | LoadFailed | Pong) -> None:
         self.socket.send_multipart(encode(message))

@@ -1,8 +1,9 @@
-"""The three-level model cache: L1 in memory, L2 snapshot on disk, L3 path + checksums.
+"""Loading a model through its caches: the L2 snapshot on disk, named by the L3 path record.
 
-``load_sensevoice_cached`` follows the seed's six steps: L3 check -> L2 -> repair -> strict
-local load -> write L2 + L3 -> return. A cache that cannot be read or written degrades to a
-logged warning and a direct load; it never stops a model from loading.
+``load_sensevoice_cached`` resolves and repairs the model path, asks L3 which snapshot those
+exact files made (a ``stat`` per file), maps that L2 snapshot, and otherwise loads the model
+directory strictly, writing L2 and L3 for next time. A cache that cannot be read or written
+degrades to a logged warning and a direct load; it never stops a model from loading.
 
 What is trusted, and why it is enough: L3 only names a snapshot (a ``stat`` per file). The
 snapshot is served only if its own checksummed header says it was built from this directory's
@@ -27,14 +28,15 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from sensevoice_core.errors import ModelFileError
-from sensevoice_core.loader import ModelFiles, load_model, model_files
+from sensevoice_core.errors import ModelFileError, SnapshotError
+from sensevoice_core.layout import ModelFiles, model_files
+from sensevoice_core.loader import load_model_dir
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
 from sensevoice_core.path_cache import ROLES, FileIdentity, PathCache, PathRecord
 from sensevoice_core.pipeline import SenseVoice
+from sensevoice_core.protocol import CACHE_LEVEL_WORDS, CacheLevel
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import (
-    SnapshotError,
     SnapshotSource,
     check_source,
     open_snapshot,
@@ -51,7 +53,7 @@ LOAD_ATTEMPTS = 3  # model files changing under a load (a copy in progress) are 
 
 @dataclass
 class LoadReport:
-    level: str  # "L1" (already in memory), "L2" (snapshot) or "fresh" (model directory)
+    level: CacheLevel  # "L2" (the snapshot) or "fresh" (the model directory's files)
     model_dir: Path
     layout: str
     fingerprint: str
@@ -70,37 +72,8 @@ class LoadReport:
 
     def summary(self) -> str:
         ids = ", ".join(f"{key}: {value}" for key, value in self.short_ids.items())
-        source = {"L1": "L1 (already loaded)", "L2": "L2", "fresh": "a fresh load"}[self.level]
-        return f"{self.model_dir} ({ids}) in {self.total_s:.2f} s via {source}"
-
-
-class ModelHolder:
-    """L1: the model a process serves, swapped atomically; the old one is released after."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._model: SenseVoice | None = None
-        self._report: LoadReport | None = None
-
-    def get_model(self) -> SenseVoice | None:
-        with self._lock:
-            return self._model
-
-    @property
-    def report(self) -> LoadReport | None:
-        with self._lock:
-            return self._report
-
-    @property
-    def fingerprint(self) -> str | None:
-        report = self.report
-        return report.fingerprint if report else None
-
-    def swap_model(self, model: SenseVoice, report: LoadReport) -> None:
-        with self._lock:
-            old, self._model, self._report = self._model, model, report
-        del old  # callers still using it keep it alive until they finish
-        gc.collect()
+        return (f"{self.model_dir} ({ids}) in {self.total_s:.2f} s from "
+                f"{CACHE_LEVEL_WORDS[self.level]}")
 
 
 class _StepTimer:
@@ -117,7 +90,7 @@ class _StepTimer:
 
 
 def resolve_model_dir(path: str | Path | None, settings: Settings) -> ModelFiles:
-    """Steps 1 and 3: the hint or SENSEVOICE_MODEL_DIR or the usual places, repaired."""
+    """The hint, else SENSEVOICE_MODEL_DIR, else the usual places; paths repaired."""
     model_dir = find_or_fix_model_path(path, settings.model_dir)
     if model_dir is None:
         candidates = diagnose_model_paths(path, settings.model_dir)
@@ -240,20 +213,32 @@ def prune_snapshots(directory: Path, keep_count: int, keep: Path) -> list[Path]:
     return removed
 
 
+def load_model(path: str | Path | None = None, *, device: str | None = None,
+               settings: Settings | None = None, force_fresh: bool = False) -> SenseVoice:
+    """Load a SenseVoice model for ``transcribe``, through the cache (its L2 snapshot when one
+    matches the files, else the files, writing the snapshot for next time).
+
+    Args:
+        path: model directory of either layout; None: SENSEVOICE_MODEL_DIR, then ./model and
+            the usual places (``python -m sensevoice_core doctor`` lists them).
+        device: torch device ("cpu", "cuda"); None: the settings' (SENSEVOICE_DEVICE, cpu).
+        settings: cache directory and switches; None reads SENSEVOICE_* from the environment
+            (the cache is ./cache unless SENSEVOICE_CACHE_DIR says otherwise).
+        force_fresh: ignore and rebuild this model's cache entries.
+    """
+    settings = settings or Settings()
+    if device is not None:
+        settings = settings.model_copy(update={"device": device})
+    return load_sensevoice_cached(path, force_fresh, settings)[0]
+
+
 def load_sensevoice_cached(
     path: str | Path | None = None,
     force_fresh: bool = False,
     settings: Settings | None = None,
-    holder: ModelHolder | None = None,
 ) -> tuple[SenseVoice, LoadReport]:
-    """Load the model through L1 / L2 / a fresh load, and say which and how long each step took.
-
-    Args:
-        path: model directory; None means SENSEVOICE_MODEL_DIR, then ./model and the usual places.
-        force_fresh: forget this model's L2/L3 entries and load from the model directory.
-        settings: cache location and switches; None reads SENSEVOICE_* from the environment.
-        holder: an L1 holder; if it already holds this exact model, that model is returned.
-    """
+    """``load_model``, plus its LoadReport: where the model came from (L2 or a fresh load) and
+    how long each step took."""
     settings = settings or Settings()
     steps: dict[str, float] = {}
     timer = _StepTimer(steps)
@@ -270,12 +255,6 @@ def load_sensevoice_cached(
     report = LoadReport(level="fresh", model_dir=files.directory.resolve(), layout=files.layout,
                         fingerprint="", short_ids={}, snapshot=None, steps_s=steps)
     _label(report, record)
-
-    if holder is not None and not force_fresh and holder.fingerprint == record.fingerprint:
-        model = holder.get_model()
-        if model is not None:
-            report.level = "L1"
-            return model, _finish(report, path_cache)
 
     use_l2 = not settings.disable_cache
     snapshot = snapshot_path(settings.cache_dir, record.fingerprint, record.model_dir)
@@ -335,7 +314,7 @@ def _hash_and_load(files: ModelFiles, path_cache: PathCache, settings: Settings,
         for _ in range(LOAD_ATTEMPTS):
             before = _identities(paths)
             hashing = pool.submit(path_cache.record_for, files)
-            loaded = load_model(files.directory, settings.device)
+            loaded = load_model_dir(files.directory, settings.device)
             record = hashing.result()
             if _identities(paths) == before == [rec.identity() for rec in
                                                 (record.files[role] for role in ROLES)]:

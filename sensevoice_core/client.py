@@ -43,7 +43,7 @@ from sensevoice_core.protocol import (
     decode_reply,
     encode,
 )
-from sensevoice_core.settings import LOOPBACK_HOSTS, Settings, load_settings, tcp_host
+from sensevoice_core.settings import LOOPBACK_HOSTS, MiB, Settings, load_settings, tcp_host
 
 REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
 CONNECT_TIMEOUT_S = 3.0  # a supervisor completes the ZeroMQ handshake well within this
@@ -96,8 +96,8 @@ class SupervisorClient:
         if filename is None and isinstance(audio, (str, Path)):
             filename = Path(audio).name
         audio_format, payload = _encode_audio(audio, filename)
-        if len(payload) > self.settings.max_request_mb * 1024 * 1024:
-            raise ServiceError("too_large", f"the audio is {len(payload) / 2**20:.1f} MiB; at most "
+        if len(payload) > self.settings.max_request_bytes:
+            raise ServiceError("too_large", f"the audio is {len(payload) / MiB:.1f} MiB; at most "
                                             f"{self.settings.max_request_mb:g} MiB "
                                             f"(SENSEVOICE_MAX_REQUEST_MB)")
         request = TranscribeRequest(language=language, use_itn=use_itn,
@@ -276,11 +276,14 @@ class _Connection:
 
 def _encode_audio(audio: Any, filename: str | None) -> tuple[str, bytes]:
     if isinstance(audio, (str, Path)):
+        # In the words the library's decoder uses for a path, since this one is read here.
         path = Path(audio).expanduser()
+        if not path.is_file():
+            raise AudioError(str(audio), "no such file")
         try:
             return "file", path.read_bytes()
         except OSError as e:
-            raise AudioError(str(audio), f"cannot read file: {e.strerror}") from None
+            raise AudioError(str(audio), f"cannot read the file: {e.strerror or e}") from None
     if isinstance(audio, (bytes, bytearray, memoryview)):
         return "file", bytes(audio)
     samples = np.asarray(audio, dtype=np.float32)

@@ -20,7 +20,7 @@ import yaml
 from sensevoice_core.errors import ConfigError
 
 # 7 rows FunASR reserves (0 = auto language, 1 = event, 2 = emotion, ...) + 7 language rows
-# + 2 text-norm rows; see sensevoice_core.vocab.QUERY_ROWS for which row means what.
+# + 2 text-norm rows; vocab.LANGUAGE_QUERY_ROW and vocab.TEXT_NORM_QUERY_ROW say which is which.
 NUM_QUERY_EMBEDDINGS = 16
 
 
@@ -60,6 +60,11 @@ class FrontendConfig:
     @property
     def feature_size(self) -> int:
         return self.n_mels * self.lfr_m
+
+    @property
+    def feature_frame_s(self) -> float:
+        """Seconds of audio per low-frame-rate feature frame (60 ms)."""
+        return self.frame_shift_ms * self.lfr_n / 1000
 
 
 # --- official config.yaml --------------------------------------------------------------------

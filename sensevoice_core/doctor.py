@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from filelock import Timeout
 
-from sensevoice_core.errors import ModelFileError
-from sensevoice_core.loader import model_files
+from sensevoice_core.errors import ModelFileError, SnapshotError
+from sensevoice_core.layout import model_files
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
 from sensevoice_core.path_cache import ROLES, FileIdentity, PathCache, PathRecord
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import (
-    SnapshotError,
     SnapshotSource,
     check_source,
     open_snapshot,

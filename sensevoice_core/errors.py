@@ -1,4 +1,5 @@
-"""Typed errors. Each one names the file or input at fault and what was expected."""
+"""Every error this package raises on purpose. Each names the file or input at fault and what
+was expected. No torch here: every process imports it."""
 
 from __future__ import annotations
 
@@ -52,6 +53,19 @@ class CheckpointMismatchError(ModelFileError):
         ]
         problem = "checkpoint does not match the model config:\n  " + "\n  ".join(lines)
         super().__init__(path, problem)
+
+
+class SnapshotError(SenseVoiceError):
+    """An L2 snapshot file is unreadable, truncated, altered or for another model."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class SettingsError(SenseVoiceError):
+    """A SENSEVOICE_* variable holds a value that is not allowed."""
 
 
 class AudioError(SenseVoiceError):

@@ -20,7 +20,8 @@ from transformers.utils import logging as transformers_logging
 from sensevoice_core.atomic import staged_directory
 from sensevoice_core.config import MODEL_TYPE, FrontendConfig, SenseVoiceDims
 from sensevoice_core.errors import ModelFileError
-from sensevoice_core.loader import CMVN_FILE, HF_TOKENIZER, build_model, model_files, read_dims, read_weights
+from sensevoice_core.layout import CMVN_FILE, HF_TOKENIZER, model_files
+from sensevoice_core.loader import build_model, read_dims, read_weights
 from sensevoice_core.model import build_layers, prompted_logits
 from sensevoice_core.tokenizer import Tokenizer
 

@@ -1,12 +1,8 @@
-"""Load a model directory in either layout into a ready SenseVoice.
+"""Load a model directory in either layout (layout.py) into a ready SenseVoice, and write one.
 
-Layouts:
-  official  the FunASR release: model.pt (a pickled state_dict, read with weights_only=True),
-            config.yaml, am.mvn and chn_jpn_yue_eng_ko_spectok.bpe.model
-  hf        what ``python -m sensevoice_core convert`` and ``save_pretrained`` write:
-            config.json, model.safetensors, tokenizer.model and am.mvn
-
-Nothing from a model directory is ever imported or executed.
+``load_model_dir`` reads the files directly; ``sensevoice_core.load_model`` goes through the
+cache (cache.py), which calls it on a miss. Nothing from a model directory is ever imported or
+executed.
 """
 
 from __future__ import annotations
@@ -15,8 +11,8 @@ import json
 import pickle
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -24,7 +20,6 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from sensevoice_core.atomic import staged_directory
-from sensevoice_core.client import hot_reload_model  # noqa: F401 - the seed's import path
 from sensevoice_core.config import (
     MODEL_TYPE,
     FrontendConfig,
@@ -35,70 +30,10 @@ from sensevoice_core.config import (
 )
 from sensevoice_core.errors import CheckpointMismatchError, ModelFileError
 from sensevoice_core.frontend import CMVN
+from sensevoice_core.layout import CMVN_FILE, HF_CONFIG, HF_TOKENIZER, HF_WEIGHTS, ModelFiles, model_files
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.tokenizer import Tokenizer
-
-OFFICIAL_TOKENIZER = "chn_jpn_yue_eng_ko_spectok.bpe.model"
-HF_TOKENIZER = "tokenizer.model"
-CMVN_FILE = "am.mvn"
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    layout: str  # "official" or "hf"
-    directory: Path
-    weights: Path
-    config: Path
-    tokenizer: Path
-    cmvn: Path
-
-
-def _official_tokenizer_name(directory: Path) -> str:
-    """configuration.json may name the tokenizer file; otherwise the release's own name."""
-    configuration = directory / "configuration.json"
-    if configuration.is_file():
-        try:
-            metas = json.loads(configuration.read_text(encoding="utf-8"))["file_path_metas"]
-            name = metas["tokenizer_conf"]["bpemodel"]
-            if isinstance(name, str) and name and Path(name).name == name:
-                return name
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a malformed configuration.json does not matter: the default name follows
-    return OFFICIAL_TOKENIZER
-
-
-def model_files(model_dir: Path | str) -> ModelFiles:
-    """Identify the layout of a model directory and check that every file it needs exists."""
-    directory = Path(model_dir).expanduser()
-    if not directory.is_dir():
-        raise ModelFileError(directory, "model directory does not exist",
-                             expected="a directory with model.pt + config.yaml (FunASR release) "
-                                      "or config.json + model.safetensors")
-    if (directory / "config.json").is_file() or (directory / "model.safetensors").is_file():
-        files = ModelFiles("hf", directory, directory / "model.safetensors",
-                           directory / "config.json", directory / HF_TOKENIZER,
-                           directory / CMVN_FILE)
-    elif (directory / "model.pt").is_file() or (directory / "config.yaml").is_file():
-        files = ModelFiles("official", directory, directory / "model.pt",
-                           directory / "config.yaml",
-                           directory / _official_tokenizer_name(directory),
-                           directory / CMVN_FILE)
-    else:
-        try:
-            present = sorted(p.name for p in directory.iterdir())[:10]
-        except OSError as e:
-            raise ModelFileError(directory, f"cannot list model directory: {e.strerror}") from e
-        raise ModelFileError(directory, "not a SenseVoice model directory",
-                             expected="model.pt + config.yaml or config.json + model.safetensors",
-                             found=", ".join(present) or "an empty directory")
-    for role in ("weights", "config", "tokenizer", "cmvn"):
-        path: Path = getattr(files, role)
-        if not path.is_file():
-            raise ModelFileError(path, f"missing {role} file of the {files.layout} layout",
-                                 expected=path.name, found="no such file")
-    return files
-
 
 def check_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
     """Raise CheckpointMismatchError listing every missing, unexpected or mis-shaped tensor."""
@@ -170,8 +105,8 @@ def build_model(
     return model.eval()
 
 
-def load_model(model_dir: Path | str, device: str = "cpu") -> SenseVoice:
-    """Load a model directory of either layout (see module docstring) for inference."""
+def load_model_dir(model_dir: Path | str, device: str = "cpu") -> SenseVoice:
+    """Load a model directory of either layout straight from its files, without the cache."""
     files = model_files(model_dir)
     tokenizer = Tokenizer.from_file(files.tokenizer)
     dims, frontend = read_dims(files, tokenizer)
@@ -199,16 +134,26 @@ def save_model_dir(
     An existing hf-layout target is replaced only once the new directory is complete.
     """
     target = Path(target_dir).expanduser()
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+    if target.is_dir() and any(target.iterdir()) and not (target / HF_CONFIG).is_file():
         raise ModelFileError(target, "refusing to replace a directory that is not a model",
                              expected="a new directory or an hf-layout model directory",
                              found="other files")
     with staged_directory(target, replace=True) as staging:
         config = {"architectures": ["SenseVoiceForCTC"], "model_type": MODEL_TYPE,
                   **config_json_fields(model.dims, frontend)}
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (staging / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-        save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tensors, staging / HF_WEIGHTS, metadata={"format": "pt"})
         shutil.copyfile(tokenizer_file, staging / HF_TOKENIZER)
         (staging / CMVN_FILE).write_text(cmvn.to_text(), encoding="utf-8")
     return target
+
+
+def __getattr__(name: str) -> Any:
+    """``from sensevoice_core.loader import hot_reload_model`` (the service's reload, asked of
+    a running supervisor) keeps working without the loader importing the ZeroMQ client."""
+    if name == "hot_reload_model":
+        from sensevoice_core.client import hot_reload_model
+
+        return hot_reload_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

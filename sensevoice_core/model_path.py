@@ -12,13 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensevoice_core.errors import ModelFileError
-from sensevoice_core.loader import HF_TOKENIZER, OFFICIAL_TOKENIZER, model_files
+from sensevoice_core.layout import MODEL_FILE_NAMES, OFFICIAL_CONFIGURATION, model_files
 
 MISSPELLINGS = ("models", "Model", "Models", "model_dir", "sensevoice_model")
-MODEL_FILE_NAMES = {
-    "model.pt", "config.yaml", "configuration.json", "am.mvn", OFFICIAL_TOKENIZER,
-    "config.json", "model.safetensors", HF_TOKENIZER,
-}
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ def _resolve(raw: str | Path, base: Path, home: Path) -> Path:
     path = path if path.is_absolute() else base / path
     # A model file given instead of its directory (model/model.pt); any other file stays a
     # file, and is rejected, so an explicit path is never swapped for its surroundings.
-    if path.name in MODEL_FILE_NAMES and path.is_file():
+    if (path.name in MODEL_FILE_NAMES or path.name == OFFICIAL_CONFIGURATION) and path.is_file():
         path = path.parent
     return Path(os.path.normpath(path))
 

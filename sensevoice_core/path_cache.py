@@ -18,16 +18,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from filelock import FileLock
 from pydantic import BaseModel, ValidationError
 
 from sensevoice_core.atomic import write_bytes_atomic
 from sensevoice_core.errors import ModelFileError
-
-if TYPE_CHECKING:  # the loader imports torch; the supervisor hashes files without it
-    from sensevoice_core.loader import ModelFiles
+from sensevoice_core.layout import ModelFiles
 
 logger = logging.getLogger("sensevoice.cache")
 

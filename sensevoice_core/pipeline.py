@@ -1,102 +1,88 @@
-"""The public inference object: audio in, Transcription out."""
+"""The inference object: audio of any length in, one Result out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sensevoice_core.audio import SAMPLE_RATE, AudioInput, load_audio
+from sensevoice_core.audio import SAMPLE_RATE, AudioInput
 from sensevoice_core.config import FrontendConfig
-from sensevoice_core.decoding import Transcription, greedy_ctc, to_transcription
+from sensevoice_core.decoding import greedy_ctc, to_segment
 from sensevoice_core.frontend import CMVN, compute_features, pad_features
+from sensevoice_core.long_audio import transcribe_audio
 from sensevoice_core.model import SenseVoiceSmall
+from sensevoice_core.options import TranscribeOptions
+from sensevoice_core.result import Result, Segment
 from sensevoice_core.tokenizer import Tokenizer
-from sensevoice_core.vocab import LANGUAGE_QUERY_ROW, TEXT_NORM_QUERY_ROW, Language, TextNorm, language_of
-
-# Padding a short clip up to a long one wastes compute, so batches are formed from
-# length-sorted inputs under this budget of LFR frames (60 ms each: about 6 minutes of audio).
-DEFAULT_BATCH_FRAMES = 6000
-
-
-@dataclass(frozen=True)
-class TranscribeOptions:
-    language: Language = Language.AUTO  # the language prompt; AUTO lets the model decide
-    use_itn: bool = False  # True: numerals and punctuation ("withitn"); False: spoken form
-
-    @classmethod
-    def create(cls, language: str | Language = "auto", use_itn: bool = False) -> TranscribeOptions:
-        return cls(language=language_of(language), use_itn=bool(use_itn))
-
-    @property
-    def text_norm(self) -> TextNorm:
-        return TextNorm.WITH_ITN if self.use_itn else TextNorm.WITHOUT_ITN
+from sensevoice_core.vad import SileroVAD
+from sensevoice_core.vocab import LANGUAGE_QUERY_ROW, TEXT_NORM_QUERY_ROW
 
 
 @dataclass
 class SenseVoice:
+    """A loaded model (``sensevoice_core.load_model``) and the VAD that segments its input."""
+
     model: SenseVoiceSmall
     tokenizer: Tokenizer
     cmvn: CMVN
     frontend: FrontendConfig
     model_dir: Path
     layout: str  # "official" (FunASR release) or "hf" (config.json + model.safetensors)
+    _vad: SileroVAD | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
         return self.model.embed.weight.device
 
-    def transcribe(
-        self,
-        audio: AudioInput,
-        language: str | Language = "auto",
-        use_itn: bool = False,
-        sample_rate: int = SAMPLE_RATE,
-    ) -> Transcription:
-        """Transcribe one input: a path, the bytes of a file, or an array at sample_rate."""
-        return self.transcribe_batch([audio], language, use_itn, sample_rate)[0]
+    @property
+    def vad(self) -> SileroVAD:
+        """Silero VAD (1 MB, shipped in the silero-vad wheel), loaded on first use. It runs on
+        the CPU whatever the model's device."""
+        if self._vad is None:
+            self._vad = SileroVAD.from_package()
+        return self._vad
 
-    def transcribe_batch(
-        self,
-        audios: Sequence[AudioInput],
-        language: str | Language = "auto",
-        use_itn: bool = False,
-        sample_rate: int = SAMPLE_RATE,
-        batch_frames: int = DEFAULT_BATCH_FRAMES,
-    ) -> list[Transcription]:
-        """Transcribe several inputs, batched by length; results come back in input order."""
-        options = TranscribeOptions.create(language, use_itn)
-        waveforms = [load_audio(audio, sample_rate) for audio in audios]
-        return self.transcribe_waveforms(waveforms, options, batch_frames)
+    def transcribe(self, audio: AudioInput, options: TranscribeOptions | None = None, *,
+                   sample_rate: int = SAMPLE_RATE, source_name: str | None = None) -> Result:
+        """Transcribe audio of any length into timed segments (none when there is no speech).
 
-    def transcribe_waveforms(
-        self,
-        waveforms: Sequence[torch.Tensor],
-        options: TranscribeOptions,
-        batch_frames: int = DEFAULT_BATCH_FRAMES,
-    ) -> list[Transcription]:
-        """waveforms: float32 mono 16 kHz tensors, as load_audio returns them."""
+        Args:
+            audio: a file path, the bytes of a file, or an array of samples at sample_rate.
+            options: language, ITN, VAD, batch size and length limit; None: the defaults.
+            sample_rate: the rate of an array input; files and bytes carry their own.
+            source_name: how errors name the audio (an upload's file name); default: its
+                path, or "the request's audio".
+
+        The VAD runs on every call: silence or noise gives an empty Result without reaching
+        the model. Audio no longer than ``options.vad.max_segment_s`` is transcribed whole,
+        in one pass; longer audio is streamed, split at pauses and decoded in length-sorted
+        batches of at most ``options.batch_s`` padded seconds, so memory does not grow with
+        its length. Longer than ``options.max_audio_s``: AudioTooLongError.
+        """
+        return transcribe_audio(self, [audio], options or TranscribeOptions(), sample_rate,
+                                [source_name])[0]
+
+    def transcribe_batch(self, audios: Sequence[AudioInput],
+                         options: TranscribeOptions | None = None, *,
+                         sample_rate: int = SAMPLE_RATE) -> list[Result]:
+        """Several inputs, each as ``transcribe`` would give it, in input order; the speech of
+        all of them is batched by length, so many short clips share forward passes."""
+        return transcribe_audio(self, audios, options or TranscribeOptions(), sample_rate)
+
+    def decode(self, waveforms: Sequence[torch.Tensor],
+               options: TranscribeOptions) -> list[Segment]:
+        """One forward pass over 16 kHz waveforms as one padded batch: no VAD, no splitting.
+        Each Segment spans its whole waveform, from 0 s; ``transcribe`` places them in time."""
         features = [compute_features(w, self.frontend, self.cmvn) for w in waveforms]
-        order = sorted(range(len(features)), key=lambda i: features[i].shape[0])
-        results: dict[int, Transcription] = {}
-        for batch in length_batches(order, [f.shape[0] for f in features], batch_frames):
-            token_ids = self.decode_features([features[i] for i in batch], options)
-            for index, ids in zip(batch, token_ids):
-                duration_s = waveforms[index].numel() / SAMPLE_RATE
-                results[index] = to_transcription(ids, self.tokenizer, duration_s)
-        return [results[i] for i in range(len(features))]
-
-    def decode_features(
-        self, features: list[torch.Tensor], options: TranscribeOptions
-    ) -> list[list[int]]:
         logits, lengths = self.logits(features, options)
-        return greedy_ctc(logits, lengths)
+        return [to_segment(ids, self.tokenizer, 0.0, round(w.numel() / SAMPLE_RATE, 3))
+                for ids, w in zip(greedy_ctc(logits, lengths), waveforms)]
 
-    def logits(
-        self, features: list[torch.Tensor], options: TranscribeOptions
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, features: list[torch.Tensor],
+               options: TranscribeOptions) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw CTC logits (B, 4 + T, vocab) for a batch of feature matrices, and their lengths."""
         batch, lengths = pad_features(features)
         count = len(features)
@@ -106,18 +92,3 @@ class SenseVoice:
         with torch.inference_mode():
             return self.model(batch.to(device), lengths.to(device), language_rows.to(device),
                               text_norm_rows.to(device))
-
-
-def length_batches(order: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """Split indices (sorted by length) into batches whose padded size stays under budget."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        # Sorted ascending, so the padded size of current + index is lengths[index] * size.
-        if current and lengths[index] * (len(current) + 1) > budget:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches

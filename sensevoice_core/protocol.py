@@ -217,13 +217,17 @@ class LoadFailed(_Message):
 
 
 class Ping(_Message):
+    """Sent every HEARTBEAT_INTERVAL_S, and once after Ready: the check before traffic."""
+
     kind: Literal["ping"] = "ping"
-    nonce: int
+    nonce: int  # never repeats; the supervisor knows the pong of that check by it
 
 
 class Pong(_Message):
+    """Any message proves a worker alive; a Pong also names the Ping it answers."""
+
     kind: Literal["pong"] = "pong"
-    nonce: int
+    nonce: int  # the Ping's
 
 
 class Stop(_Message):

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.curve import CurveKeys
-from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.errors import SettingsError
 from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.segmentation import VadOptions
 
@@ -23,10 +23,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 MiB = 1024 * 1024
 _VAD = VadOptions()  # the defaults of the VAD and batch settings are the library's own
 _TRANSCRIBE = TranscribeOptions()
-
-
-class SettingsError(SenseVoiceError):
-    """A SENSEVOICE_* variable holds a value that is not allowed."""
 
 
 class Settings(BaseSettings):

@@ -28,7 +28,7 @@ import torch
 
 from sensevoice_core.atomic import atomic_file
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
-from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.errors import SnapshotError
 from sensevoice_core.frontend import CMVN
 from sensevoice_core.loader import build_model
 from sensevoice_core.path_cache import FileIdentity, PathRecord
@@ -43,15 +43,6 @@ DATA_CHUNK_BYTES = 16 << 20  # small enough to keep 16 cores busy on a full-size
 OPEN_ATTEMPTS = 3  # the file was replaced (renamed over) while being opened: open the new one
 _DTYPES = {torch.float32: "F32", torch.uint8: "U8"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
-
-
-class SnapshotError(SenseVoiceError):
-    """A snapshot file is unreadable, truncated, altered or for another model."""
-
-    def __init__(self, path: Path, problem: str):
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 @dataclass(frozen=True)

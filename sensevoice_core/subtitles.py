@@ -1,30 +1,10 @@
-"""SRT and WebVTT renderings of timed text."""
+"""SRT and WebVTT renderings of a result's segments."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
-
-class Cue(Protocol):
-    """Anything with a time span and text: TimedText, a protocol SegmentInfo, a Segment."""
-
-    @property
-    def start(self) -> float: ...
-
-    @property
-    def end(self) -> float: ...
-
-    @property
-    def text(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class TimedText:
-    start: float  # seconds from the start of the audio
-    end: float
-    text: str
+from sensevoice_core.result import Segment
 
 
 def timestamp(seconds: float, decimal_mark: str) -> str:
@@ -41,19 +21,19 @@ def cue_text(text: str) -> str:
     return " ".join(text.split()).replace("-->", "->")
 
 
-def to_srt(cues: Sequence[Cue]) -> str:
-    """Numbered SRT cues; cues without text are left out (a subtitle cannot be empty)."""
+def to_srt(segments: Sequence[Segment]) -> str:
+    """Numbered SRT cues; segments without text are left out (a subtitle cannot be empty)."""
     blocks = []
-    for cue in (c for c in cues if cue_text(c.text)):
+    for cue in (s for s in segments if cue_text(s.text)):
         blocks.append(f"{len(blocks) + 1}\n{timestamp(cue.start, ',')} --> "
                       f"{timestamp(cue.end, ',')}\n{cue_text(cue.text)}\n")
     return "\n".join(blocks)
 
 
-def to_vtt(cues: Sequence[Cue]) -> str:
+def to_vtt(segments: Sequence[Segment]) -> str:
     """WebVTT; &, < and > are escaped, as its cue text is markup."""
     blocks = ["WEBVTT\n"]
-    for cue in (c for c in cues if cue_text(c.text)):
+    for cue in (s for s in segments if cue_text(s.text)):
         text = cue_text(cue.text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         blocks.append(f"{timestamp(cue.start, '.')} --> {timestamp(cue.end, '.')}\n{text}\n")
     return "\n".join(blocks)

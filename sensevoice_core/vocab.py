@@ -52,6 +52,8 @@ LANGUAGE_CHOICES = tuple(lang.value for lang in LANGUAGES if lang is not Languag
 # What the model may answer.
 LANGUAGE_TAGS = tuple(lang.value for lang in LANGUAGES if lang is not Language.AUTO)
 UNSPACED_LANGUAGES = frozenset(lang.value for lang, info in LANGUAGES.items() if info.unspaced)
+# A result's language tag ("en", "nospeech") -> its row: names and labels to show.
+LANGUAGE_BY_TAG: dict[str, LanguageInfo] = {lang.value: info for lang, info in LANGUAGES.items()}
 EVENT_QUERY_ROW = 1
 EMOTION_QUERY_ROW = 2
 TEXT_NORM_QUERY_ROW: dict[TextNorm, int] = {TextNorm.WITH_ITN: 14, TextNorm.WITHOUT_ITN: 15}

@@ -1,8 +1,10 @@
 """python -m supervisor [serve | status | transcribe FILE... | reload [PATH] [--force-fresh] | keygen DIR]
 
 serve (the default) runs the service: the supervisor and its inference workers, on the model
-in SENSEVOICE_MODEL_DIR (or ./model). status and reload talk to a running one.
-Exit codes: 0 stopped cleanly, 1 could not start, 2 invalid settings, 4 the model did not load.
+in SENSEVOICE_MODEL_DIR (or ./model). status, transcribe and reload talk to a running one;
+transcribe prints what `python -m sensevoice_core transcribe` prints (sensevoice_core.cli).
+Exit codes (sensevoice_core.exit_codes): 0 stopped cleanly, 1 could not start, 2 invalid
+settings, 4 the model did not load.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+from sensevoice_core.cli import add_transcribe_arguments, settings_or_exit, transcribe_files
+from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 from sensevoice_core.logs import configure_logging
-from sensevoice_core.settings import SettingsError, load_settings
-
-EXIT_CANNOT_START = 1
-EXIT_SETTINGS = 2
+from sensevoice_core.result import Result
+from sensevoice_core.settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="print the running service's status as JSON")
     status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait up to SECONDS for a model to be serving")
-    transcribe = commands.add_parser("transcribe", help="transcribe files through the service")
-    transcribe.add_argument("files", nargs="+", type=Path)
-    transcribe.add_argument("--language", default="auto")
-    transcribe.add_argument("--itn", action="store_true", help="numerals and punctuation")
-    transcribe.add_argument("--format", choices=("text", "json", "srt", "vtt"), default="text",
-                            help="json: one object per file with text and timed segments")
-    transcribe.add_argument("--json", action="store_const", dest="format", const="json",
-                            help="the same as --format json")
-    transcribe.add_argument("--vad-threshold", type=float, metavar="P",
-                            help="speech probability that splits long audio (0..1; default "
-                                 "SENSEVOICE_VAD_THRESHOLD)")
+    add_transcribe_arguments(commands.add_parser("transcribe",
+                                                 help="transcribe files through the service"))
     reload = commands.add_parser("reload", help="hot-reload the running service's model")
     reload.add_argument("path", nargs="?", help="model directory; default: the one serving")
     reload.add_argument("--force-fresh", action="store_true",
@@ -56,15 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             written = generate_keys(args.directory, args.force)
         except (CurveKeyError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         for path in written:
             print(path)
-        return 0
-    try:
-        settings = load_settings()
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_SETTINGS
+        return EXIT_OK
+    settings = settings_or_exit()
     if args.command in ("status", "reload", "transcribe"):
         return run_client_command(args, settings)
     configure_logging("supervisor", settings.log_level)
@@ -74,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(settings).run()
     except (StartupError, SettingsError) as e:
         logging.getLogger("sensevoice.supervisor").error("Cannot start: %s", e)
-        return EXIT_CANNOT_START
+        return EXIT_FAILED
 
 
 def run_client_command(args: argparse.Namespace, settings) -> int:
@@ -84,19 +73,25 @@ def run_client_command(args: argparse.Namespace, settings) -> int:
         client = SupervisorClient(settings=settings)
     except ServiceError as e:  # e.g. unreadable CURVE keys
         print(f"error: {e.message}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     try:
         if args.command == "status":
             print(wait_for_model(client, args.wait).model_dump_json(indent=2))
-            return 0
+            return EXIT_OK
         if args.command == "transcribe":
-            return transcribe_files(client, args)
+            def through_service(file: str) -> Result:
+                # Named as given, so that errors read as the in-process command line's do.
+                return client.transcribe(file, args.language, args.itn,
+                                         vad_threshold=args.vad_threshold,
+                                         filename=file).result()
+
+            return transcribe_files(args.files, through_service, args.format)
         outcome = client.hot_reload_model(args.path, args.force_fresh)
         print(json.dumps(outcome.model_dump(), indent=2))
-        return 0 if outcome.ok else 1
+        return EXIT_OK if outcome.ok else EXIT_FAILED
     except ServiceError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     finally:
         client.close()
 
@@ -114,37 +109,6 @@ def wait_for_model(client, seconds: float):
             if time.monotonic() >= deadline:
                 raise
         time.sleep(0.1)
-
-
-def transcribe_files(client, args: argparse.Namespace) -> int:
-    from sensevoice_core.client import ServiceError
-    from sensevoice_core.errors import AudioError
-
-    from sensevoice_core.subtitles import to_srt, to_vtt
-
-    failed = 0
-    for path in args.files:
-        try:
-            reply = client.transcribe(path, args.language, args.itn,
-                                      vad_threshold=args.vad_threshold)
-        except (AudioError, ServiceError) as e:
-            failed += 1
-            if args.format == "json":
-                print(json.dumps({"file": str(path), "error": str(e)}))
-            else:
-                print(f"{path}: error: {e}", file=sys.stderr if args.format != "text" else None)
-            continue
-        if args.format == "json":
-            print(json.dumps({"file": str(path), **reply.model_dump(exclude={"v", "kind"})},
-                             ensure_ascii=False))
-        elif args.format in ("srt", "vtt"):
-            if len(args.files) > 1:
-                print(f"==> {path} <==")
-            print(to_srt(reply.segments) if args.format == "srt" else to_vtt(reply.segments))
-        else:
-            tags = " ".join(t for t in (reply.language, reply.emotion, reply.event) if t)
-            print(f"{path}: {reply.text}  [{tags}; model {reply.fingerprint[:8]}]")
-    return 1 if failed else 0
 
 
 if __name__ == "__main__":

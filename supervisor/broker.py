@@ -18,11 +18,15 @@ from sensevoice_core.protocol import (
     BESIDE_LONG_MAX_BYTES,
     LONG_REQUEST_S,
     MAX_REQUESTS_PER_WORKER,
+    ClientMessage,
     ErrorCode,
     ErrorReply,
+    ProtocolError,
     TranscribeReply,
     TranscribeRequest,
+    decode_client,
     encode,
+    request_id_of,
 )
 from sensevoice_core.settings import Settings
 from supervisor.workers import WorkerHandle
@@ -55,7 +59,26 @@ class Broker:
         self.counter = 0
         self.requests_served = 0
 
-    # ----------------------------------------------------------------- replies
+    # ----------------------------------------------------------------- requests and replies
+
+    def receive(self, frames: list[bytes]) -> tuple[bytes, ClientMessage, bytes] | None:
+        """A client's message (client id, message, payload); None when it was too large or
+        malformed, and already answered so."""
+        client, body = frames[0], frames[1:]
+        size = sum(len(frame) for frame in body)
+        limit = self.settings.max_request_mb * 1024 * 1024
+        request_id = request_id_of(body[0]) if body else None
+        if size > limit:
+            self.reply_error(client, request_id, "too_large",
+                             f"request of {size / 2**20:.1f} MiB; at most "
+                             f"{self.settings.max_request_mb:g} MiB (SENSEVOICE_MAX_REQUEST_MB)")
+            return None
+        try:
+            message, payload = decode_client(body)
+        except ProtocolError as e:
+            self.reply_error(client, request_id, "bad_request", str(e))
+            return None
+        return client, message, payload or b""
 
     def send_client(self, client: bytes, message) -> None:
         self.frontend.send_multipart([client, *encode(message)])

@@ -1,13 +1,48 @@
-"""Blue-green reload bookkeeping: who asked, what to load, which workers are green, when to give up."""
+"""The blue-green reload, from request to outcome, in the order its states follow each other.
+
+    requested ──► started ──► warming ──► switched ──► finished ──► the next one starts
+        │                        │                        ▲
+        └──► refused             └──► failed ─────────────┘
+
+1. requested  request(): the path is checked; a refused one is answered at once and changes
+              nothing. With no reload running, this one starts. Otherwise it waits as the next
+              one, and later triggers coalesce into it: the latest path wins, and callers who
+              asked for another path are told theirs was superseded.
+2. started    start(): with SENSEVOICE_SWAP_STRATEGY=stop_first the serving (blue) workers drain
+              first. SENSEVOICE_WORKERS green workers are taken: the warm standby, else new
+              processes. A green's role is "warming" from its load to the switch.
+3. warming    each green loads the model, warms up, says Ready and answers a health ping:
+              green_passed().
+4. switched   switch(): once every green has passed, the blue workers drain and the greens serve.
+5. finished   finish(): every caller gets the outcome, and the next reload starts.
+   failed     fail(): a green exited (load error, crash, killed) or the reload ran past
+              SENSEVOICE_HOTRELOAD_TIMEOUT (check_deadline()): the greens are killed, and blue
+              never stopped (with stop_first the supervisor refills it with the old model).
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sensevoice_core.protocol import ModelInfo, ReloadOutcome, ReloadRequest
+from sensevoice_core.protocol import (
+    CACHE_LEVEL_WORDS,
+    ModelInfo,
+    ReloadOutcome,
+    ReloadReply,
+    ReloadRequest,
+)
+from supervisor.workers import Assignment, WorkerHandle
+
+if TYPE_CHECKING:
+    from supervisor.supervisor import Supervisor
+
+logger = logging.getLogger("sensevoice.supervisor")
 
 
 class ReloadRefused(ValueError):
@@ -23,10 +58,6 @@ class Waiter:
     request_id: str
     done: threading.Event | None = None
 
-    def notify(self) -> None:
-        if self.done is not None:
-            self.done.set()
-
 
 @dataclass
 class ReloadJob:
@@ -35,10 +66,10 @@ class ReloadJob:
     origin: str
     waiters: list[Waiter]
     received_at: float = field(default_factory=time.monotonic)
-    deadline: float = 0.0
-    green: set[str] = field(default_factory=set)  # worker ids loading the new model
-    old_model: ModelInfo | None = None
-    started: bool = False
+    deadline: float = 0.0  # set when it starts
+    green: set[str] = field(default_factory=set)  # ids of the workers loading the new model
+    passed: set[str] = field(default_factory=set)  # greens that answered their health ping
+    old_model: ModelInfo | None = None  # serving when it started
 
     def merge(self, request: ReloadRequest, path: str | None, waiter: Waiter) -> list[Waiter]:
         """A trigger arriving while this job waits its turn: the latest path wins.
@@ -66,6 +97,174 @@ class ReloadJob:
             seconds=round(time.monotonic() - self.received_at, 4),
             cache_level=new_model.cache_level if new_model else None,
             error=error, coalesced=len(self.waiters))
+
+
+class BlueGreen:
+    """The reload in progress, the one waiting its turn, and the outcomes so far."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor  # its workers, its model, its broker (replies to clients)
+        self.settings = supervisor.settings
+        self.job: ReloadJob | None = None  # in progress: started, not finished
+        self.next_job: ReloadJob | None = None  # waits for it; later triggers merge into it
+        self.last: ReloadOutcome | None = None
+        self.counts: Counter[str] = Counter()  # outcome (ok, failed, refused) -> count
+        # From other threads (the file watcher): requests for the loop to pick up.
+        self.from_threads: deque[tuple[ReloadRequest, threading.Event]] = deque()
+
+    def is_green(self, worker: WorkerHandle) -> bool:
+        return self.job is not None and worker.worker_id in self.job.green
+
+    # ------------------------------------------------------------- 1. requested
+
+    def request(self, request: ReloadRequest, waiter: Waiter) -> None:
+        served = self.supervisor.model
+        try:
+            path = check_reload_path(request.path, served, self.settings.model_roots)
+        except ReloadRefused as e:
+            logger.error(failure_line(served, str(e), verb="refused"))
+            self.counts["refused"] += 1
+            self.last = self.unattempted(request.origin, request.path, f"refused: {e}")
+            if waiter.client is not None:
+                self.supervisor.broker.reply_error(waiter.client, waiter.request_id,
+                                                   "reload_refused", str(e))
+            notify([waiter])
+            return
+        if self.job is None:
+            self.job = ReloadJob(path, request.force_fresh, request.origin, [waiter])
+            self.start()
+        elif self.next_job is None:
+            self.next_job = ReloadJob(path, request.force_fresh, request.origin, [waiter])
+        else:
+            replaced = self.next_job.path
+            superseded = self.next_job.merge(request, path, waiter)
+            self.answer(superseded, self.unattempted(
+                request.origin, replaced, f"superseded by a later reload request for {path}"))
+
+    def request_from_thread(self, request: ReloadRequest) -> threading.Event:
+        """Thread-safe: the loop requests it within a tick; the event is set when it is over."""
+        done = threading.Event()
+        self.from_threads.append((request, done))
+        return done
+
+    def take_requests_from_threads(self) -> None:
+        while self.from_threads:
+            request, done = self.from_threads.popleft()
+            self.request(request, Waiter(None, "", done))
+
+    # ------------------------------------------------------------- 2. started
+
+    def start(self) -> None:
+        job, supervisor = self.job, self.supervisor
+        assert job is not None
+        job.old_model = supervisor.model
+        job.deadline = time.monotonic() + self.settings.hotreload_timeout
+        if self.settings.swap_strategy == "stop_first":
+            for worker in supervisor.pool.in_roles("serving"):
+                supervisor.drain_worker(worker)
+            logger.info("[HOTRELOAD] stop_first: old worker stopped; requests wait until the "
+                        "new model is ready (downtime = its load time)")
+        assignment = Assignment(job.path, job.force_fresh)
+        for _ in range(self.settings.workers):
+            standby = supervisor.pool.idle_standby()
+            green = standby or supervisor.pool.spawn(assignment)
+            job.green.add(green.worker_id)  # before its load: its role is then "warming"
+            if standby is not None:
+                supervisor.send_load(standby, assignment)
+            # A new process asks for its load when it says hello.
+
+    # ------------------------------------------------------------- 3. warming
+
+    def green_passed(self, worker: WorkerHandle) -> None:
+        """A green said Ready and answered its health ping; the last one to do so switches."""
+        job = self.job
+        assert job is not None and worker.worker_id in job.green
+        job.passed.add(worker.worker_id)
+        if job.passed == job.green:
+            self.switch()
+
+    # ------------------------------------------------------------- 4. switched
+
+    def switch(self) -> None:
+        job, supervisor = self.job, self.supervisor
+        assert job is not None
+        for worker in supervisor.pool.in_roles("serving"):
+            supervisor.drain_worker(worker)
+        for worker in supervisor.pool.in_roles("starting", "loading"):
+            if worker.assignment is not None and not self.is_green(worker):
+                supervisor.pool.retire(worker, "it was loading the model being replaced")  # refilled
+        greens = [supervisor.pool.workers[worker_id] for worker_id in sorted(job.green)]
+        now = time.monotonic()
+        for worker in greens:
+            worker.role, worker.idle_since = "serving", now
+        model = greens[0].model
+        assert model is not None
+        supervisor.model = model
+        outcome = job.outcome(model, model)
+        logger.info(success_line(model, outcome.seconds))
+        self.finish(outcome)
+
+    # ------------------------------------------------------------- failed
+
+    def check_deadline(self, now: float) -> None:
+        if self.job is not None and now > self.job.deadline:
+            self.fail(f"not ready within {self.settings.hotreload_timeout:g} s "
+                      f"(SENSEVOICE_HOTRELOAD_TIMEOUT)")
+
+    def green_exited(self, worker: WorkerHandle, cause: str) -> None:
+        self.fail(f"the new worker (pid {worker.pid}): {cause}")
+
+    def fail(self, cause: str) -> None:
+        job, supervisor = self.job, self.supervisor
+        assert job is not None
+        for worker_id in job.green:
+            if worker_id in supervisor.pool:
+                supervisor.pool.retire(supervisor.pool.workers[worker_id], "its reload failed")
+        logger.error(failure_line(supervisor.model, cause))
+        self.finish(job.outcome(None, supervisor.model, error=cause))
+
+    # ------------------------------------------------------------- 5. finished
+
+    def finish(self, outcome: ReloadOutcome) -> None:
+        assert self.job is not None
+        self.last = outcome
+        self.counts["ok" if outcome.ok else "failed"] += 1
+        self.answer(self.job.waiters, outcome)
+        self.job, self.next_job = self.next_job, None
+        if self.job is None:
+            return
+        if self.supervisor.shutting_down:
+            self.fail("the service is stopping")
+        else:
+            self.start()
+
+    def stop(self) -> None:
+        """The service is stopping: the reloads in progress and waiting fail."""
+        if self.job is not None:
+            self.fail("the service is stopping")
+
+    # ------------------------------------------------------------- answers
+
+    def answer(self, waiters: list[Waiter], outcome: ReloadOutcome) -> None:
+        for waiter in waiters:
+            if waiter.client is not None:
+                self.supervisor.broker.send_client(waiter.client, ReloadReply(
+                    request_id=waiter.request_id, outcome=outcome))
+        notify(waiters)
+
+    def unattempted(self, origin: str, path: str | None, error: str) -> ReloadOutcome:
+        """The outcome of a request that never started: whatever served still serves."""
+        served = self.supervisor.model
+        return ReloadOutcome(ok=False, origin=origin,
+                             requested_path=path[:300] if path else None,
+                             model_dir=served.model_dir if served else None,
+                             old_fingerprint=served.fingerprint if served else None, error=error)
+
+
+def notify(waiters: list[Waiter]) -> None:
+    for waiter in waiters:
+        if waiter.done is not None:
+            waiter.done.set()
 
 
 def check_reload_path(path: str | None, served: ModelInfo | None, roots: list[Path]) -> str | None:
@@ -102,10 +301,8 @@ def describe_model(model: ModelInfo) -> str:
 
 
 def success_line(model: ModelInfo, seconds: float) -> str:
-    level = {"L1": "L1", "L2": "L2", "fresh": "a fresh load"}.get(model.cache_level,
-                                                                 model.cache_level)
     return (f"[HOTRELOAD] Swapped model successfully: reloaded from {describe_model(model)} "
-            f"in {seconds:.2f} s via {level}")
+            f"in {seconds:.2f} s via {CACHE_LEVEL_WORDS[model.cache_level]}")
 
 
 def failure_line(serving: ModelInfo | None, cause: str, verb: str = "failed") -> str:

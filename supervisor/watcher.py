@@ -18,14 +18,11 @@ from pathlib import Path
 
 import watchfiles
 
+from sensevoice_core.layout import HF_WEIGHTS, MODEL_FILE_NAMES, OFFICIAL_WEIGHTS
 from sensevoice_core.protocol import ModelInfo, ReloadRequest
 
 logger = logging.getLogger("sensevoice.supervisor")
 
-MODEL_FILE_NAMES = frozenset({
-    "model.pt", "model.safetensors", "config.yaml", "config.json", "am.mvn",
-    "tokenizer.model", "chn_jpn_yue_eng_ko_spectok.bpe.model",
-})
 EDITOR_SUFFIXES = (".swp", ".swx", ".swo", ".tmp", ".part", ".crdownload", "~", ".bak")
 WATCH_TIMEOUT_MS = 500  # how often the thread looks at its stop event and the served directory
 
@@ -77,7 +74,7 @@ class ModelWatcher:
         self.served = served
         self.quiet_s = quiet_s
         self.stop_event = threading.Event()
-        self.directory: Path | None = None
+        self.directory: Path | None = None  # being watched (set once its watch is in place)
         self.thread = threading.Thread(target=self.run, name="model-watcher", daemon=True)
 
     def start(self) -> None:
@@ -94,23 +91,26 @@ class ModelWatcher:
                 if model is None:
                     self.stop_event.wait(WATCH_TIMEOUT_MS / 1000)
                     continue
-                self.directory = Path(model.model_dir)
-                self.watch(self.directory)
-        except Exception:  # noqa: BLE001 - a watcher failure must not take the service down
+                self.watch(Path(model.model_dir))
+        except Exception:  # a watcher failure must not take the service down
             logger.exception("[WATCH] file watching stopped after an error; reloads by API "
                              "and the UI still work")
 
     def watch(self, directory: Path) -> None:
         """Watch one directory until told to stop or until another directory is served."""
-        logger.info("[WATCH] watching %s for model changes", directory)
         for changes in watchfiles.watch(directory, watch_filter=watch_filter,
                                         stop_event=self.stop_event, yield_on_timeout=True,
                                         rust_timeout=WATCH_TIMEOUT_MS, debounce=200,
                                         recursive=False, raise_interrupt=False):
+            if self.directory != directory:  # the first yield: the watch is in place
+                self.directory = directory
+                logger.info("[WATCH] watching %s for model changes", directory)
             model = self.served()
             if model is None or Path(model.model_dir) != directory:
                 return
             names = {Path(path).name for _, path in changes}
+            if names:
+                logger.debug("[WATCH] events in %s: %s", directory, ", ".join(sorted(names)))
             code = sorted(name for name in names if name.endswith(".py"))
             if code:
                 logger.warning("[WATCH] %s changed in %s: code is never reloaded from a model "
@@ -141,7 +141,7 @@ class ModelWatcher:
         previous = file_states(directory)
         while not self.stop_event.wait(self.quiet_s):
             current = file_states(directory)
-            weights = [directory / n for n in ("model.safetensors", "model.pt") if n in current]
+            weights = [directory / n for n in (HF_WEIGHTS, OFFICIAL_WEIGHTS) if n in current]
             if current == previous and all(is_complete(path) for path in weights):
                 return current
             previous = current

@@ -1,7 +1,12 @@
-"""The supervisor's view of one worker process, and how one is started and stopped."""
+"""The supervisor's view of its worker processes: one handle each, and the pool that starts
+them, reaches them over the backend socket, pings them and kills the hung ones.
+
+What a worker should do next (load, serve, drain, be replaced) is decided in supervisor.py.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -9,26 +14,30 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+
+import zmq
+from pydantic import BaseModel
 
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR
 from sensevoice_core.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_LIVENESS,
+    SPAWN_TIMEOUT_S,
     ModelInfo,
+    Ping,
+    WorkerRole,
+    encode,
 )
 
 logger = logging.getLogger("sensevoice.supervisor")
-
-Role = Literal["starting", "standby", "loading", "serving", "draining"]
-Purpose = Literal["serve", "reload"]  # why a worker is loading: fill capacity, or a reload
 
 
 @dataclass(frozen=True)
 class Assignment:
     """What a worker should load once it has said hello."""
 
-    path: str | None
+    path: str | None  # None: SENSEVOICE_MODEL_DIR or the usual places
     force_fresh: bool
-    purpose: Purpose
 
 
 @dataclass
@@ -52,18 +61,17 @@ class WorkerHandle:
     worker_id: str
     process: subprocess.Popen
     age: int  # spawn order; older workers have smaller ages
-    role: Role = "starting"
-    assignment: Assignment | None = None
+    role: WorkerRole = "starting"
+    assignment: Assignment | None = None  # None: a standby until it is given one
     spawned_at: float = field(default_factory=time.monotonic)
-    deadline: float = 0.0  # for starting / loading / draining; 0 when none applies
-    last_heard: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0  # for loading and draining (warming: the reload's deadline)
     last_ping: float = 0.0
     unanswered_pings: int = 0  # pings sent since the worker was last heard from
+    health_ping: int | None = None  # nonce of the ping sent after Ready, until it is answered
     idle_since: float = field(default_factory=time.monotonic)
     jobs: list[str] = field(default_factory=list)  # ids of the requests it is serving
-    model: ModelInfo | None = None
+    model: ModelInfo | None = None  # what it said Ready with
     requests_served: int = 0
-    health_checked: bool = False  # answered a ping after Ready
     load_error: str | None = None  # what the worker said when its load failed
     kill_reason: str | None = None  # why the supervisor killed it (set: awaiting reaping)
 
@@ -84,6 +92,109 @@ class WorkerHandle:
             self.kill_reason = reason
         if self.process.poll() is None:
             self.process.kill()
+
+
+class WorkerPool:
+    """The live worker processes, by id, and the backend socket that reaches them."""
+
+    def __init__(self, backend: zmq.Socket, backend_address: str):
+        self.backend = backend
+        self.backend_address = backend_address
+        self.workers: dict[str, WorkerHandle] = {}
+        self.exiting: list[subprocess.Popen] = []  # retired, not yet reaped
+        self.spawned = 0
+        self.nonces = itertools.count(1)  # for pings
+
+    def __iter__(self):
+        return iter(list(self.workers.values()))
+
+    def __contains__(self, worker_id: str) -> bool:
+        return worker_id in self.workers
+
+    def get(self, worker_id: str) -> WorkerHandle | None:
+        return self.workers.get(worker_id)
+
+    def in_roles(self, *roles: WorkerRole) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.role in roles]
+
+    def idle_standby(self) -> WorkerHandle | None:
+        """The warm standby, if it has said hello. One still starting is not waited for: it
+        starts at idle priority, which on a saturated machine could take longer than a load."""
+        return next(iter(self.in_roles("standby")), None)
+
+    def spawn(self, assignment: Assignment | None) -> WorkerHandle:
+        """A new worker process: it loads `assignment` once it says hello, or stands by."""
+        self.spawned += 1
+        worker_id = f"w{self.spawned}"
+        process = spawn_worker_process(worker_id, self.backend_address,
+                                       standby=assignment is None)
+        worker = WorkerHandle(worker_id, process, age=self.spawned, assignment=assignment)
+        self.workers[worker_id] = worker
+        return worker
+
+    def send(self, worker: WorkerHandle, message: BaseModel) -> None:
+        self.backend.send_multipart([worker.worker_id.encode(), *encode(message)])
+
+    def ping(self, worker: WorkerHandle) -> int:
+        nonce = next(self.nonces)
+        self.send(worker, Ping(nonce=nonce))
+        return nonce
+
+    def retire(self, worker: WorkerHandle, reason: str) -> None:
+        """Kill a worker and forget it: its exit is expected, not a failure to report."""
+        self.workers.pop(worker.worker_id, None)
+        worker.kill(reason)
+        self.exiting.append(worker.process)
+
+    def reap(self) -> list[tuple[WorkerHandle, int]]:
+        """The workers that exited, with their exit codes, removed from the pool."""
+        exited = []
+        for worker in list(self.workers.values()):
+            code = worker.process.poll()
+            if code is not None:
+                del self.workers[worker.worker_id]
+                exited.append((worker, code))
+        self.exiting = [p for p in self.exiting if p.poll() is None]
+        return exited
+
+    def check_liveness(self, now: float) -> None:
+        """Kill a worker past its start, load or drain deadline, or that missed
+        HEARTBEAT_LIVENESS pings in a row; ping the others that can answer, busy or not (a
+        worker answers from its I/O thread while its compute threads transcribe)."""
+        for worker in self.workers.values():
+            if worker.process.poll() is not None or worker.killed:
+                continue  # reaped next tick
+            if worker.role == "starting" and now - worker.spawned_at > SPAWN_TIMEOUT_S:
+                logger.error("Worker %s (pid %s) did not start within %.0f s; killing it",
+                             worker.worker_id, worker.pid, SPAWN_TIMEOUT_S)
+                worker.kill(f"did not start within {SPAWN_TIMEOUT_S:.0f} s")
+            elif worker.role in ("loading", "draining") and now > worker.deadline:
+                logger.error("Worker %s (pid %s) still %s after its deadline; killing it",
+                             worker.worker_id, worker.pid, worker.role)
+                worker.kill(f"still {worker.role} after its deadline")
+            elif worker.role == "starting" or (worker.role in ("loading", "warming")
+                                               and worker.model is None):
+                continue  # importing torch or loading: not answering until Ready
+            elif now - worker.last_ping < HEARTBEAT_INTERVAL_S:
+                continue
+            elif worker.unanswered_pings >= HEARTBEAT_LIVENESS:
+                logger.error("Worker %s (pid %s) missed %d heartbeats%s; killing it as hung",
+                             worker.worker_id, worker.pid, HEARTBEAT_LIVENESS,
+                             f" while serving {len(worker.jobs)} request(s)" if worker.jobs
+                             else "")
+                worker.kill(f"missed {HEARTBEAT_LIVENESS} heartbeats")
+            else:
+                worker.last_ping = now
+                worker.unanswered_pings += 1
+                self.ping(worker)
+
+    def kill_all(self, reason: str) -> None:
+        for worker in self.workers.values():
+            worker.kill(reason)
+            worker.process.wait()
+        for process in self.exiting:
+            process.kill()
+            process.wait()
 
 
 def spawn_worker_process(worker_id: str, backend: str, standby: bool) -> subprocess.Popen:

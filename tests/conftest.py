@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from model_factory import DATA, write_hf, write_official
+from model_factory import DATA, DEMO_MODEL, write_hf, write_official
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,3 +44,26 @@ def official_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_hf(tmp_path_factory.mktemp("models") / "hf")
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The embedded demo model (it really transcribes the example clips), loaded once through
+    the front door: the cache, then its VAD on first use."""
+    from sensevoice_core import load_model
+
+    return load_model(DEMO_MODEL)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small random models side by side, for services to serve and reload: a, b and c (other
+    weights, so other fingerprints) and broken (its weights cut in half). Their folder is the
+    default allowed reload root of a service serving one of them."""
+    root = tmp_path_factory.mktemp("models")
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write_hf(root / name, seed=seed)
+    broken = write_hf(root / "broken", seed=3)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return root

@@ -9,12 +9,21 @@ from pathlib import Path
 import torch
 import yaml
 
+from sensevoice_core.audio import load_audio
 from sensevoice_core.frontend import CMVN
-from sensevoice_core.loader import OFFICIAL_TOKENIZER
+from sensevoice_core.options import TranscribeOptions
+from sensevoice_core.pipeline import SenseVoice
+from sensevoice_core.layout import OFFICIAL_TOKENIZER
 from sensevoice_core.random_model import random_model, small_dims, small_tokenizer_bytes, write_random_model
 
 DATA = Path(__file__).parent / "data"
 OFFICIAL_REFERENCE = DATA / "official"  # the real config.yaml, am.mvn, configuration.json
+
+
+def one_pass(model: SenseVoice, *clips: Path, language: str = "auto") -> list:
+    """The model's own output on whole clips, without the VAD: what tells two tiny random
+    models apart (transcribe drops their output, which starts with <|nospeech|>)."""
+    return model.decode([load_audio(clip) for clip in clips], TranscribeOptions(language=language))
 
 
 def tiny_encoder_conf() -> dict[str, int]:

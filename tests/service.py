@@ -9,11 +9,23 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import zmq
+
 from sensevoice_core.client import ServiceError, SupervisorClient
-from sensevoice_core.protocol import ServiceStatus
+from sensevoice_core.protocol import (
+    ErrorReply,
+    ReloadReply,
+    ServiceStatus,
+    StatusReply,
+    StatusRequest,
+    decode_reply,
+    encode,
+)
 from sensevoice_core.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,9 +183,14 @@ class BackgroundTraffic:
         client.close()
 
     def wait_for_more(self, count: int = 3, timeout: float = 30.0) -> None:
+        """Wait until `count` more replies have arrived; AssertionError after `timeout`."""
         target = len(self.replies) + count
         deadline = time.monotonic() + timeout
-        while len(self.replies) < target and time.monotonic() < deadline:
+        while len(self.replies) < target:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.replies)} replies, {target} expected after "
+                                     f"{timeout:g} s; failures: {self.failures[-3:]}\n"
+                                     f"{self.service.log()}")
             time.sleep(0.01)
 
     def __enter__(self) -> BackgroundTraffic:
@@ -183,3 +200,57 @@ class BackgroundTraffic:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP a process for the block: what the supervisor sent it waits, unread, in its socket."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if process_alive(pid):
+            os.kill(pid, signal.SIGCONT)
+
+
+class OrderedClient:
+    """One DEALER socket to the supervisor, which handles one connection's messages in the
+    order they were sent: so once `barrier()` has its status reply, every message sent before
+    it has been handled.
+
+        with OrderedClient(service.address) as client:
+            first = client.send(ReloadRequest(...))
+            status = client.barrier()  # the reload request has been handled
+            outcome = client.reply(first).outcome
+    """
+
+    def __init__(self, address: str):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+        self.replies: dict[str | None, ReloadReply | StatusReply | ErrorReply] = {}
+
+    def send(self, message) -> str:
+        self.socket.send_multipart(encode(message))
+        return message.request_id
+
+    def reply(self, request_id: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while request_id not in self.replies:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.socket.poll(left * 1000), f"no reply to {request_id}"
+            reply = decode_reply(self.socket.recv_multipart())
+            self.replies[reply.request_id] = reply
+        return self.replies.pop(request_id)
+
+    def barrier(self, timeout: float = 10.0) -> ServiceStatus:
+        """The supervisor's status once it has handled every message sent before."""
+        return self.reply(self.send(StatusRequest()), timeout).status
+
+    def __enter__(self) -> OrderedClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.socket.close()
+        self.context.term()

@@ -11,8 +11,8 @@ import pytest
 import soundfile
 import torch
 
-from sensevoice_core import AudioError, load_audio
-from sensevoice_core.audio import SAMPLE_RATE
+from sensevoice_core import AudioError
+from sensevoice_core.audio import SAMPLE_RATE, load_audio
 from sensevoice_core.errors import AudioTooLongError
 
 DATA = Path(__file__).parent / "data"

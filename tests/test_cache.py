@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sensevoice_core import ModelFileError, ModelHolder, Settings, load_sensevoice_cached
+from sensevoice_core import Settings, load_model, load_sensevoice_cached
+from sensevoice_core.errors import ModelFileError
 from sensevoice_core.snapshot import read_header, verify_data
-from model_factory import write_official
+from model_factory import one_pass, write_official
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "tests" / "data" / "en.mp3"
@@ -50,7 +51,7 @@ def test_fresh_load_writes_l2_and_l3_then_l2_is_used(model_dir, settings):
     assert second.level == "L2" and second.fingerprint == report.fingerprint
     assert second.bytes_read == 0  # nothing changed: L3 validated by stat alone, no hashing
     assert set(second.steps_s) >= {"resolve", "l3", "l2"}
-    assert cached.transcribe(CLIP) == fresh.transcribe(CLIP)
+    assert one_pass(cached, CLIP) == one_pass(fresh, CLIP)
     for key, value in fresh.model.state_dict().items():
         assert torch.equal(value, cached.model.state_dict()[key]), key
 
@@ -64,26 +65,16 @@ def test_l2_tensors_are_views_of_one_mapped_file(model_dir, settings):
         assert torch.equal(handle.get_tensor("embed.weight"), model.model.embed.weight)
 
 
-def test_l1_returns_the_held_model(model_dir, settings):
-    holder = ModelHolder()
-    model, report = load_sensevoice_cached(model_dir, settings=settings)
-    holder.swap_model(model, report)
-    again, second = load_sensevoice_cached(model_dir, settings=settings, holder=holder)
-    assert second.level == "L1" and again is model
-    assert holder.get_model() is model and holder.fingerprint == report.fingerprint
-
-
-def test_holder_swap_releases_the_old_model(model_dir, settings):
-    import weakref
-
-    holder = ModelHolder()
-    first, report = load_sensevoice_cached(model_dir, settings=settings)
-    holder.swap_model(first, report)
-    reference = weakref.ref(first)
-    del first
-    second, report = load_sensevoice_cached(model_dir, settings=settings, force_fresh=True)
-    holder.swap_model(second, report)
-    assert reference() is None and holder.get_model() is second
+def test_load_model_is_load_sensevoice_cached_without_the_report(model_dir, settings):
+    """The front door goes through the cache: its first load writes L2, the next is an L2 hit."""
+    model = load_model(model_dir, settings=settings)
+    [snapshot] = snapshots(settings)
+    again, report = load_sensevoice_cached(model_dir, settings=settings)
+    assert report.level == "L2" and report.snapshot == snapshot and report.bytes_read == 0
+    assert one_pass(again, CLIP) == one_pass(model, CLIP)
+    on_l2 = load_model(model_dir, settings=settings)
+    assert len({p.untyped_storage().data_ptr() for p in on_l2.model.parameters()}) == 1
+    assert snapshots(settings) == [snapshot]
 
 
 @pytest.mark.parametrize("change", ["weights", "config", "tokenizer", "cmvn"])
@@ -156,7 +147,7 @@ def test_a_damaged_snapshot_is_discarded_and_rebuilt(model_dir, settings, how, c
         model, report = load_sensevoice_cached(model_dir, settings=settings)
     assert report.level == "fresh"
     assert any("discarded" in message for message in caplog.messages)
-    assert model.transcribe(CLIP) == reference.transcribe(CLIP)
+    assert one_pass(model, CLIP) == one_pass(reference, CLIP)
     verify_data(report.snapshot)  # rebuilt, whole again
     _, third = load_sensevoice_cached(model_dir, settings=settings)
     assert third.level == "L2"
@@ -226,7 +217,7 @@ def test_an_unwritable_cache_degrades_to_a_direct_load(model_dir, tmp_path, capl
     assert report.level == "fresh" and report.snapshot is None
     assert any("cannot write L2" in m and "SENSEVOICE_DISABLE_CACHE" in m
                for m in caplog.messages)
-    assert model.transcribe(CLIP).token_ids
+    assert one_pass(model, CLIP)[0].token_ids
 
 
 def test_a_full_disk_degrades_to_a_direct_load(model_dir, tmp_path):
@@ -273,9 +264,11 @@ def test_only_the_newest_snapshots_are_kept(tmp_path):
 def test_two_processes_racing_to_build_l2_both_get_a_correct_model(model_dir, settings):
     script = (
         "import sys\n"
-        "from sensevoice_core import Settings, load_sensevoice_cached\n"
+        "from sensevoice_core import Settings, TranscribeOptions, load_sensevoice_cached\n"
+        "from sensevoice_core.audio import load_audio\n"
         "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(cache_dir=sys.argv[2]))\n"
-        "print(report.level, list(model.transcribe(sys.argv[3]).token_ids))\n"
+        "[segment] = model.decode([load_audio(sys.argv[3])], TranscribeOptions())\n"
+        "print(report.level, list(segment.token_ids))\n"
     )
     command = [sys.executable, "-c", script, str(model_dir), str(settings.cache_dir), str(CLIP)]
     racers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,20 +12,33 @@ import numpy as np
 import pytest
 import soundfile
 
+from model_factory import DEMO_MODEL, write_hf, write_official
+from sensevoice_core.result import Result
+from sensevoice_core.subtitles import to_srt, to_vtt
+from service import start_service
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 EN = DATA / "en.mp3"
 ZH = DATA / "zh.mp3"
-RESULT_KEYS = ("file", "raw", "text", "language", "emotion", "event", "token_ids")
+EXAMPLES = ROOT / "ui" / "examples"
+LONG_CLIPS = ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac")
+LONG_TEXTS = ["Hello world.", "8975。", "770.", "晚安。"]  # the demo model's, with ITN
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.model", "am.mvn")
+# The tiny random models' seed. Seed 0's answer every clip with <|nospeech|>, and a segment
+# the model calls no speech is dropped: their results would be empty, and prove nothing.
+SEED = 4
 
 
-def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONIOENCODING": "utf-8"}
+def run_cli(*args: object, module: str = "sensevoice_core",
+            **env: str) -> subprocess.CompletedProcess[str]:
+    """python -m module args..., with SENSEVOICE_* settings by their lower-case suffix."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "PYTHONIOENCODING": "utf-8",
+                   **{f"SENSEVOICE_{key.upper()}": value for key, value in env.items()}}
     return subprocess.run(
-        [sys.executable, "-m", "sensevoice_core", *map(str, args)],
-        capture_output=True, text=True, encoding="utf-8", env=env, cwd=ROOT, timeout=120,
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True, text=True, encoding="utf-8", env=environment, cwd=ROOT, timeout=300,
     )
 
 
@@ -43,9 +56,12 @@ def assert_clean_stderr(stderr: str) -> None:
     assert "Warning" not in stderr
 
 
+def result_of(line: dict) -> Result:
+    return Result.model_validate({key: value for key, value in line.items() if key != "file"})
+
+
 def assert_result_line(line: dict, file: Path) -> None:
-    for key in RESULT_KEYS:
-        assert key in line, f"{key} missing from {sorted(line)}"
+    assert set(line) == {"file", *Result.model_fields}
     assert line["file"] == str(file)
     assert isinstance(line["token_ids"], list) and line["token_ids"]
     assert all(isinstance(token_id, int) for token_id in line["token_ids"])
@@ -60,6 +76,16 @@ def seconds_of(file: Path) -> float:
 
 
 # --- module fixtures: each CLI run the tests share is made once ---------------------------
+
+
+@pytest.fixture(scope="module")
+def official_dir(tmp_path_factory) -> Path:
+    return write_official(tmp_path_factory.mktemp("models") / "official", SEED)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return write_hf(tmp_path_factory.mktemp("models") / "hf", SEED)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +136,8 @@ def test_official_and_hf_layouts_hold_the_same_weights(official_run, hf_run):
 def test_plain_output_is_file_tab_rich_text(official_dir, official_run):
     plain = run_cli("transcribe", "--model", official_dir, EN, ZH)
     assert plain.returncode == 0, plain.stderr
-    expected = [f"{line['file']}\t{line['rich_text']}" for line in json_lines(official_run.stdout)]
+    expected = [f"{line['file']}\t{result_of(line).rich_text}"
+                for line in json_lines(official_run.stdout)]
     assert plain.stdout.splitlines() == expected
 
 
@@ -235,21 +262,76 @@ def test_random_demo_warns_and_prints_json():
     assert_result_line(line, EN)
 
 
+def long_recording(path: Path) -> Path:
+    """The four example clips with pauses between them (15 s)."""
+    parts = []
+    for name in LONG_CLIPS:
+        parts += [np.zeros(24000, np.float32), soundfile.read(EXAMPLES / name, dtype="float32")[0]]
+    soundfile.write(path, np.concatenate(parts + [np.zeros(16000, np.float32)]), 16000)
+    return path
+
+
 def test_a_long_file_is_segmented_and_its_json_carries_the_segments(tmp_path):
     """Over SENSEVOICE_MAX_SEGMENT_S the in-process CLI splits at pauses, as the service does."""
-    examples = Path(__file__).resolve().parent.parent / "ui" / "examples"
-    parts = []
-    for name in ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac"):
-        parts += [np.zeros(24000, np.float32), soundfile.read(examples / name, dtype="float32")[0]]
-    long_file = tmp_path / "long.flac"
-    soundfile.write(long_file, np.concatenate(parts + [np.zeros(16000, np.float32)]), 16000)
-    demo = Path(__file__).resolve().parent.parent / "model"
-    done = subprocess.run([sys.executable, "-m", "sensevoice_core", "transcribe", "--model",
-                           str(demo), "--itn", "--json", str(long_file),
-                           str(examples / "en_02.flac")], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "SENSEVOICE_MAX_SEGMENT_S": "5"})
+    long_file = long_recording(tmp_path / "long.flac")
+    done = run_cli("transcribe", "--model", DEMO_MODEL, "--itn", "--json", long_file,
+                   EXAMPLES / "en_02.flac", max_segment_s="5")
     assert done.returncode == 0, done.stderr
-    long, short = (json.loads(line) for line in done.stdout.splitlines())
-    assert [s["text"] for s in long["segments"]] == ["Hello world.", "8975。", "770.", "晚安。"]
-    assert set(long["segments"][0]) == {"start", "end", "text", "language", "emotion", "event"}
-    assert short["text"] == "Hello world." and "segments" not in short
+    long, short = (result_of(line) for line in json_lines(done.stdout))
+    assert [s.text for s in long.segments] == LONG_TEXTS
+    assert long.text == " ".join(LONG_TEXTS) and long.token_ids
+    assert long.token_ids == tuple(i for s in long.segments for i in s.token_ids)
+    assert short.text == "Hello world." and [s.text for s in short.segments] == ["Hello world."]
+
+
+@pytest.mark.slow
+def test_in_process_and_through_the_service_print_the_same_json(tmp_path):
+    """The two command lines, on the same files, print identical lines: a short clip, a long
+    recording split into segments, silence, a file that is not audio and a missing one."""
+    short, long_file = EXAMPLES / "en_02.flac", long_recording(tmp_path / "long.flac")
+    silent, not_audio = tmp_path / "silent.wav", tmp_path / "notes.wav"
+    soundfile.write(silent, np.zeros(3 * 16000, np.float32), 16000)
+    not_audio.write_bytes(b"these are not the bytes of an audio file" * 10)
+    files = [short, long_file, silent, not_audio, tmp_path / "missing.flac"]
+    arguments = ("transcribe", "--itn", "--vad-threshold", "0.35", "--json", *files)
+    settings = {"max_segment_s": "5", "threads": "1"}
+    service = start_service(tmp_path / "service", DEMO_MODEL, standby=False, **settings)
+    try:
+        through_service = run_cli(*arguments, module="supervisor",
+                                  supervisor_address=service.address, **settings)
+    finally:
+        service.stop()
+    in_process = run_cli(*arguments, "--model", DEMO_MODEL, **settings)
+
+    for run in (through_service, in_process):
+        assert run.returncode == 1, run.stderr  # two of the files fail
+        assert_clean_stderr(run.stderr)
+    assert through_service.stdout == in_process.stdout
+    lines = json_lines(in_process.stdout)
+    assert [line["file"] for line in lines] == [str(file) for file in files]
+    assert result_of(lines[0]).text == "Hello world."
+    assert [s.text for s in result_of(lines[1]).segments] == LONG_TEXTS
+    quiet = result_of(lines[2])
+    assert (quiet.text, quiet.segments, quiet.token_ids, quiet.language) == ("", (), (), None)
+    assert quiet.duration_s == 3.0
+    assert lines[3] == {"file": str(not_audio), "error": lines[3]["error"]}
+    assert lines[3]["error"].startswith(f"{not_audio}: cannot decode audio")
+    assert lines[4] == {"file": str(files[4]), "error": f"{files[4]}: no such file"}
+
+
+def test_the_text_srt_and_vtt_formats(official_dir, official_run):
+    results = [result_of(line) for line in json_lines(official_run.stdout)]
+    one = run_cli("transcribe", "--model", official_dir, "--format", "text", EN)
+    assert one.stdout == results[0].rich_text + "\n"
+    srt = run_cli("transcribe", "--model", official_dir, "--format", "srt", EN, ZH)
+    assert srt.returncode == 0, srt.stderr
+    assert srt.stdout == "".join(f"==> {file} <==\n{to_srt(result.segments)}\n"
+                                 for file, result in zip((EN, ZH), results))
+    vtt = run_cli("transcribe", "--model", official_dir, "--format", "vtt", EN)
+    assert vtt.stdout == to_vtt(results[0].segments) + "\n"
+
+
+def test_a_vad_threshold_outside_0_to_1_is_a_usage_error(official_dir):
+    result = run_cli("transcribe", "--model", official_dir, "--vad-threshold", "2", EN)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "expected a number from 0 to 1, got '2'" in result.stderr

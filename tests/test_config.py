@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sensevoice_core import ConfigError
+from sensevoice_core.errors import ConfigError
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims, read_config_json, read_config_yaml
 from sensevoice_core.model import SenseVoiceSmall
 

@@ -1,4 +1,4 @@
-"""Greedy CTC decoding, tag parsing into a Transcription, and the tokenizer's tag lookup by name."""
+"""Greedy CTC decoding, tag parsing into a Segment, and the tokenizer's tag lookup by name."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sensevoice_core import ModelFileError, Transcription
-from sensevoice_core.decoding import greedy_ctc, to_transcription
+from sensevoice_core import Result, Segment
+from sensevoice_core.decoding import greedy_ctc, to_segment
+from sensevoice_core.errors import ModelFileError
 from sensevoice_core.random_model import SMALL_NORMAL_PIECES, small_tokenizer_bytes
 from sensevoice_core.tokenizer import Tokenizer, all_tag_pieces, build_sentencepiece_model
 from sensevoice_core.vocab import (
@@ -114,94 +115,88 @@ def test_results_are_plain_python_ints():
     assert all(type(token_id) is int for token_id in sequence)
 
 
-# --- to_transcription ---------------------------------------------------------------------
+# --- to_segment ----------------------------------------------------------------------------
 
 
 def test_tags_and_text_are_parsed(tokenizer):
     ids = tag_ids(tokenizer, "en", "HAPPY", "BGM", "withitn") + tokenizer.encode("hello")
 
-    result = to_transcription(ids, tokenizer, duration_s=1.25)
+    segment = to_segment(ids, tokenizer, start=2.0, end=3.25)
 
-    assert isinstance(result, Transcription)
-    assert result.language == "en"
-    assert result.emotion == "HAPPY"
-    assert result.event == "BGM"
-    assert result.text_norm == "withitn"
-    assert result.text == "hello"
-    assert result.raw == tokenizer.decode(ids)
-    assert result.raw.startswith("<|en|><|HAPPY|><|BGM|><|withitn|>")
-    assert result.rich_text == "🎼hello😊"
-    assert result.token_ids == tuple(ids)
-    assert result.duration_s == 1.25
+    assert isinstance(segment, Segment)
+    assert (segment.start, segment.end) == (2.0, 3.25)
+    assert segment.language == "en"
+    assert segment.emotion == "HAPPY"
+    assert segment.event == "BGM"
+    assert segment.text == "hello"
+    assert segment.raw == tokenizer.decode(ids)
+    assert segment.raw.startswith("<|en|><|HAPPY|><|BGM|><|withitn|>")
+    assert segment.token_ids == tuple(ids)
+    assert Result.from_segments([segment], 4.0, "withitn").rich_text == "🎼hello😊"
 
 
 def test_no_tags_gives_none_fields(tokenizer):
     ids = tokenizer.encode("hello")
 
-    result = to_transcription(ids, tokenizer, duration_s=0.5)
+    segment = to_segment(ids, tokenizer, 0.0, 0.5)
 
-    assert (result.language, result.emotion, result.event, result.text_norm) == (None,) * 4
-    assert result.text == "hello"
-    assert result.raw == tokenizer.decode(ids)
-    assert result.rich_text == "hello"
+    assert (segment.language, segment.emotion, segment.event) == (None,) * 3
+    assert segment.text == "hello"
+    assert segment.raw == tokenizer.decode(ids)
+    assert Result.from_segments([segment], 0.5, "woitn").rich_text == "hello"
 
 
 def test_empty_sequence(tokenizer):
-    result = to_transcription([], tokenizer, duration_s=0.0)
-    assert result.text == result.raw == result.rich_text == ""
-    assert result.token_ids == ()
-    assert result.language is None
+    segment = to_segment([], tokenizer, 0.0, 0.0)
+    assert segment.text == segment.raw == ""
+    assert segment.token_ids == ()
+    assert segment.language is None
 
 
 def test_tags_between_words_are_removed_from_text(tokenizer):
     ids = (tag_ids(tokenizer, "zh") + tokenizer.encode("one") + tag_ids(tokenizer, "Laughter")
            + tokenizer.encode("two"))
 
-    result = to_transcription(ids, tokenizer, duration_s=1.0)
+    segment = to_segment(ids, tokenizer, 0.0, 1.0)
 
-    assert "<|" not in result.text and "|>" not in result.text
-    assert "one" in result.text and "two" in result.text
-    assert result.language == "zh"
-    assert result.event == "Laughter"
-    assert result.rich_text == "😀" + result.text
+    assert "<|" not in segment.text and "|>" not in segment.text
+    assert "one" in segment.text and "two" in segment.text
+    assert segment.language == "zh"
+    assert segment.event == "Laughter"
+    assert Result.from_segments([segment], 1.0, "woitn").rich_text == "😀" + segment.text
 
 
 def test_the_first_tag_of_each_kind_wins(tokenizer):
     ids = tag_ids(tokenizer, "ja", "SAD", "Cough", "woitn", "ko", "ANGRY", "Sneeze", "withitn")
-    result = to_transcription(ids, tokenizer, duration_s=1.0)
-    assert (result.language, result.emotion, result.event, result.text_norm) == (
-        "ja", "SAD", "Cough", "woitn")
+    segment = to_segment(ids, tokenizer, 0.0, 1.0)
+    assert (segment.language, segment.emotion, segment.event) == ("ja", "SAD", "Cough")
 
 
 def test_tags_without_emoji_leave_rich_text_plain(tokenizer):
     ids = tag_ids(tokenizer, "en", "NEUTRAL", "Speech", "woitn") + tokenizer.encode("hello")
-    result = to_transcription(ids, tokenizer, duration_s=1.0)
-    assert result.emotion == "NEUTRAL" and result.event == "Speech"
-    assert result.rich_text == "hello"
+    segment = to_segment(ids, tokenizer, 0.0, 1.0)
+    assert segment.emotion == "NEUTRAL" and segment.event == "Speech"
+    assert Result.from_segments([segment], 1.0, "woitn").rich_text == "hello"
 
 
-def test_to_dict_is_json_serialisable(tokenizer):
+def test_a_result_is_json_serialisable(tokenizer):
     ids = tag_ids(tokenizer, "en", "HAPPY", "BGM", "withitn") + tokenizer.encode("hello")
-    result = to_transcription(ids, tokenizer, duration_s=2.5)
+    result = Result.from_segments([to_segment(ids, tokenizer, 0.0, 2.5)], 2.5, "withitn")
 
-    data = result.to_dict()
+    data = result.model_dump(mode="json")
     round_trip = json.loads(json.dumps(data, ensure_ascii=False))
 
-    assert round_trip == data
-    for key in ("raw", "text", "language", "emotion", "event", "token_ids"):
-        assert key in data
+    assert round_trip == data and Result.model_validate(round_trip) == result
     assert data["token_ids"] == ids
-    assert data["raw"] == result.raw
-    assert data["text"] == "hello"
-    assert data["language"] == "en"
-    assert data["emotion"] == "HAPPY"
-    assert data["event"] == "BGM"
-    assert data["rich_text"] == "🎼hello😊"
+    assert (data["text"], data["language"], data["emotion"], data["event"]) == (
+        "hello", "en", "HAPPY", "BGM")
+    assert data["segments"][0]["raw"] == result.raw
 
 
-def test_to_dict_without_tags_has_nulls(tokenizer):
-    data = to_transcription(tokenizer.encode("hello"), tokenizer, duration_s=1.0).to_dict()
-    assert json.loads(json.dumps(data))["language"] is None
+def test_a_result_without_tags_has_nulls(tokenizer):
+    result = Result.from_segments([to_segment(tokenizer.encode("hello"), tokenizer, 0.0, 1.0)],
+                                  1.0, "woitn")
+    assert json.loads(result.model_dump_json())["language"] is None
 
 
 # --- Tokenizer tag lookup -----------------------------------------------------------------
@@ -225,26 +220,25 @@ def test_tag_lookup_follows_piece_names_not_ids(tokenizer, reversed_tokenizer):
             assert tok.tag_names[tok.piece_id(tag_piece(name))] == name
 
 
-def test_transcription_follows_names_in_a_reordered_vocabulary(tokenizer, reversed_tokenizer):
+def test_segments_follow_names_in_a_reordered_vocabulary(tokenizer, reversed_tokenizer):
     names = ("en", "HAPPY", "BGM", "withitn")
-    results = []
+    segments = []
     for tok in (tokenizer, reversed_tokenizer):
         ids = tag_ids(tok, *names) + tok.encode("hello")
-        results.append(to_transcription(ids, tok, duration_s=1.0))
-    small, reordered = results
+        segments.append(to_segment(ids, tok, 0.0, 1.0))
+    small, reordered = segments
 
     assert small.token_ids != reordered.token_ids
-    for result in results:
-        assert (result.language, result.emotion, result.event, result.text_norm) == names
-        assert result.text == "hello"
-        assert result.rich_text == "🎼hello😊"
+    for segment in segments:
+        assert (segment.language, segment.emotion, segment.event) == names[:3]
+        assert segment.text == "hello"
     assert small.raw == reordered.raw
 
 
 def test_the_small_vocabularys_ids_mean_other_tags_in_the_reordered_one(tokenizer,
                                                                         reversed_tokenizer):
     ids = tag_ids(tokenizer, "en", "HAPPY", "BGM", "withitn")
-    reread = to_transcription(ids, reversed_tokenizer, duration_s=1.0)
+    reread = to_segment(ids, reversed_tokenizer, 0.0, 1.0)
     assert reread.raw == reversed_tokenizer.decode(ids)
     assert reread.raw != tokenizer.decode(ids)
     assert [reversed_tokenizer.tag_names[i] for i in ids] != ["en", "HAPPY", "BGM", "withitn"]
@@ -255,8 +249,8 @@ def test_a_vocabulary_without_tags_has_no_tag_names(tmp_path):
     plain = write_tokenizer(tmp_path / "plain.model", data)
     assert plain.tag_names == {}
     assert plain.piece_id("<|en|>") is None
-    result = to_transcription(plain.encode("hello"), plain, duration_s=1.0)
-    assert result.language is None and result.text == "hello"
+    segment = to_segment(plain.encode("hello"), plain, 0.0, 1.0)
+    assert segment.language is None and segment.text == "hello"
 
 
 def test_piece_id_of_unknown_piece_is_none_and_unk_is_found(tokenizer):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sensevoice_core import load_model, load_audio
+from sensevoice_core import load_model
+from sensevoice_core.audio import load_audio
 from training.evaluate import measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,10 +18,9 @@ EVAL_DIR = ROOT / "tests" / "data" / "demo_eval"
 
 
 @pytest.fixture(scope="module")
-def figures() -> dict:
+def figures(demo_model) -> dict:
     refs = json.loads((EVAL_DIR / "refs.json").read_text(encoding="utf-8"))
-    model = load_model(ROOT / "model")
-    return measure(model, [load_audio(EVAL_DIR / r["file"]) for r in refs],
+    return measure(demo_model, [load_audio(EVAL_DIR / r["file"]) for r in refs],
                    [r["language"] for r in refs], [r["kind"] for r in refs],
                    [r["woitn"] for r in refs])
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sensevoice_core import load_model, load_sensevoice_cached
+from model_factory import one_pass
+from sensevoice_core import load_sensevoice_cached
+from sensevoice_core.loader import load_model_dir
 from sensevoice_core.path_cache import FileRecord, fingerprint_of
 from sensevoice_core.settings import Settings
 
@@ -246,9 +248,9 @@ def test_verify_removes_a_snapshot_damaged_with_size_and_mtime_kept(doctor, offi
     assert "data checksum mismatch" in check_line(result, "L2 snapshot")
     assert not snapshot.exists()
 
-    reference = load_model(model).transcribe(data_dir / "en.mp3")
+    reference = one_pass(load_model_dir(model), data_dir / "en.mp3")
     loaded, report = load_sensevoice_cached(model, settings=Settings(cache_dir=doctor.cache))
-    assert report.level == "fresh" and loaded.transcribe(data_dir / "en.mp3") == reference
+    assert report.level == "fresh" and one_pass(loaded, data_dir / "en.mp3") == reference
     assert doctor.run("--model", model, "--verify").returncode == 0  # rebuilt whole
 
 

@@ -17,19 +17,15 @@ import pytest
 import soundfile
 import torch
 
-from model_factory import DEMO_MODEL
-from sensevoice_core import load_model
+from sensevoice_core import TranscribeOptions
 from sensevoice_core.audio import AudioSource, load_audio
 from sensevoice_core.audio_stream import FFmpegDecoder, open_decoder
 from sensevoice_core.errors import AudioError, AudioTooLongError
-from sensevoice_core.long_audio import transcribe_long
-from sensevoice_core.pipeline import TranscribeOptions
 from sensevoice_core.segmentation import VadOptions
-from sensevoice_core.vad import SileroVAD
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "ui" / "examples"
 CLIPS = [EXAMPLES / name for name in ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac")]
-ITN = TranscribeOptions.create("auto", use_itn=True)
+ITN = TranscribeOptions(use_itn=True)
 VIDEO_CODEC = "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 # name: (container, audio codec, video codec or None); audio at 48 kHz, as phones and browsers
@@ -101,16 +97,6 @@ def lead(decoded: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(DEMO_MODEL)
-
-
-@pytest.fixture(scope="module")
-def vad() -> SileroVAD:
-    return SileroVAD.from_package()
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, list[Path]]:
     """Each bundled clip in each format, made once."""
     directory = tmp_path_factory.mktemp("formats")
@@ -134,14 +120,14 @@ def test_each_format_decodes_to_the_clips_length_and_samples(clips, name):
 
 
 @pytest.fixture(scope="module")
-def flac_texts(model, vad) -> list[str]:
-    return [transcribe_long(model, vad, clip, ITN).text for clip in CLIPS]
+def flac_texts(demo_model) -> list[str]:
+    return [demo_model.transcribe(clip, ITN).text for clip in CLIPS]
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_each_format_transcribes_like_the_flac(model, vad, clips, flac_texts, name):
+def test_each_format_transcribes_like_the_flac(demo_model, clips, flac_texts, name):
     expected = flac_texts
-    found = [transcribe_long(model, vad, path.read_bytes(), ITN, source_name=path.name).text
+    found = [demo_model.transcribe(path.read_bytes(), ITN, source_name=path.name).text
              for path in clips[name]]
     assert all(expected) and found == expected
 
@@ -175,7 +161,7 @@ def recording() -> tuple[np.ndarray, list[float]]:
 
 
 @pytest.mark.parametrize("name", ["webm", "m4a", "mpeg"])
-def test_long_audio_in_each_container_streams_and_seeks_exactly(model, vad, recording, tmp_path,
+def test_long_audio_in_each_container_streams_and_seeks_exactly(demo_model, recording, tmp_path,
                                                                  name):
     """Streamed in blocks, then regions read back in length order (the decoder seeks back and
     forth): the same segments as the same audio decoded whole, at the WAV's times. (The demo
@@ -183,11 +169,11 @@ def test_long_audio_in_each_container_streams_and_seeks_exactly(model, vad, reco
     samples, _ = recording
     wav = tmp_path / "meeting.wav"
     soundfile.write(wav, samples, 16000)
-    options = VadOptions(max_segment_s=5.0)
+    options = TranscribeOptions(use_itn=True, vad=VadOptions(max_segment_s=5.0))
     encoded = encode_as(name, samples, tmp_path)
-    found = transcribe_long(model, vad, encoded.read_bytes(), ITN, options)
-    whole = transcribe_long(model, vad, load_audio(encoded), ITN, options)
-    original = transcribe_long(model, vad, wav, ITN, options)
+    found = demo_model.transcribe(encoded.read_bytes(), options)
+    whole = demo_model.transcribe(load_audio(encoded), options)
+    original = demo_model.transcribe(wav, options)
     assert found.segments == whole.segments
     assert len(found.segments) == len(original.segments) == 8
     for mine, theirs in zip(found.segments, original.segments):

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sensevoice_core import CheckpointMismatchError, ModelFileError, load_model
-from sensevoice_core.loader import OFFICIAL_TOKENIZER
-from sensevoice_core.pipeline import TranscribeOptions
+from sensevoice_core import TranscribeOptions
+from sensevoice_core.errors import CheckpointMismatchError, ModelFileError
+from sensevoice_core.layout import OFFICIAL_TOKENIZER
+from sensevoice_core.loader import load_model_dir
 
 
 def copy_model(source: Path, tmp_path: Path) -> Path:
@@ -19,7 +20,7 @@ def copy_model(source: Path, tmp_path: Path) -> Path:
 
 
 def test_both_layouts_load_the_same_weights(official_dir, hf_dir, data_dir):
-    official, hf = load_model(official_dir), load_model(hf_dir)
+    official, hf = load_model_dir(official_dir), load_model_dir(hf_dir)
     assert (official.layout, hf.layout) == ("official", "hf")
     assert official.model.dims == hf.model.dims
     for key, value in official.model.state_dict().items():
@@ -28,7 +29,7 @@ def test_both_layouts_load_the_same_weights(official_dir, hf_dir, data_dir):
 
 
 def test_loaded_model_is_in_eval_mode_with_float32_weights(official_dir):
-    model = load_model(official_dir).model
+    model = load_model_dir(official_dir).model
     assert not model.training
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not any(p.is_meta for p in model.parameters())
@@ -43,16 +44,16 @@ def test_a_missing_file_is_named(official_dir, hf_dir, tmp_path, layout, name):
     directory = copy_model(official_dir if layout == "official" else hf_dir, tmp_path)
     (directory / name).unlink()
     with pytest.raises(ModelFileError) as error:
-        load_model(directory)
+        load_model_dir(directory)
     assert name in str(error.value) and "missing" in str(error.value)
 
 
 def test_a_directory_without_a_model_lists_what_it_found(tmp_path):
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(ModelFileError, match="not a SenseVoice model directory.*notes.txt"):
-        load_model(tmp_path)
+        load_model_dir(tmp_path)
     with pytest.raises(ModelFileError, match="does not exist"):
-        load_model(tmp_path / "nope")
+        load_model_dir(tmp_path / "nope")
 
 
 def test_checkpoint_mismatch_reports_every_offending_key(official_dir, tmp_path):
@@ -63,7 +64,7 @@ def test_checkpoint_mismatch_reports_every_offending_key(official_dir, tmp_path)
     state_dict["encoder.encoders.0.feed_forward.w_1.weight"] = torch.zeros(95, 64)
     torch.save(state_dict, directory / "model.pt")
     with pytest.raises(CheckpointMismatchError) as error:
-        load_model(directory)
+        load_model_dir(directory)
     message = str(error.value)
     assert str(directory / "model.pt") in message
     assert "missing key: encoder.after_norm.bias" in message
@@ -77,7 +78,7 @@ def test_a_tokenizer_that_does_not_fit_the_checkpoint_is_named(official_dir, hf_
     (directory / OFFICIAL_TOKENIZER).write_bytes(build_sentencepiece_model(["a", "b"],
                                                                           all_tag_pieces()))
     with pytest.raises(CheckpointMismatchError, match=r"ctc.ctc_lo.weight: expected \(33, 64\)"):
-        load_model(directory)
+        load_model_dir(directory)
 
 
 class _RunsCodeWhenUnpickled:
@@ -93,7 +94,7 @@ def test_model_pt_is_loaded_without_executing_pickled_code(official_dir, tmp_pat
     marker = tmp_path / "pwned"
     torch.save({"payload": _RunsCodeWhenUnpickled(marker)}, directory / "model.pt")
     with pytest.raises(ModelFileError, match="cannot read weights"):
-        load_model(directory)
+        load_model_dir(directory)
     assert not marker.exists()
 
 
@@ -102,14 +103,14 @@ def test_corrupt_weights_are_named(official_dir, hf_dir, tmp_path):
         directory = copy_model(source, tmp_path / source.name)
         (directory / name).write_bytes(b"\x00garbage" * 10)
         with pytest.raises(ModelFileError, match=f"{name}: cannot read weights"):
-            load_model(directory)
+            load_model_dir(directory)
 
 
 def test_half_precision_checkpoints_load_as_float32(official_dir, tmp_path):
     directory = copy_model(official_dir, tmp_path)
     state_dict = torch.load(directory / "model.pt", weights_only=True)
     torch.save({k: v.half() for k, v in state_dict.items()}, directory / "model.pt")
-    assert {p.dtype for p in load_model(directory).model.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_model_dir(directory).model.parameters()} == {torch.float32}
 
 
 def test_cmvn_of_the_wrong_size_is_rejected(official_dir, tmp_path):
@@ -120,14 +121,13 @@ def test_cmvn_of_the_wrong_size_is_rejected(official_dir, tmp_path):
              if line.startswith("<LearnRateCoef>") else line for line in lines]
     (directory / "am.mvn").write_text("\n".join(lines), encoding="utf-8")
     with pytest.raises(ModelFileError, match=r"am.mvn: CMVN size.*expected 560.*found 80"):
-        load_model(directory)
+        load_model_dir(directory)
     (directory / "am.mvn").write_text("not a cmvn file\n", encoding="utf-8")
     with pytest.raises(ModelFileError, match="am.mvn: not a Kaldi nnet CMVN file"):
-        load_model(directory)
+        load_model_dir(directory)
 
 
-def test_unknown_language_is_a_clear_error(official_dir):
-    model = load_model(official_dir)
+def test_unknown_language_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown language 'xx'.*auto, zh, en, yue, ja, ko"):
-        model.transcribe(torch.zeros(16000), language="xx")
-    assert TranscribeOptions.create("EN".lower()).language.value == "en"
+        TranscribeOptions(language="xx")
+    assert TranscribeOptions(language="EN".lower()).language.value == "en"

@@ -1,4 +1,5 @@
-"""Long audio through VAD segmentation and batched inference, with the real demo model."""
+"""SenseVoice.transcribe on audio of any length: VAD, one pass or segments in batches, with the
+real demo model."""
 
 from __future__ import annotations
 
@@ -15,29 +16,29 @@ import pytest
 import soundfile
 import torch
 
+import sensevoice_core
 from model_factory import DEMO_MODEL
-from sensevoice_core import load_model
+from sensevoice_core import Result, Segment, TranscribeOptions
 from sensevoice_core.audio import load_audio
-from sensevoice_core.errors import AudioError
-from sensevoice_core.long_audio import LongTranscription, Segment, transcribe_long
-from sensevoice_core.pipeline import TranscribeOptions
+from sensevoice_core.errors import AudioError, AudioTooLongError
 from sensevoice_core.segmentation import VadOptions
 from sensevoice_core.vad import SileroVAD, speech_probabilities
 from speech_truth import energy_bounds
 
 DEMO_EVAL = Path(__file__).parent / "data" / "demo_eval"
 CLIPS = [DEMO_EVAL / name for name in ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac")]
-ITN = TranscribeOptions.create("auto", use_itn=True)
+ITN = TranscribeOptions(use_itn=True)
+SHORT_SEGMENTS = TranscribeOptions(use_itn=True, vad=VadOptions(max_segment_s=5.0))
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(DEMO_MODEL)
+def model(demo_model):
+    return demo_model
 
 
 @pytest.fixture(scope="module")
-def vad() -> SileroVAD:
-    return SileroVAD.from_package()
+def vad(demo_model) -> SileroVAD:
+    return demo_model.vad
 
 
 def long_recording(gaps: list[float]) -> tuple[np.ndarray, list[float]]:
@@ -53,12 +54,12 @@ def long_recording(gaps: list[float]) -> tuple[np.ndarray, list[float]]:
     return np.concatenate(parts), starts
 
 
-def test_segments_come_back_in_order_with_their_texts_and_times(model, vad, tmp_path: Path):
+def test_segments_come_back_in_order_with_their_texts_and_times(model, tmp_path: Path):
     audio, starts = long_recording([1.0, 2.0, 1.5, 2.5])
     path = tmp_path / "meeting.flac"
     soundfile.write(path, audio, 16000)
-    expected = [model.transcribe(clip, use_itn=True).text for clip in CLIPS]
-    result = transcribe_long(model, vad, path, ITN, VadOptions(max_segment_s=5.0))
+    expected = [model.transcribe(clip, ITN).text for clip in CLIPS]
+    result = model.transcribe(path, SHORT_SEGMENTS)
     assert [s.text for s in result.segments] == expected
     assert result.text == " ".join(expected)
     for segment, start in zip(result.segments, starts):
@@ -67,38 +68,90 @@ def test_segments_come_back_in_order_with_their_texts_and_times(model, vad, tmp_
     assert result.duration_s == pytest.approx(len(audio) / 16000)
 
 
-def test_bytes_arrays_and_files_segment_alike(model, vad, tmp_path: Path):
+def test_the_front_door_splits_a_long_file_by_itself(tmp_path: Path):
+    """load_model(dir).transcribe(file), all defaults: 40 s is past one 30 s segment, so it is
+    split at the pauses, not given to attention whole."""
+    audio, starts = long_recording([1.0, 2.0, 1.5, 2.5])
+    audio = np.concatenate([audio, np.zeros(16000 * 5, np.float32), audio])
+    assert len(audio) / 16000 > VadOptions().max_segment_s
+    path = tmp_path / "meeting.flac"
+    soundfile.write(path, audio, 16000)
+    model = sensevoice_core.load_model(DEMO_MODEL)
+    result = model.transcribe(path)
+    assert isinstance(result, Result) and len(result.segments) == 2 * len(CLIPS)
+    assert [s.start for s in result.segments] == sorted(s.start for s in result.segments)
+    assert result.segments[0].start == pytest.approx(starts[0], abs=0.3)
+    first_copy = [s.text for s in result.segments[:len(CLIPS)]]
+    assert first_copy == [model.transcribe(clip).text for clip in CLIPS]
+    assert result.duration_s == pytest.approx(len(audio) / 16000)
+
+
+def test_bytes_arrays_and_files_segment_alike(model, tmp_path: Path):
     audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
     path = tmp_path / "meeting.wav"
     soundfile.write(path, audio, 16000)
-    options = VadOptions(max_segment_s=5.0)
-    from_file = transcribe_long(model, vad, path, ITN, options)
-    from_bytes = transcribe_long(model, vad, path.read_bytes(), ITN, options)
-    from_array = transcribe_long(model, vad, audio, ITN, options)
+    from_file = model.transcribe(path, SHORT_SEGMENTS)
+    from_bytes = model.transcribe(path.read_bytes(), SHORT_SEGMENTS)
+    from_array = model.transcribe(audio, SHORT_SEGMENTS)
     assert from_file.segments == from_bytes.segments
     assert [s.text for s in from_array.segments] == [s.text for s in from_file.segments]
 
 
-def test_silence_only_gives_an_empty_result(model, vad):
-    result = transcribe_long(model, vad, np.zeros(16000 * 45, np.float32), ITN)
-    assert result.segments == [] and result.text == "" and result.duration_s == 45.0
+def test_silence_only_gives_an_empty_result(model):
+    result = model.transcribe(np.zeros(16000 * 45, np.float32), ITN)
+    assert result == Result(text="", raw="", language=None, emotion=None, event=None,
+                            text_norm="withitn", duration_s=45.0, token_ids=(), segments=())
 
 
-def test_a_short_clip_is_one_pass_over_the_whole_clip(model, vad):
+def test_a_short_clip_is_one_pass_over_the_whole_clip(model):
     clip = CLIPS[0]
-    result = transcribe_long(model, vad, clip, ITN)
-    whole = model.transcribe(clip, use_itn=True)
+    result = model.transcribe(clip, ITN)
+    [one_pass] = model.decode([load_audio(clip)], ITN)
     [segment] = result.segments
-    assert (segment.start, segment.end) == (0.0, pytest.approx(whole.duration_s, abs=1e-3))
-    assert segment.token_ids == whole.token_ids
+    assert (segment.start, segment.end) == (0.0, pytest.approx(result.duration_s, abs=1e-3))
+    assert segment == one_pass
+    assert (result.text, result.raw, result.token_ids) == (segment.text, segment.raw,
+                                                          segment.token_ids)
 
 
-def test_the_threshold_changes_segmentation_in_the_expected_direction(model, vad):
+def test_a_batch_gives_each_input_what_transcribe_gives_it(model, tmp_path: Path):
+    """Silence, short clips and a long recording in one call: every input as alone."""
+    audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
+    inputs = [CLIPS[1], np.zeros(16000 * 10, np.float32), audio, CLIPS[0], CLIPS[2]]
+    alone = [model.transcribe(item, SHORT_SEGMENTS) for item in inputs]
+    together = model.transcribe_batch(inputs, SHORT_SEGMENTS)
+    assert [len(r.segments) for r in together] == [1, 0, 4, 1, 1]
+    for mine, theirs in zip(together, alone):
+        assert mine.text == theirs.text and mine.duration_s == theirs.duration_s
+        assert [(s.start, s.end) for s in mine.segments] == [(s.start, s.end)
+                                                            for s in theirs.segments]
+
+
+def test_max_audio_s_refuses_longer_audio_naming_it(model):
+    options = TranscribeOptions(max_audio_s=10.0)
+    with pytest.raises(AudioTooLongError, match=r"^standup.m4a: the audio is 12.0 s long; "
+                                                r"the limit is 10 s$"):
+        model.transcribe(np.zeros(16000 * 12, np.float32), options, source_name="standup.m4a")
+    assert model.transcribe(np.zeros(16000 * 9, np.float32), options).segments == ()
+
+
+def test_the_vad_is_loaded_once_on_first_use():
+    model = sensevoice_core.load_model(DEMO_MODEL)
+    assert model._vad is None
+    model.transcribe(CLIPS[0])
+    vad = model._vad
+    assert isinstance(vad, SileroVAD)
+    model.transcribe(CLIPS[1])
+    assert model.vad is vad
+
+
+def test_the_threshold_changes_segmentation_in_the_expected_direction(model):
     audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
     covered = []
     for threshold in (0.2, 0.5, 0.95):
-        result = transcribe_long(model, vad, audio, ITN,
-                                 VadOptions(threshold=threshold, max_segment_s=5.0))
+        options = TranscribeOptions(use_itn=True,
+                                    vad=VadOptions(threshold=threshold, max_segment_s=5.0))
+        result = model.transcribe(audio, options)
         covered.append(sum(s.end - s.start for s in result.segments))
     assert covered[0] >= covered[1] >= covered[2] and covered[0] > covered[2]
 
@@ -106,17 +159,12 @@ def test_the_threshold_changes_segmentation_in_the_expected_direction(model, vad
 PEAK_RSS_SCRIPT = """
 import json, resource, sys
 import torch
-from sensevoice_core import load_model
-from sensevoice_core.errors import AudioError
-from sensevoice_core.long_audio import LongTranscription, Segment, transcribe_long
-from sensevoice_core.pipeline import TranscribeOptions
-from sensevoice_core.vad import SileroVAD
+from sensevoice_core import TranscribeOptions, load_model
 torch.set_num_threads(1)
-model, vad = load_model(sys.argv[1]), SileroVAD.from_package()
-model.transcribe(sys.argv[3], use_itn=True)  # allocator and kernels warmed on a short clip
+model = load_model(sys.argv[1])
+model.transcribe(sys.argv[3])  # allocator, kernels and VAD warmed on a short clip
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-result = transcribe_long(model, vad, sys.argv[2], TranscribeOptions.create("auto", True),
-                         batch_s=60.0)
+result = model.transcribe(sys.argv[2], TranscribeOptions(use_itn=True, batch_s=60.0))
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"growth_mib": (after - before) / 1024, "segments": len(result.segments)}))
 """
@@ -144,36 +192,38 @@ def test_twenty_minutes_stay_within_a_memory_bound(tmp_path: Path):
 
 def test_unspaced_scripts_join_without_spaces_and_tags_follow_the_most_time():
     def segment(start: float, end: float, text: str, language: str) -> Segment:
-        return Segment(start, end, text, text, language, "NEUTRAL", "Speech", ())
+        return Segment(start=start, end=end, text=text, raw=f"<|{language}|>{text}",
+                       language=language, emotion="NEUTRAL", event="Speech", token_ids=(int(start),))
 
-    result = LongTranscription([segment(0, 2, "你好。", "zh"), segment(2, 3, "晚安。", "zh"),
-                                segment(3, 9, "Hello world.", "en"), segment(9, 10, "好。", "zh")],
-                               10.0)
+    result = Result.from_segments(
+        [segment(0, 2, "你好。", "zh"), segment(2, 3, "晚安。", "zh"),
+         segment(3, 9, "Hello world.", "en"), segment(9, 10, "好。", "zh")], 10.0, "withitn")
     assert result.text == "你好。晚安。 Hello world. 好。"
-    assert result.dominant("language") == "en" and result.dominant("event") == "Speech"
-    assert LongTranscription([], 3.0).dominant("language") is None
+    assert result.raw == "<|zh|>你好。<|zh|>晚安。<|en|>Hello world.<|zh|>好。"
+    assert (result.language, result.event, result.token_ids) == ("en", "Speech", (0, 2, 3, 9))
+    empty = Result.from_segments([], 3.0, "woitn")
+    assert (empty.text, empty.language, empty.segments) == ("", None, ())
 
 
-def test_a_file_that_breaks_off_mid_stream_is_a_clear_audio_error(model, vad, tmp_path: Path):
+def test_a_file_that_breaks_off_mid_stream_is_a_clear_audio_error(model, tmp_path: Path):
     audio, _ = long_recording([1.0, 2.0, 1.5, 2.5])
     whole = tmp_path / "whole.flac"
     soundfile.write(whole, np.tile(audio, 3), 16000)
     data = whole.read_bytes()
     broken = data[: len(data) // 2] + bytes(range(256)) * 64 + data[len(data) // 2:]
     with pytest.raises(AudioError) as error:
-        transcribe_long(model, vad, broken, ITN, VadOptions(max_segment_s=5.0),
-                        source_name="meeting.flac")
+        model.transcribe(broken, SHORT_SEGMENTS, source_name="meeting.flac")
     assert re.match(r"meeting.flac: decoding stopped at (\d+\.\d+) s of the 46\.44 s its header "
                     r"states: the file is cut short or corrupt \(flac decoder lost sync\)$",
                     str(error.value)), str(error.value)
     assert 15 < float(re.findall(r"at (\d+\.\d+) s", str(error.value))[0]) < 30  # the middle
 
 
-def test_a_file_too_short_to_frame_is_an_audio_error_not_a_crash(model, vad):
+def test_a_file_too_short_to_frame_is_an_audio_error_not_a_crash(model):
     buffer = io.BytesIO()
     soundfile.write(buffer, np.zeros(1, np.float32), 16000, format="WAV")
     with pytest.raises(AudioError, match="too short"):
-        transcribe_long(model, vad, buffer.getvalue(), ITN)
+        model.transcribe(buffer.getvalue(), ITN)
 
 
 # --- no text from silence or noise (issue 12, row 6) -------------------------------------
@@ -189,21 +239,21 @@ NO_SPEECH = {"digital silence": np.zeros(20 * 16000, np.float32),
              "full-scale noise": white_noise(20, 1.0), "short silence": np.zeros(8000, np.float32)}
 
 
-def test_silence_and_noise_give_no_text_where_the_model_alone_would_invent_some(model, vad):
-    invented = [model.transcribe(audio).text for audio in NO_SPEECH.values()]
+def test_silence_and_noise_give_no_text_where_the_model_alone_would_invent_some(model):
+    invented = [model.decode([torch.from_numpy(audio)], ITN)[0].text
+                for audio in NO_SPEECH.values()]
     assert any(invented), invented  # the demo model hears digits in silence ("555。")
     for name, audio in NO_SPEECH.items():
-        result = transcribe_long(model, vad, audio, ITN)
-        assert (result.segments, result.text) == ([], ""), name
+        result = model.transcribe(audio, ITN)
+        assert (result.segments, result.text) == ((), ""), name
         assert result.duration_s == pytest.approx(len(audio) / 16000)
 
 
-def test_every_short_speech_clip_still_takes_the_one_pass_path(model, vad):
+def test_every_short_speech_clip_still_takes_the_one_pass_path(model):
     """The VAD only decides whether there is speech: each bundled clip, transcribed whole."""
     for clip in sorted(DEMO_EVAL.glob("*.flac"))[::4] + CLIPS:
-        [segment] = transcribe_long(model, vad, clip, ITN).segments
-        assert segment.token_ids == model.transcribe(clip, use_itn=True).token_ids, clip.name
-        assert segment.start == 0.0
+        [segment] = model.transcribe(clip, ITN).segments
+        assert segment == model.decode([load_audio(clip)], ITN)[0], clip.name
 
 
 def test_the_vad_costs_milliseconds_per_short_request(vad):
@@ -226,7 +276,7 @@ def test_the_vad_costs_milliseconds_per_short_request(vad):
         torch.set_num_threads(threads)
 
 
-def test_errors_name_the_upload_not_a_python_repr(model, vad, tmp_path: Path):
+def test_errors_name_the_upload_not_a_python_repr(model, tmp_path: Path):
     wav = tmp_path / "meeting.wav"
     soundfile.write(wav, np.zeros(16000, np.float32), 16000)
     cases = [(b"", "empty"), (b"\x00garbage" * 50, "cannot decode audio"),
@@ -234,11 +284,11 @@ def test_errors_name_the_upload_not_a_python_repr(model, vad, tmp_path: Path):
              (np.array([0.0, np.nan] * 800, np.float32), "NaN")]
     for audio, reason in cases:
         with pytest.raises(AudioError) as error:
-            transcribe_long(model, vad, audio, ITN, source_name="standup.m4a")
+            model.transcribe(audio, ITN, source_name="standup.m4a")
         assert str(error.value).startswith("standup.m4a: ") and reason in str(error.value)
         assert "<" not in str(error.value)
         with pytest.raises(AudioError, match="^the request's audio: "):
-            transcribe_long(model, vad, audio, ITN)
+            model.transcribe(audio, ITN)
 
 
 def test_the_cli_prints_nothing_for_silence(tmp_path: Path):

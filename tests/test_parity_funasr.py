@@ -13,10 +13,11 @@ from funasr.frontends.wav_frontend import WavFrontend, apply_lfr, load_cmvn
 from funasr.models.sense_voice.model import SenseVoiceSmall as FunASRSenseVoiceSmall
 from funasr.tokenizer.sentencepiece_tokenizer import SentencepiecesTokenizer
 
-from sensevoice_core import SenseVoice, load_audio, load_model
+from sensevoice_core import SenseVoice, TranscribeOptions
+from sensevoice_core.audio import load_audio
 from sensevoice_core.frontend import CMVN, compute_features, stack_low_frame_rate
-from sensevoice_core.loader import OFFICIAL_TOKENIZER
-from sensevoice_core.pipeline import TranscribeOptions
+from sensevoice_core.layout import OFFICIAL_TOKENIZER
+from sensevoice_core.loader import load_model_dir
 from sensevoice_core.vocab import CTC_BLANK_ID
 
 CLIPS = ("en", "zh", "ja", "ko", "yue")
@@ -64,7 +65,7 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def ours(official_dir: Path) -> SenseVoice:
-    return load_model(official_dir)
+    return load_model_dir(official_dir)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +114,11 @@ def test_batched_logits_tokens_and_text_match_funasr(ours, reference, waveforms,
     # Unequal lengths, so the batch is padded: a short cut of one clip among whole clips.
     batch = [waveforms["en"], waveforms["zh"][: 16000 * 2], waveforms["yue"]]
     texts, reference_logits = reference.run(batch, language, use_itn)
-    options = TranscribeOptions.create(language, use_itn)
+    options = TranscribeOptions(language=language, use_itn=use_itn)
     features = [compute_features(w, ours.frontend, ours.cmvn) for w in batch]
     logits, lengths = ours.logits(features, options)
     assert reference_logits.shape == logits.shape
-    results = ours.transcribe_waveforms(batch, options)
+    results = ours.decode(batch, options)  # the model's own output: no VAD
     for i, length in enumerate(lengths.tolist()):
         ours_log_probs = torch.log_softmax(logits[i, :length], dim=-1)
         reference_log_probs = torch.log_softmax(reference_logits[i, :length], dim=-1)
@@ -129,7 +130,7 @@ def test_batched_logits_tokens_and_text_match_funasr(ours, reference, waveforms,
 @pytest.mark.parametrize("clip", CLIPS)
 def test_single_input_matches_funasr(ours, reference, waveforms, clip):
     texts, reference_logits = reference.run([waveforms[clip]], "auto", False)
-    result = ours.transcribe(waveforms[clip].numpy())
+    [result] = ours.decode([waveforms[clip]], TranscribeOptions())
     features = compute_features(waveforms[clip], ours.frontend, ours.cmvn)
     logits, _ = ours.logits([features], TranscribeOptions())
     difference = torch.log_softmax(logits, -1) - torch.log_softmax(reference_logits, -1)

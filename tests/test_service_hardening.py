@@ -187,14 +187,15 @@ def test_a_request_slowed_by_a_neighbour_is_not_timed_out_for_it(tmp_path: Path)
 def test_a_reply_too_large_to_send_fails_that_request_alone(tmp_path: Path):
     """The worker refuses to send a reply over the reply limit; the service goes on."""
     from inference_worker.worker import reply_frames
-    from sensevoice_core.protocol import MAX_REPLY_HEADER_BYTES, SegmentInfo, TranscribeReply
+    from sensevoice_core.protocol import MAX_REPLY_HEADER_BYTES, TranscribeReply
+    from sensevoice_core.result import Segment
 
     huge = TranscribeReply(request_id="r1", text="x", raw="x", language="en", emotion=None,
                            event=None, text_norm="woitn", duration_s=1.0,
                            token_ids=list(range(MAX_REPLY_HEADER_BYTES // 6)),
                            fingerprint="f", worker_pid=1, inference_s=0.1,
-                           segments=[SegmentInfo(start=0, end=1, text="x", language="en",
-                                                 emotion=None, event=None)])
+                           segments=[Segment(start=0, end=1, text="x", raw="x", language="en",
+                                             emotion=None, event=None)])
     frames = reply_frames(huge)
     assert len(frames[0]) < 1024
     assert b'"code":"internal"' in frames[0] and b"send shorter audio" in frames[0]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import numpy as np
@@ -19,6 +20,8 @@ import soundfile
 from gradio_client import Client, handle_file
 
 from model_factory import copy_demo_model, nudge_weights
+from sensevoice_core.protocol import CacheLevel
+from sensevoice_core.result import Result
 from service import Service, start_service
 from ui_process import UiProcess, start_ui
 
@@ -222,13 +225,13 @@ def test_command_line_formats(service: Service, long_recording):
         return done.stdout
 
     [line] = run("--format", "json").splitlines()
-    result = json.loads(line)
-    assert result["file"] == str(path) and result["text"] == " ".join(texts)
-    assert [s["text"] for s in result["segments"]] == texts
-    assert set(result["segments"][0]) == {"start", "end", "text", "language", "emotion", "event"}
+    fields = json.loads(line)
+    assert fields.pop("file") == str(path)
+    result = Result.model_validate(fields)
+    assert result.text == " ".join(texts) and [s.text for s in result.segments] == texts
     assert run("--format", "srt").count(" --> ") == 4
     assert run("--format", "vtt").startswith("WEBVTT")
-    assert run().startswith(f"{path}: Hello world. 8975。")
+    assert run() == result.rich_text + "\n"
 
 
 def test_models_endpoint_lists_the_served_model(http: httpx.Client):
@@ -291,7 +294,7 @@ def test_metrics_count_requests_audio_and_errors(http: httpx.Client):
     assert metric(after, "sensevoice_supervisor_up") == 1
     assert metric(after, "sensevoice_worker_restarts_total") == 0
     assert sum(metric(after, "sensevoice_model_cache_level", level=level)
-               for level in ("L1", "L2", "fresh")) == 1
+               for level in get_args(CacheLevel)) == 1
 
 
 # ---------------------------------------------------------------- gradio_client

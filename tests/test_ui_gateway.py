@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from typing import get_args
+
 import pytest
 
 from sensevoice_core.client import SupervisorClient
-from sensevoice_core.settings import Settings
+from sensevoice_core.protocol import (
+    CACHE_LEVEL_WORDS,
+    CacheLevel,
+    ModelInfo,
+    ServiceStatus,
+    TranscribeReply,
+    WorkerRole,
+    WorkerStatus,
+)
+from sensevoice_core.settings import MiB, Settings
+from sensevoice_core.vocab import LANGUAGES
 from ui.gateway import FrontDoor, Gateway, RequestFailed
 from ui.metrics import ServiceMetrics
+from ui.views import tags_html
 
 
 def gateway(**values) -> Gateway:
@@ -74,3 +88,67 @@ def test_the_front_door_counts_what_the_page_holds_too():
     refusal = door.busy()
     assert (refusal.status, refusal.code) == (429, "busy")
     assert "3 transcriptions (SENSEVOICE_MAX_QUEUE + SENSEVOICE_WORKERS)" in refusal.message
+
+
+class RecordingClient:
+    """Stands in for SupervisorClient: records what the gateway sends on."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def transcribe(self, audio: bytes, language: str, use_itn: bool, **extra: object):
+        self.sent.append({"language": language, "use_itn": use_itn, **extra})
+        return TranscribeReply(request_id="r", text="", raw="", language=None, emotion=None,
+                               event=None, text_norm="woitn", duration_s=0.0, token_ids=(),
+                               fingerprint="f" * 64, worker_pid=1, inference_s=0.0)
+
+
+def recording_gateway(**values) -> tuple[Gateway, RecordingClient]:
+    settings = Settings(supervisor_address="ipc:///tmp/sv-gateway-test.ipc", **values)
+    door, client = FrontDoor(2), RecordingClient()
+    return Gateway(settings, client, ServiceMetrics(lambda: None, door.held, door.capacity),
+                   door), client
+
+
+def test_languages_are_sent_on_as_codes_whatever_name_the_caller_used():
+    door, client = recording_gateway()
+    for given, sent in (("English", "en"), (" chinese ", "zh"), ("", "auto"), ("yue", "yue")):
+        door.transcribe(b"RIFF", "a.wav", given, True, "openai")
+        assert client.sent[-1]["language"] == sent
+    with pytest.raises(RequestFailed) as failure:
+        door.transcribe(b"RIFF", "a.wav", "nospeech", True, "openai")
+    assert (failure.value.status, failure.value.param) == (400, "language")
+    assert len(client.sent) == 4
+
+
+def test_an_upload_over_the_limit_never_reaches_the_supervisor():
+    door, client = recording_gateway(max_upload_mb=1)
+    with pytest.raises(RequestFailed) as failure:
+        door.transcribe(b"\0" * (MiB + 1), "big.wav", "auto", True, "openai")
+    assert (failure.value.status, failure.value.code) == (413, "too_large")
+    assert client.sent == []
+
+
+def test_names_labels_roles_and_cache_levels_come_from_one_place():
+    from ui.openai_api import language_name
+    from ui.views import status_markdown
+
+    for language, info in LANGUAGES.items():
+        assert language_name(language.value) == info.name
+        reply = RecordingClient().transcribe(b"", "auto", False).model_copy(
+            update={"language": language.value})
+        assert f"🌐 {info.label}" in tags_html(reply, show_worker=False)
+    workers = [WorkerStatus(worker_id=role, pid=1, role=role, age_s=1.0, requests_served=0,
+                            busy=False, fingerprint=None) for role in get_args(WorkerRole)]
+    model = ModelInfo(model_dir="/m", layout="hf", fingerprint="f" * 64, short_ids={},
+                      file_sha256={}, file_paths={}, cache_level="fresh", load_s=1.0,
+                      steps_s={}, warmup_s=0.5)
+    status = ServiceStatus(supervisor_pid=1, uptime_s=1.0, model=model, workers=workers,
+                           queued=0, in_flight=0, requests_served=0, worker_restarts=0,
+                           reloading=False, last_reload=None, watching=None)
+    assert f"via {CACHE_LEVEL_WORDS['fresh']} in" in status_markdown(status)
+    metrics = ServiceMetrics(lambda: status, lambda: 0, 1).render().decode()
+    for role in get_args(WorkerRole):
+        assert f'sensevoice_workers{{role="{role}"}} 1.0' in metrics
+    levels = re.findall(r'sensevoice_model_cache_level\{level="(\w+)"\}', metrics)
+    assert levels == list(get_args(CacheLevel))

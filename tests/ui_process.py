@@ -9,10 +9,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from service import STARTED
+
+POLL_S = 0.05
 
 
 def free_port() -> int:
@@ -34,6 +37,20 @@ class UiProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_until(self, condition: Callable[[], bool], what: str,
+                   timeout: float = 30.0) -> None:
+        """Poll condition, failing at once if the UI exits, and after timeout."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.log()}")
+            try:  # the pause between polls, ended early by the UI's exit
+                self.process.wait(POLL_S)
+            except subprocess.TimeoutExpired:
+                continue
+            raise AssertionError(f"the UI exited ({self.process.returncode}) waiting for "
+                                 f"{what}:\n{self.log()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -69,16 +86,17 @@ def start_ui(work_dir: Path, supervisor_address: str, **env: str) -> UiProcess:
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     STARTED.append(process)
     ui = UiProcess(process, f"http://127.0.0.1:{port}", log_path, work_dir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the UI exited ({process.returncode}):\n{ui.log()}")
+
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(ui.url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return ui
+                return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    ui.stop()
-    raise AssertionError(f"the UI did not answer /health within 60 s:\n{ui.log()}")
+            return False
+
+    try:
+        ui.wait_until(healthy, "/health to answer", timeout=60)
+    except AssertionError:
+        ui.stop()
+        raise
+    return ui

@@ -27,7 +27,7 @@ from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN, fbank, pad_features, stack_low_frame_rate
 from sensevoice_core.loader import save_model_dir
 from sensevoice_core.model import SenseVoiceSmall
-from sensevoice_core.pipeline import length_batches
+from sensevoice_core.long_audio import length_batches
 from sensevoice_core.tokenizer import Tokenizer, all_tag_pieces, build_sentencepiece_model
 from sensevoice_core.vocab import (
     LANGUAGE_QUERY_ROW,
@@ -96,8 +96,7 @@ def estimate_cmvn(examples: list[Example]) -> CMVN:
 def shuffled_batches(examples: list[Example], budget: int, rng: random.Random
                      ) -> list[list[int]]:
     lengths = [e.features.shape[0] for e in examples]
-    batches = length_batches(sorted(range(len(examples)), key=lengths.__getitem__), lengths,
-                             budget)
+    batches = length_batches(lengths, budget)
     rng.shuffle(batches)
     return batches
 

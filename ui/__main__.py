@@ -2,7 +2,8 @@
 
 It talks to the supervisor (python -m supervisor) and holds no model; it can start before the
 supervisor does (GET /ready says 503 until a worker serves).
-Exit codes: 0 stopped, 1 could not start (port in use, host not local), 2 invalid settings.
+Exit codes (sensevoice_core.exit_codes): 0 stopped, 1 could not start (port in use, host not
+local), 2 invalid settings.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import os
 import socket
 import sys
 
-EXIT_CANNOT_START = 1
-EXIT_SETTINGS = 2
+from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 
 logger = logging.getLogger("sensevoice.ui")
 
@@ -42,20 +42,16 @@ def main() -> int:
     # Gradio reads these at import; nothing here may reach for the network.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sensevoice_core.cli import settings_or_exit
     from sensevoice_core.logs import configure_logging
-    from sensevoice_core.settings import SettingsError, load_settings
+    from sensevoice_core.settings import Settings
 
-    try:
-        settings = load_settings()
-        address = settings.client_address()
-    except SettingsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_SETTINGS
+    settings = settings_or_exit(check=Settings.client_address)
     configure_logging("ui", settings.log_level)
     problem = bind_problem(settings.ui_host, settings.ui_port)
     if problem:
         logger.error("Cannot start: %s", problem)
-        return EXIT_CANNOT_START
+        return EXIT_FAILED
     if not settings.ui_is_loopback():
         logger.warning("Listening on %s: transcription is open to that network; reloading %s",
                        settings.ui_host, "needs SENSEVOICE_ADMIN_TOKEN" if settings.admin_token
@@ -70,13 +66,13 @@ def main() -> int:
         app = create_app(settings)
     except ServiceError as e:  # e.g. unreadable CURVE keys for a tcp:// supervisor
         logger.error("Cannot start: %s", e.message)
-        return EXIT_CANNOT_START
+        return EXIT_FAILED
     host = f"[{settings.ui_host.strip('[]')}]" if ":" in settings.ui_host else settings.ui_host
     logger.info("Serving the UI on http://%s:%d (supervisor at %s)", host, settings.ui_port,
-                address)
+                settings.client_address())
     uvicorn.run(app, host=settings.ui_host.strip("[]"), port=settings.ui_port,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

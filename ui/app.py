@@ -64,6 +64,8 @@ def create_app(settings: Settings, client: SupervisorClient | None = None) -> Fa
     return gr.mount_gradio_app(
         app, page, path="/", server_name=settings.ui_host,
         server_port=settings.ui_port, allowed_paths=[str(EXAMPLES_DIR)],
-        max_file_size=int(settings.max_upload_mb * 1024 * 1024), footer_links=["api"],
+        # Gradio's own refusal of a larger upload, before it stores the file (any caller may
+        # upload without transcribing); Gateway.check_upload checks what is transcribed.
+        max_file_size=settings.max_upload_bytes, footer_links=["api"],
         ssr_mode=False, css=CSS,
         show_error=False)  # gr.Error sentences still show; an unexpected exception's text does not

@@ -12,9 +12,9 @@ from html import escape
 import gradio as gr
 import soundfile
 
-from sensevoice_core.client import ServiceError
+from sensevoice_core.vocab import LANGUAGE_CHOICES
 from ui.downloads import KEEP_S, SubtitleFiles
-from ui.gateway import LANGUAGE_CHOICES, Gateway, RequestFailed
+from ui.gateway import Gateway, RequestFailed
 from ui.gradio_guard import TRANSCRIBE_API, TRANSCRIBE_GROUP
 from ui.uploads import EXAMPLES_DIR, uploaded_file
 from ui.views import (
@@ -102,7 +102,7 @@ class PageHandlers:
                before.model_dump(mode="json"))
         try:
             outcome = self.gateway.reload(admin_token)
-        except (RequestFailed, ServiceError) as e:
+        except RequestFailed as e:
             raise user_error(f"Reload failed: {e}. The old model is still serving.") from None
         try:
             after = self.gateway.status(internals=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sensevoice_core.atomic import write_bytes_atomic
 from sensevoice_core.processes import pid_alive
+from sensevoice_core.result import Segment
 from sensevoice_core.subtitles import to_srt
 
 FOLDER_PREFIX = "sensevoice-srt-"
@@ -50,7 +51,7 @@ class SubtitleFiles:
         self.folder.mkdir()
         (self.folder / OWNER_FILE).write_text(str(os.getpid()))
 
-    def write(self, segments: Sequence, stem: str) -> str:
+    def write(self, segments: Sequence[Segment], stem: str) -> str:
         """The SRT of segments as a file named after stem; its path."""
         now = time.time()
         for old in self.folder.glob("*.srt"):  # keep the folder from growing without end

@@ -19,7 +19,7 @@ import anyio
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus, TranscribeReply
 from sensevoice_core.settings import Settings
-from sensevoice_core.vocab import Language, language_of
+from sensevoice_core.vocab import language_of
 from ui.metrics import ServiceMetrics
 
 logger = logging.getLogger("sensevoice.ui")
@@ -47,7 +47,6 @@ PUBLIC_MESSAGES = {
     "timeout": "the transcription took longer than the service allows",
     "internal": "the transcription service failed on this request; its log says why",
 }
-LANGUAGE_CHOICES = tuple(lang.value for lang in Language if lang is not Language.NOSPEECH)
 RETRY_AFTER_S = 1  # what a refused (busy) or unavailable caller is told to wait
 
 
@@ -126,12 +125,9 @@ class Gateway:
         self.transcribe_slots = anyio.CapacityLimiter(door.capacity)
         self.status_slots = anyio.CapacityLimiter(4)
 
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.settings.max_upload_mb * 1024 * 1024)
-
     def check_upload(self, size: int, name: str) -> None:
-        if size > self.max_upload_bytes:
+        """The one check of the audio's size, for the page and the HTTP API alike."""
+        if size > self.settings.max_upload_bytes:
             raise RequestFailed(
                 413, "too_large", f"{name} is larger than the limit of "
                                   f"{self.settings.max_upload_mb:g} MiB (SENSEVOICE_MAX_UPLOAD_MB)",
@@ -144,9 +140,8 @@ class Gateway:
         """Transcribe through the supervisor, recording the outcome under endpoint."""
         start = time.perf_counter()
         try:
-            language = (language or "auto").strip().lower()
-            try:
-                language_of(language)  # the worker's own check, answered here with the field
+            try:  # the worker's own check, answered here with the field at fault
+                language = language_of(language or "auto").value  # "english" -> "en"
             except ValueError as e:
                 raise RequestFailed(400, "bad_request", str(e), "language") from None
             self.check_upload(len(audio), name)

@@ -13,19 +13,20 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import unquote
 from collections.abc import Callable
+from urllib.parse import unquote
 
 import gradio as gr
 from gradio.route_utils import API_PREFIX
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sensevoice_core.settings import MiB
 from ui.gateway import RETRY_AFTER_S, Gateway
 from ui.uploads import REFUSED, allowed_file
 
 TRANSCRIBE_API = "transcribe"
 TRANSCRIBE_GROUP = "transcribe"  # the transcribe event's Gradio concurrency_id
-MAX_JSON_BODY = 1024 * 1024  # Gradio's JSON bodies carry file references, never file contents
+MAX_JSON_BODY = MiB  # Gradio's JSON bodies carry file references, never file contents
 JOIN_PATH = f"{API_PREFIX}/queue/join"
 CALL_PATHS = {f"{API_PREFIX}/call/{TRANSCRIBE_API}", f"{API_PREFIX}/call/v2/{TRANSCRIBE_API}"}
 

@@ -9,16 +9,17 @@ triggered by the watcher or the CLI count too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sensevoice_core.protocol import ServiceStatus
+from sensevoice_core.protocol import CacheLevel, ServiceStatus, WorkerRole
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-CACHE_LEVELS = ("L1", "L2", "fresh")
-WORKER_ROLES = ("starting", "standby", "loading", "serving", "draining")
+CACHE_LEVELS = get_args(CacheLevel)
+WORKER_ROLES = get_args(WorkerRole)
 
 
 class SupervisorCollector(Collector):

@@ -1,10 +1,10 @@
 """POST /v1/audio/transcriptions, compatible with OpenAI's audio API (and GET /v1/models).
 
 Multipart fields: ``file`` (required), ``model`` (accepted, any name: one model is served),
-``language`` (auto, zh, en, yue, ja, ko; ISO names such as "english" too), ``response_format``
-(json, text, verbose_json, srt, vtt), and two extensions: ``use_itn`` (default true: punctuation
-and numerals, as OpenAI's models return) and ``vad_threshold`` (0..1, the speech probability
-that splits long audio; default SENSEVOICE_VAD_THRESHOLD). ``prompt`` and ``temperature`` are
+``language`` (auto, zh, en, yue, ja, ko; English names such as "english" too),
+``response_format`` (json, text, verbose_json, srt, vtt), and two extensions: ``use_itn``
+(default true: punctuation and numerals, as OpenAI's models return) and ``vad_threshold``
+(0..1, the speech probability that splits long audio; default SENSEVOICE_VAD_THRESHOLD). ``prompt`` and ``temperature`` are
 accepted and ignored (CTC decoding has neither); ``stream=true`` is refused. Errors have
 OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
@@ -19,16 +19,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from sensevoice_core.protocol import TranscribeReply
+from sensevoice_core.settings import MiB
 from sensevoice_core.subtitles import to_srt, to_vtt
+from sensevoice_core.vocab import LANGUAGE_BY_TAG
 from ui.gateway import RETRY_AFTER_S, Gateway, RequestFailed
 
 MODEL_ID = "sensevoice-small"
 MODEL_CARD = {"id": MODEL_ID, "object": "model", "created": 1719792000, "owned_by": "sensevoice-serve"}
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
-LANGUAGE_NAMES = {"zh": "chinese", "en": "english", "yue": "cantonese", "ja": "japanese",
-                  "ko": "korean"}
-LANGUAGE_ALIASES = {name: code for code, name in LANGUAGE_NAMES.items()}
-MULTIPART_OVERHEAD = 1024 * 1024  # form fields and boundaries on top of the file itself
+MULTIPART_OVERHEAD = MiB  # form fields and boundaries on top of the file itself
 MAX_FORM_FIELDS = 32  # OpenAI SDKs send list fields (include[], ...) once per item
 RETRYABLE_4XX = {408, 409, 429}  # what OpenAI SDKs retry below 500
 SERVER_ERRORS_NOT_WORTH_RETRYING = {"worker_lost", "timeout", "internal"}
@@ -95,7 +94,7 @@ def render(reply: TranscribeReply, response_format: str) -> Response:
                 for index, s in enumerate(reply.segments)]
     body = {
         "task": "transcribe",
-        "language": LANGUAGE_NAMES.get(reply.language or "", reply.language),
+        "language": language_name(reply.language),
         "duration": round(reply.duration_s, 3),
         "text": reply.text,
         "segments": segments,
@@ -105,6 +104,12 @@ def render(reply: TranscribeReply, response_format: str) -> Response:
         "fingerprint": reply.fingerprint,
     }
     return JSONResponse(body, headers=headers)
+
+
+def language_name(tag: str | None) -> str | None:
+    """OpenAI's way: the English name ("english"), not the code."""
+    language = LANGUAGE_BY_TAG.get(tag or "")
+    return language.name if language else tag
 
 
 def build_openai_router(gateway: Gateway) -> APIRouter:
@@ -164,15 +169,20 @@ class TranscriptionForm:
 
 
 def check_length(request: Request, gateway: Gateway) -> None:
-    """What the headers alone refuse: no length, too long, not a form."""
+    """What the headers alone refuse: no length, too long, not a form.
+
+    This is not the upload limit's check (Gateway.check_upload, on the file itself): it bounds
+    the whole body, form fields included, before a byte of it is read, since reading the form
+    spools all of it to disk.
+    """
     declared = request.headers.get("content-length")
     if not declared or not declared.isdigit():
         # Without a length the body would be spooled to disk in full before any check.
         raise RequestFailed(411, "length_required", "send a Content-Length header (chunked "
                                                     "uploads are not accepted)", "file")
-    if int(declared) > gateway.max_upload_bytes + MULTIPART_OVERHEAD:
+    if int(declared) > gateway.settings.max_upload_bytes + MULTIPART_OVERHEAD:
         raise RequestFailed(413, "too_large",
-                            f"the request is {int(declared) / 2**20:.1f} MiB; the limit is "
+                            f"the request is {int(declared) / MiB:.1f} MiB; the limit is "
                             f"{gateway.settings.max_upload_mb:g} MiB (SENSEVOICE_MAX_UPLOAD_MB)",
                             "file")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -191,15 +201,14 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
             raise RequestFailed(400, "bad_request", "the 'file' field is missing (an audio file "
                                                     "upload)", "file")
         name = file.filename or "the uploaded file"
-        audio = await file.read(gateway.max_upload_bytes + 1)
-        gateway.check_upload(len(audio), name)
+        # One byte over is enough for Gateway.check_upload to refuse it.
+        audio = await file.read(gateway.settings.max_upload_bytes + 1)
         response_format = str(form.get("response_format") or "json").strip().lower()
         if response_format not in RESPONSE_FORMATS:
             raise RequestFailed(400, "bad_request",
                                 f"response_format {response_format!r} is not supported; expected "
                                 f"one of: {', '.join(RESPONSE_FORMATS)}", "response_format")
-        language = str(form.get("language") or "auto").strip().lower()
-        language = LANGUAGE_ALIASES.get(language, language)
+        language = str(form.get("language") or "auto")
         use_itn = parse_bool(str(form.get("use_itn") or "true"), "use_itn")
         vad_threshold = parse_threshold(form.get("vad_threshold"))
         if parse_bool(str(form.get("stream") or "false"), "stream"):

@@ -32,7 +32,7 @@ def build_ops_router(gateway: Gateway) -> APIRouter:
                                 status_code=503)
         serving = [w for w in status.workers if w.role == "serving"]
         if status.model is None or not serving:
-            reason = ("the model is loading" if any(w.role in ("starting", "loading")
+            reason = ("the model is loading" if any(w.role in ("starting", "loading", "warming")
                                                      for w in status.workers)
                       else "no worker is serving; see the supervisor's log")
             return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 from html import escape
 
-from sensevoice_core.protocol import ReloadOutcome, ServiceStatus, TranscribeReply
-from sensevoice_core.vocab import EMOTION_EMOJI, EVENT_EMOJI
-
-LANGUAGE_LABELS = {"zh": "Mandarin", "en": "English", "yue": "Cantonese", "ja": "Japanese",
-                   "ko": "Korean", "nospeech": "no speech"}
-CACHE_LEVEL_LABELS = {"L1": "L1 (already in memory)", "L2": "L2 snapshot",
-                      "fresh": "model files (fresh load)"}
-VIA = {"L1": "L1", "L2": "L2", "fresh": "a fresh load"}
+from sensevoice_core.protocol import (
+    CACHE_LEVEL_WORDS,
+    ReloadOutcome,
+    ServiceStatus,
+    TranscribeReply,
+)
+from sensevoice_core.vocab import EMOTION_EMOJI, EVENT_EMOJI, LANGUAGE_BY_TAG
 
 
 def badge(kind: str, label: str) -> str:
@@ -24,7 +23,8 @@ def tags_html(reply: TranscribeReply, show_worker: bool) -> str:
     worker's pid only for callers who may see internals)."""
     badges = []
     if reply.language:
-        badges.append(badge("language", f"🌐 {LANGUAGE_LABELS.get(reply.language, reply.language)}"))
+        language = LANGUAGE_BY_TAG.get(reply.language)
+        badges.append(badge("language", f"🌐 {language.label if language else reply.language}"))
     if reply.emotion:
         emoji = EMOTION_EMOJI.get(reply.emotion, "😐")
         badges.append(badge("emotion", f"{emoji} {reply.emotion.capitalize()}"))
@@ -70,15 +70,18 @@ def describe_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def via(cache_level: str | None) -> str:
+    return CACHE_LEVEL_WORDS.get(cache_level or "", str(cache_level))
+
+
 def reload_summary(outcome: ReloadOutcome, full: bool = True) -> str:
     if outcome.ok and outcome.old_fingerprint == outcome.new_fingerprint:
         return (f"✅ Model reloaded, unchanged (`{short_fingerprint(outcome.new_fingerprint)}`) in "
-                f"{outcome.seconds:.2f} s via {VIA.get(outcome.cache_level or '', outcome.cache_level)} "
-                f"({outcome.origin})")
+                f"{outcome.seconds:.2f} s via {via(outcome.cache_level)} ({outcome.origin})")
     if outcome.ok:
         return (f"✅ Model updated, new requests use it: `{short_fingerprint(outcome.old_fingerprint)}`"
                 f" → `{short_fingerprint(outcome.new_fingerprint)}` in {outcome.seconds:.2f} s via "
-                f"{VIA.get(outcome.cache_level or '', outcome.cache_level)} ({outcome.origin})")
+                f"{via(outcome.cache_level)} ({outcome.origin})")
     why = plain(outcome.error) if full else "the admin token shows why"
     return (f"❌ Reload failed ({outcome.origin}): {why}. The old model "
             f"`{short_fingerprint(outcome.old_fingerprint)}` is still serving.")
@@ -102,8 +105,8 @@ def status_markdown(status: ServiceStatus | None, problem: str | None = None,
         ids = " · ".join(f"{key} `{value}`" for key, value in model.short_ids.items())
         fingerprint = f"**Fingerprint** `{short_fingerprint(model.fingerprint)}` ({ids})"
         lines.append(f"**Model** {code(model.model_dir)}  \n{fingerprint}" if full else fingerprint)
-        lines.append(f"**Loaded from** {CACHE_LEVEL_LABELS.get(model.cache_level, model.cache_level)}"
-                     f" in {model.load_s:.2f} s, warm-up {model.warmup_s:.2f} s")
+        lines.append(f"**Loaded** via {via(model.cache_level)} in {model.load_s:.2f} s, "
+                     f"warm-up {model.warmup_s:.2f} s")
     workers = "; ".join(f"{f'pid {w.pid} ' if full else ''}{w.role}, up {describe_age(w.age_s)}, "
                         f"{w.requests_served} served" for w in status.workers)
     lines.append(f"**Workers** {workers or 'none'}  \n**Requests served** {status.requests_served}"
