@@ -37,6 +37,7 @@ from sensevoice_core.protocol import (
     Hello,
     LoadFailed,
     LoadModel,
+    MiB,
     ModelInfo,
     Ping,
     Pong,
@@ -265,11 +266,11 @@ def reply_frames(reply: TranscribeReply | ErrorReply) -> list[bytes]:
     if len(frames[0]) + 64 <= MAX_REPLY_HEADER_BYTES:
         return frames
     logger.error("Request %s: the result is %.1f MiB, over the %d MiB a reply may carry",
-                 reply.request_id, len(frames[0]) / 2**20, MAX_REPLY_HEADER_BYTES >> 20)
+                 reply.request_id, len(frames[0]) / MiB, MAX_REPLY_HEADER_BYTES // MiB)
     return encode(ErrorReply(
         request_id=reply.request_id, code="internal",
-        message=f"the result is {len(frames[0]) / 2**20:.1f} MiB, over the "
-                f"{MAX_REPLY_HEADER_BYTES >> 20} MiB a reply may carry; send shorter audio"))
+        message=f"the result is {len(frames[0]) / MiB:.1f} MiB, over the "
+                f"{MAX_REPLY_HEADER_BYTES // MiB} MiB a reply may carry; send shorter audio"))
 
 
 def step_aside() -> None:

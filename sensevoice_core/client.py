@@ -27,10 +27,16 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from sensevoice_core.curve import ClientKeys, CurveKeyError
-from sensevoice_core.errors import REQUEST_AUDIO, AudioError, SenseVoiceError
+from sensevoice_core.errors import (  # noqa: F401 - ServiceError: clients catch it from here
+    REQUEST_AUDIO,
+    AudioError,
+    ServiceError,
+    ServiceUnavailableError,
+)
 from sensevoice_core.protocol import (
     STATUS_TIMEOUT_S,
     ErrorReply,
+    ProtocolError,
     ReloadOutcome,
     ReloadReply,
     ReloadRequest,
@@ -39,11 +45,16 @@ from sensevoice_core.protocol import (
     StatusRequest,
     TranscribeReply,
     TranscribeRequest,
-    ProtocolError,
     decode_reply,
     encode,
 )
-from sensevoice_core.settings import LOOPBACK_HOSTS, MiB, Settings, load_settings, tcp_host
+from sensevoice_core.settings import (
+    LOOPBACK_HOSTS,
+    MiB,
+    Settings,
+    load_settings,
+    tcp_host,
+)
 
 REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
 CONNECT_TIMEOUT_S = 3.0  # a supervisor completes the ZeroMQ handshake well within this
@@ -51,22 +62,6 @@ HEARTBEAT_IVL_MS = 1000  # ZMTP pings on each connection...
 HEARTBEAT_TIMEOUT_MS = 3000  # ...and a connection with no answer this long is dropped
 REMOTE_HEARTBEAT_TIMEOUT_MS = 30_000  # off loopback (tcp with CURVE)
 MAX_IDLE_SOCKETS = 16  # sockets kept for reuse; more concurrent requests open (and close) more
-
-
-class ServiceError(SenseVoiceError):
-    """The supervisor answered with an error (code as in protocol.ErrorCode)."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
-class ServiceUnavailableError(ServiceError):
-    """No supervisor answered at the address."""
-
-    def __init__(self, message: str):
-        super().__init__("unavailable", message)
 
 
 class SupervisorClient:

@@ -17,13 +17,9 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.errors import CurveKeyError  # noqa: F401 - callers import it from here
 
 AUTHORIZED_DIR = "clients"
-
-
-class CurveKeyError(SenseVoiceError):
-    """A key file under SENSEVOICE_CURVE_DIR is missing or unreadable."""
 
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:

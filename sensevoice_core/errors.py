@@ -86,3 +86,23 @@ class AudioTooLongError(AudioError):
         self.limit = limit
         length = f"at least {seconds:.1f} s" if at_least else f"{seconds:.1f} s"
         super().__init__(source, f"the audio is {length} long; the limit is {limit:g} s")
+
+
+class CurveKeyError(SenseVoiceError):
+    """A key file under SENSEVOICE_CURVE_DIR is missing or unreadable."""
+
+
+class ServiceError(SenseVoiceError):
+    """The supervisor answered with an error (code as in protocol.ErrorCode)."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class ServiceUnavailableError(ServiceError):
+    """No supervisor answered at the address."""
+
+    def __init__(self, message: str):
+        super().__init__("unavailable", message)

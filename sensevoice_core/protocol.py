@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sensevoice_core.result import Result
 
 PROTOCOL_VERSION = 1
+MiB = 1024 * 1024
 
 HEARTBEAT_INTERVAL_S = 1.0  # the supervisor pings every worker this often
 HEARTBEAT_LIVENESS = 3  # missed pongs before a worker counts as hung (3..5 is usual)
@@ -29,14 +30,14 @@ SUPERVISOR_SILENCE_S = 10.0  # an idle worker that hears nothing this long exits
 SPAWN_TIMEOUT_S = 60.0  # a fresh worker process must say hello within this (torch import)
 MAX_HEADER_BYTES = 64 * 1024  # a request's JSON header is small; anything larger is malformed
 # A reply carries every segment and token id: three hours of speech is well under 2 MiB.
-MAX_REPLY_HEADER_BYTES = 16 * 1024 * 1024
+MAX_REPLY_HEADER_BYTES = 16 * MiB
 STATUS_TIMEOUT_S = 5.0  # client wait for a status reply
 # A worker serving a request that has run this long is given one more (on its second compute
 # thread), so that one long upload does not hold up every short request behind it...
 LONG_REQUEST_S = 2.0
 MAX_REQUESTS_PER_WORKER = 2
 # ...if that one is small: 4 MiB is two minutes of 16 kHz 16-bit wav, or about four of MP3.
-BESIDE_LONG_MAX_BYTES = 4 * 1024 * 1024
+BESIDE_LONG_MAX_BYTES = 4 * MiB
 
 # What a worker is doing, as the supervisor sees it:
 WorkerRole = Literal[

@@ -15,12 +15,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sensevoice_core.curve import CurveKeys
 from sensevoice_core.errors import SettingsError
 from sensevoice_core.options import TranscribeOptions
+from sensevoice_core.protocol import MiB
 from sensevoice_core.segmentation import VadOptions
 
 ENV_PREFIX = "SENSEVOICE_"
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes; ZeroMQ refuses longer ipc:// paths
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-MiB = 1024 * 1024
 _VAD = VadOptions()  # the defaults of the VAD and batch settings are the library's own
 _TRANSCRIBE = TranscribeOptions()
 

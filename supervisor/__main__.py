@@ -16,7 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from sensevoice_core.cli import add_transcribe_arguments, settings_or_exit, transcribe_files
+from sensevoice_core.cli import (
+    add_transcribe_arguments,
+    settings_or_exit,
+    transcribe_files,
+)
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 from sensevoice_core.logs import configure_logging
 from sensevoice_core.result import Result

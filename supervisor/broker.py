@@ -21,6 +21,7 @@ from sensevoice_core.protocol import (
     ClientMessage,
     ErrorCode,
     ErrorReply,
+    MiB,
     ProtocolError,
     TranscribeReply,
     TranscribeRequest,
@@ -66,11 +67,11 @@ class Broker:
         malformed, and already answered so."""
         client, body = frames[0], frames[1:]
         size = sum(len(frame) for frame in body)
-        limit = self.settings.max_request_mb * 1024 * 1024
+        limit = self.settings.max_request_bytes
         request_id = request_id_of(body[0]) if body else None
         if size > limit:
             self.reply_error(client, request_id, "too_large",
-                             f"request of {size / 2**20:.1f} MiB; at most "
+                             f"request of {size / MiB:.1f} MiB; at most "
                              f"{self.settings.max_request_mb:g} MiB (SENSEVOICE_MAX_REQUEST_MB)")
             return None
         try:

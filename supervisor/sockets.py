@@ -15,7 +15,7 @@ import zmq
 
 from sensevoice_core.curve import CurveKeyError
 from sensevoice_core.processes import pid_alive
-from sensevoice_core.protocol import StatusRequest, encode
+from sensevoice_core.protocol import MiB, StatusRequest, encode
 from sensevoice_core.settings import Settings
 
 if TYPE_CHECKING:
@@ -42,10 +42,10 @@ def bind_frontend(socket: zmq.Socket, context: zmq.Context,
     """Bind the clients' socket; returns CURVE's ZAP handler on tcp:// with SENSEVOICE_CURVE_DIR."""
     address = settings.client_address()
     socket.setsockopt(zmq.LINGER, 500)
-    max_bytes = int(settings.max_request_mb * 1024 * 1024)
+    max_bytes = settings.max_request_bytes
     # A hard cap well above the limit: larger frames are dropped by ZeroMQ before they can
     # fill memory; those between the limit and the cap get a "too_large" reply.
-    socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + (1 << 20))
+    socket.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + MiB)
     authenticator = None
     keys = settings.curve_keys(address)
     if keys is not None:

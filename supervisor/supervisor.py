@@ -1,7 +1,8 @@
 """The supervisor: routes client requests to inference workers and keeps the workers alive.
 
 It never imports torch. Clients talk to its ROUTER frontend, workers to its ROUTER backend
-(``sockets.py``). Requests wait in a bounded queue and go to serving workers (``broker.py``).
+(``sockets.py``); what a client is answered is ``clients.py``. Requests wait in a bounded queue
+and go to serving workers (``broker.py``).
 A reload swaps the model blue-green (``reload.py``). This file is the loop and the life of a
 worker, whose role (``WorkerRole`` in protocol.py) moves like this:
 
@@ -19,7 +20,6 @@ answering pings, overstays a deadline or a request's timeout is killed, then rep
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import time
@@ -40,16 +40,13 @@ from sensevoice_core.protocol import (
     ProtocolError,
     Ready,
     ReloadRequest,
-    ServiceStatus,
-    StatusReply,
-    StatusRequest,
     Stop,
-    WorkerStatus,
     decode_from_worker,
     request_id_of,
 )
 from sensevoice_core.settings import Settings
 from supervisor.broker import Broker
+from supervisor.clients import ClientDesk
 from supervisor.reload import BlueGreen, Waiter, describe_model
 from supervisor.sockets import (
     StartupError,
@@ -89,6 +86,7 @@ class Supervisor:
         self.broker = Broker(settings, self.frontend, self.backend)
         self.pool = WorkerPool(self.backend, self.backend_address)
         self.reloads = BlueGreen(self)
+        self.clients = ClientDesk(self)
         self.model: ModelInfo | None = None  # what the serving workers run
         self.signals: deque[int] = deque()
         self.watcher: ModelWatcher | None = None
@@ -117,7 +115,7 @@ class Supervisor:
                 if self.backend in ready:
                     self.read_burst(self.backend, self.handle_worker)
                 if self.frontend in ready:
-                    self.read_burst(self.frontend, self.handle_client)
+                    self.read_burst(self.frontend, self.clients.handle)
                 self.handle_signals()
                 self.reloads.take_requests_from_threads()
                 self.reap_workers()
@@ -194,7 +192,7 @@ class Supervisor:
             if self.backend.poll(TICK_S * 1000):
                 self.read_burst(self.backend, self.handle_worker)
             if self.frontend.poll(0):
-                self.read_burst(self.frontend, self.handle_client)
+                self.read_burst(self.frontend, self.clients.handle)
         for worker in self.pool:
             self.broker.fail_held(worker, "shutting_down",
                                   "the service stopped before this request finished")
@@ -211,49 +209,6 @@ class Supervisor:
             self.authenticator.stop()
         self.context.term()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-    # ----------------------------------------------------------------- clients
-
-    def handle_client(self, frames: list[bytes]) -> None:
-        received = self.broker.receive(frames)  # None: malformed or too large, answered
-        if received is None:
-            return
-        client, message, payload = received
-        if isinstance(message, StatusRequest):
-            self.broker.send_client(client, StatusReply(request_id=message.request_id,
-                                                        status=self.status()))
-        elif self.shutting_down:
-            self.broker.reply_error(client, message.request_id, "shutting_down",
-                                    "the service is stopping")
-        elif isinstance(message, ReloadRequest):
-            self.reloads.request(message, Waiter(client, message.request_id))
-        elif not self.can_serve_soon():
-            self.broker.reply_error(client, message.request_id, "unavailable",
-                                    "no inference worker is running; see the supervisor log")
-        else:
-            self.broker.accept(client, message, payload)
-
-    def can_serve_soon(self) -> bool:
-        return (self.reloads.job is not None or bool(self.pool.in_roles("serving"))
-                or any(w.assignment for w in self.pool.in_roles("starting", "loading"))
-                or time.monotonic() < self.backoff.until + 1)
-
-    def status(self) -> ServiceStatus:
-        now = time.monotonic()
-        workers = [WorkerStatus(worker_id=w.worker_id, pid=w.pid, role=w.role,
-                                age_s=round(now - w.spawned_at, 3),
-                                requests_served=w.requests_served, busy=w.busy,
-                                fingerprint=w.model.fingerprint if w.model else None)
-                   for w in sorted(self.pool, key=lambda w: w.age)]
-        return ServiceStatus(
-            supervisor_pid=os.getpid(), uptime_s=round(now - self.started_at, 3),
-            model=self.model, workers=workers, queued=len(self.broker.queue),
-            in_flight=sum(len(w.jobs) for w in self.pool),
-            requests_served=self.broker.requests_served, worker_restarts=self.restarts,
-            reloading=self.reloads.job is not None, last_reload=self.reloads.last,
-            reload_counts=dict(self.reloads.counts),
-            watching=str(self.watcher.directory) if self.watcher and self.watcher.directory
-            else None)
 
     # ----------------------------------------------------------------- workers
 
