@@ -23,7 +23,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LoadReport": "sensevoice_core.cache",
     "load_model": "sensevoice_core.cache",
     "load_sensevoice_cached": "sensevoice_core.cache",
     "AudioError": "sensevoice_core.errors",
@@ -39,7 +38,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from sensevoice_core.cache import LoadReport, load_model, load_sensevoice_cached
+    from sensevoice_core.cache import load_model, load_sensevoice_cached
     from sensevoice_core.errors import AudioError, SenseVoiceError
     from sensevoice_core.options import TranscribeOptions
     from sensevoice_core.pipeline import SenseVoice

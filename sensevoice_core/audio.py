@@ -21,6 +21,7 @@ from sensevoice_core.audio_stream import (
     BLOCK_S,
     Decoder,
     check_declared_length,
+    check_rate,
     open_decoder,
     to_float32,
 )
@@ -30,6 +31,9 @@ SAMPLE_RATE = 16000
 MAX_RESAMPLE_PHASES = 1000  # 16000 / gcd: 160 for 44.1 kHz, 640 for 11.025 kHz, 1 for 48 kHz
 MIN_SAMPLES = 2  # the shortest input Kaldi's fbank can frame (one window of 2 samples)
 TINY_FRAMES = 16  # a block's tail shorter than this is too short to resample
+# AudioSource keeps what it decoded up to this long (23 MB at 48 kHz), so audio short enough
+# to be transcribed whole is decoded once, not once for the VAD and again for the model.
+KEEP_DECODED_S = 120.0
 
 AudioInput = Union[str, Path, bytes, np.ndarray, torch.Tensor]
 
@@ -73,7 +77,8 @@ def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE,
     Args:
         audio: a file path, the bytes of an audio file, or an array of samples shaped
             (samples,), (samples, channels) or (channels, samples).
-        sample_rate: the rate of an array input; ignored for files and bytes, which carry their own.
+        sample_rate: the rate of an array input, 1 kHz to 384 kHz; ignored for files and
+            bytes, which carry their own.
         max_seconds: refuse longer audio (AudioTooLongError) before spending time resampling it.
         source_name: how errors name the input (an upload's file name); default: its path, or
             "the request's audio".
@@ -83,8 +88,7 @@ def load_audio(audio: AudioInput, sample_rate: int = SAMPLE_RATE,
         with open_decoder(audio, source) as decoder:
             mono, sample_rate = decoder.read_all(max_seconds), decoder.rate
     else:
-        if sample_rate <= 0:
-            raise AudioError(source, f"invalid sample rate {sample_rate}")
+        check_rate(source, sample_rate)  # the bounds files have: an absurd rate would blow up
         array = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else audio
         samples = to_float32(_as_frames_by_channels(np.asarray(array), source), source)
         if samples.shape[0] == 0 or samples.shape[1] == 0:
@@ -127,6 +131,8 @@ class AudioSource:
         self._decoder: Decoder | None = None
         self._samples: torch.Tensor | None = None
         self._native_frames: int | None = None  # counted by blocks()
+        # What blocks() decoded, while short enough to keep, so whole() need not decode again.
+        self._kept: list[np.ndarray] | None = []
         if isinstance(audio, (str, Path, bytes)):
             self._decoder = open_decoder(audio, self.name)
             declared = self._decoder.declared
@@ -156,6 +162,9 @@ class AudioSource:
         while True:
             mono = self._decoder.read(frames, block)
             frames += mono.shape[0]
+            if self._kept is not None:
+                self._kept = self._kept + [mono] if frames <= KEEP_DECODED_S * self.native_rate \
+                    else None
             if self.max_seconds is not None and frames / self.native_rate > self.max_seconds:
                 raise AudioTooLongError(self.name, frames / self.native_rate, self.max_seconds,
                                         at_least=mono.shape[0] == block)
@@ -186,8 +195,12 @@ class AudioSource:
         if self._samples is not None:
             return self._samples
         assert self._decoder is not None
-        mono = (self._decoder.read_all(self.max_seconds) if self._native_frames is None
-                else self._decoder.read(0, self._native_frames))
+        if self._native_frames is None:
+            mono = self._decoder.read_all(self.max_seconds)
+        elif self._kept is not None:
+            mono = np.concatenate(self._kept) if self._kept else np.zeros(0, np.float32)
+        else:
+            mono = self._decoder.read(0, self._native_frames)
         return load_audio(mono, self.native_rate, source_name=self.name)
 
     def _to_16k(self, mono: np.ndarray) -> torch.Tensor:

@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from sensevoice_core.result import Result
+from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import Settings, SettingsError, load_settings
 from sensevoice_core.subtitles import to_srt, to_vtt
-from sensevoice_core.vocab import LANGUAGE_CHOICES
+from sensevoice_core.vocab import language_choices_text, language_of
 
 FORMATS = ("text", "json", "srt", "vtt")
 AUDIO_FILES = "audio or video files (wav, flac, mp3, ogg, opus, webm, m4a, mp4, mpeg)"
@@ -42,24 +43,37 @@ def settings_or_exit(exit_code: int = EXIT_USAGE,
 
 
 def probability(text: str) -> float:
+    """--vad-threshold: a number within the VAD threshold's bounds."""
     try:
         value = float(text)
+        THRESHOLD_BOUNDS.check("threshold", value)
     except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected {THRESHOLD_BOUNDS.describe()}, got {text!r}") from None
     return value
+
+
+def language(text: str) -> str:
+    """--language: a code or a name in any case ("en", "English"), as its code ("en")."""
+    try:
+        return language_of(text).value
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_transcribe_arguments(parser: argparse.ArgumentParser,
                              default_format: str = "text") -> None:
     parser.add_argument("files", nargs="+", help=AUDIO_FILES)
-    parser.add_argument("--language", default="auto", choices=LANGUAGE_CHOICES)
+    parser.add_argument("--language", default="auto", type=language,
+                        metavar="LANG",
+                        help=f"the language spoken: {language_choices_text()}, in any case "
+                             f"(default: %(default)s, the model decides)")
     parser.add_argument("--itn", action="store_true",
                         help="inverse text normalisation: numerals and punctuation")
     parser.add_argument("--vad-threshold", type=probability, metavar="P",
-                        help="speech probability that splits long audio (0..1; default "
-                             "SENSEVOICE_VAD_THRESHOLD)")
+                        help=f"speech probability that splits long audio "
+                             f"({THRESHOLD_BOUNDS.low:g}..{THRESHOLD_BOUNDS.high:g}; default "
+                             f"SENSEVOICE_VAD_THRESHOLD)")
     parser.add_argument("--format", choices=FORMATS, default=default_format,
                         help="text: the transcript, after the file's name and a tab when "
                              "there are several files; json: one object per file with tags, "

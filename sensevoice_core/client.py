@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from sensevoice_core.audio_stream import audio_file
 from sensevoice_core.curve import ClientKeys, CurveKeyError
 from sensevoice_core.errors import (  # noqa: F401 - ServiceError: clients catch it from here
     REQUEST_AUDIO,
@@ -271,10 +272,7 @@ class _Connection:
 
 def _encode_audio(audio: Any, filename: str | None) -> tuple[str, bytes]:
     if isinstance(audio, (str, Path)):
-        # In the words the library's decoder uses for a path, since this one is read here.
-        path = Path(audio).expanduser()
-        if not path.is_file():
-            raise AudioError(str(audio), "no such file")
+        path = audio_file(audio, str(audio))  # the library's own checks and words
         try:
             return "file", path.read_bytes()
         except OSError as e:

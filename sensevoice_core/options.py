@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sensevoice_core.segmentation import VadOptions
+from sensevoice_core.segmentation import Bounds, VadOptions
 from sensevoice_core.vocab import Language, TextNorm, language_of
+
+BATCH_S_BOUNDS = Bounds(0.0, low_exclusive=True)  # seconds of padded audio per batch
+MAX_AUDIO_S_BOUNDS = Bounds(0.0, low_exclusive=True)  # seconds; None (any length) also allowed
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,9 @@ class TranscribeOptions:
         # "en" or Language.EN; an unknown language is a ValueError naming the choices.
         object.__setattr__(self, "language", language_of(self.language))
         object.__setattr__(self, "use_itn", bool(self.use_itn))
-        if self.batch_s <= 0:
-            raise ValueError(f"batch_s must be positive, got {self.batch_s}")
+        BATCH_S_BOUNDS.check("batch_s", self.batch_s)
+        if self.max_audio_s is not None:
+            MAX_AUDIO_S_BOUNDS.check("max_audio_s", self.max_audio_s)
 
     @property
     def text_norm(self) -> TextNorm:

@@ -9,6 +9,7 @@ import torch
 
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN
+from sensevoice_core.layout import HF_TOKENIZER
 from sensevoice_core.loader import save_model_dir
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.tokenizer import all_tag_pieces, build_sentencepiece_model
@@ -52,6 +53,6 @@ def write_random_model(directory: Path, seed: int = 0, cmvn: CMVN | None = None)
     if cmvn is None:
         cmvn = CMVN(shift=torch.zeros(dims.input_size), scale=torch.ones(dims.input_size))
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_file = Path(scratch) / "tokenizer.model"
+        tokenizer_file = Path(scratch) / HF_TOKENIZER
         tokenizer_file.write_bytes(small_tokenizer_bytes())
         return save_model_dir(directory, random_model(dims, seed), frontend, tokenizer_file, cmvn)

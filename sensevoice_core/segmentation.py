@@ -4,6 +4,7 @@ settings that describe segmentation can be read by processes that never load a m
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,12 +15,80 @@ WINDOW_S = WINDOW / 16000
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The numbers an option allows: finite, from low to high (None: unbounded; low itself
+    excluded when low_exclusive). Each option's bounds are written once, as a constant, and
+    read both by the options' own checks and by the pydantic Field of its setting."""
+
+    low: float | None = None
+    high: float | None = None
+    low_exclusive: bool = False
+
+    @property
+    def field(self) -> dict[str, float | bool]:
+        """Keyword arguments for pydantic's Field: ge/gt, le, and finite numbers only."""
+        limits: dict[str, float | bool] = {"allow_inf_nan": False}
+        if self.low is not None:
+            limits["gt" if self.low_exclusive else "ge"] = self.low
+        if self.high is not None:
+            limits["le"] = self.high
+        return limits
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None and not self.low_exclusive:
+            return f"a number from {self.low:g} to {self.high:g}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_exclusive else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        return "a finite number" + (f" {' and '.join(parts)}" if parts else "")
+
+    def check(self, name: str, value: object) -> None:
+        """ValueError naming the option, its value and what is allowed, unless value fits."""
+        fits = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value)
+                and (self.low is None or value > self.low
+                     or (value == self.low and not self.low_exclusive))
+                and (self.high is None or value <= self.high))
+        if not fits:
+            raise ValueError(f"{name}={value!r}: expected {self.describe()}")
+
+
+THRESHOLD_BOUNDS = Bounds(0.0, 1.0)  # a speech probability
+DURATION_BOUNDS = Bounds(0.0)  # min_speech_s, min_silence_s, speech_pad_s (seconds)
+MAX_SEGMENT_BOUNDS = Bounds(1.0, 120.0)  # seconds
+MAX_PAD_FRACTION = 0.25  # speech_pad_s is at most this much of max_segment_s
+
+
+def padding_problem(speech_pad_s: float, max_segment_s: float,
+                    pad_name: str = "speech_pad_s",
+                    segment_name: str = "max_segment_s") -> str | None:
+    """What is wrong when the padding on both sides would fill half a segment, or None.
+    The names are the caller's: VadOptions' fields, or the settings' variables."""
+    limit = max_segment_s * MAX_PAD_FRACTION
+    if speech_pad_s <= limit:
+        return None
+    return (f"{pad_name}={speech_pad_s:g} is more than a quarter of "
+            f"{segment_name}={max_segment_s:g} (at most {limit:g})")
+
+
+@dataclass(frozen=True)
 class VadOptions:
     threshold: float = 0.35  # speech when the probability is at least this
     min_speech_s: float = 0.25  # shorter bursts are dropped
     min_silence_s: float = 0.3  # shorter pauses do not split speech
     speech_pad_s: float = 0.1  # kept on each side of a region, so word edges are not cut
     max_segment_s: float = 30.0  # longer regions are split at their quietest point
+
+    def __post_init__(self) -> None:
+        THRESHOLD_BOUNDS.check("threshold", self.threshold)
+        for name in ("min_speech_s", "min_silence_s", "speech_pad_s"):
+            DURATION_BOUNDS.check(name, getattr(self, name))
+        MAX_SEGMENT_BOUNDS.check("max_segment_s", self.max_segment_s)
+        problem = padding_problem(self.speech_pad_s, self.max_segment_s)
+        if problem:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,21 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.curve import CurveKeys
 from sensevoice_core.errors import SettingsError
-from sensevoice_core.options import TranscribeOptions
+from sensevoice_core.options import BATCH_S_BOUNDS, MAX_AUDIO_S_BOUNDS, TranscribeOptions
 from sensevoice_core.protocol import MiB
-from sensevoice_core.segmentation import VadOptions
+from sensevoice_core.segmentation import (
+    DURATION_BOUNDS,
+    MAX_SEGMENT_BOUNDS,
+    THRESHOLD_BOUNDS,
+    VadOptions,
+    padding_problem,
+)
 
 ENV_PREFIX = "SENSEVOICE_"
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes; ZeroMQ refuses longer ipc:// paths
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-_VAD = VadOptions()  # the defaults of the VAD and batch settings are the library's own
+# The defaults and bounds of the VAD and batch settings are the library's own.
+_VAD = VadOptions()
 _TRANSCRIBE = TranscribeOptions()
 
 
@@ -67,7 +74,8 @@ class Settings(BaseSettings):
         64, ge=1, description="requests waiting for a worker; beyond that clients get 'busy'")
     max_request_mb: float = Field(256.0, gt=0, description="largest request accepted, in MiB")
     max_audio_s: float = Field(
-        3 * 3600.0, gt=0, description="longest audio a request may hold, in seconds")
+        3 * 3600.0, **MAX_AUDIO_S_BOUNDS.field,
+        description="longest audio a request may hold, in seconds")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="directories a reload may load from (comma-separated); empty: the "
@@ -91,16 +99,21 @@ class Settings(BaseSettings):
         256.0, gt=0, description="largest upload the UI and HTTP API accept, in MiB")
 
     # Long audio
-    vad_threshold: float = Field(_VAD.threshold, ge=0.0, le=1.0,
+    vad_threshold: float = Field(_VAD.threshold, **THRESHOLD_BOUNDS.field,
                                  description="speech probability above which audio is speech")
-    vad_min_speech_s: float = Field(_VAD.min_speech_s, ge=0, description="shorter bursts of speech are dropped")
-    vad_min_silence_s: float = Field(_VAD.min_silence_s, ge=0, description="shorter pauses do not split speech")
-    vad_speech_pad_s: float = Field(_VAD.speech_pad_s, ge=0, description="audio kept on each side of speech")
+    vad_min_speech_s: float = Field(_VAD.min_speech_s, **DURATION_BOUNDS.field,
+                                    description="shorter bursts of speech are dropped")
+    vad_min_silence_s: float = Field(_VAD.min_silence_s, **DURATION_BOUNDS.field,
+                                     description="shorter pauses do not split speech")
+    vad_speech_pad_s: float = Field(_VAD.speech_pad_s, **DURATION_BOUNDS.field,
+                                    description="audio kept on each side of speech")
     max_segment_s: float = Field(
-        _VAD.max_segment_s, ge=1.0, le=120.0, description="longest segment; longer speech is split at its "
-                                            "quietest point, and shorter audio is not segmented")
+        _VAD.max_segment_s, **MAX_SEGMENT_BOUNDS.field,
+        description="longest segment; longer speech is split at its quietest point, and "
+                    "shorter audio is not segmented")
     batch_s: float = Field(
-        _TRANSCRIBE.batch_s, gt=0, description="padded seconds of audio transcribed per batch: bounds memory")
+        _TRANSCRIBE.batch_s, **BATCH_S_BOUNDS.field,
+        description="padded seconds of audio transcribed per batch: bounds memory")
 
     @field_validator("model_dir", "curve_dir", mode="before")
     @classmethod
@@ -110,9 +123,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _padding_fits_a_segment(self) -> Settings:
-        if self.vad_speech_pad_s > self.max_segment_s / 4:
-            raise ValueError(f"SENSEVOICE_VAD_SPEECH_PAD_S={self.vad_speech_pad_s:g} is more than "
-                             f"a quarter of SENSEVOICE_MAX_SEGMENT_S={self.max_segment_s:g}")
+        problem = padding_problem(self.vad_speech_pad_s, self.max_segment_s,
+                                  f"{ENV_PREFIX}VAD_SPEECH_PAD_S", f"{ENV_PREFIX}MAX_SEGMENT_S")
+        if problem:
+            raise ValueError(problem)
         return self
 
     @field_validator("admin_token", mode="before")

@@ -69,7 +69,7 @@ EVENT_TAGS = (
     "Speech", "BGM", "Laughter", "Applause", "Cry", "Sneeze", "Breath", "Cough", "Sing",
     "Speech_Noise", "Event_UNK",
 )
-TEXT_NORM_TAGS = ("withitn", "woitn")
+TEXT_NORM_TAGS = tuple(norm.value for norm in TextNorm)
 
 EMOTION_EMOJI = {
     "HAPPY": "😊", "SAD": "😔", "ANGRY": "😡", "FEARFUL": "😰", "DISGUSTED": "🤢",
@@ -84,6 +84,14 @@ def tag_piece(name: str) -> str:
     return f"<|{name}|>"
 
 
+def language_choices_text() -> str:
+    """The languages a caller may ask for, by code and by name:
+    "auto, zh, en, ... (or a name: chinese, english, ...)"."""
+    names = [LANGUAGE_BY_TAG[code].name for code in LANGUAGE_CHOICES]
+    return (f"{', '.join(LANGUAGE_CHOICES)} (or a name: "
+            f"{', '.join(name for name in names if name not in LANGUAGE_CHOICES)})")
+
+
 def language_of(value: str | Language) -> Language:
     """A user-supplied language ("en", "English", Language.EN) as the enum; an unknown one is a
     ValueError naming the valid choices."""
@@ -93,5 +101,4 @@ def language_of(value: str | Language) -> Language:
     for lang, info in LANGUAGES.items():
         if lowered in (lang.value, info.name) and lang is not Language.NOSPEECH:
             return lang
-    raise ValueError(f"unknown language {value!r}; expected one of: "
-                     f"{', '.join(LANGUAGE_CHOICES)}")
+    raise ValueError(f"unknown language {value!r}; expected one of: {language_choices_text()}")

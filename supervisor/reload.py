@@ -120,7 +120,8 @@ class BlueGreen:
     def request(self, request: ReloadRequest, waiter: Waiter) -> None:
         served = self.supervisor.model
         try:
-            path = check_reload_path(request.path, served, self.settings.model_roots)
+            path = check_reload_path(request.path, served, self.settings.model_roots,
+                                     self.settings.model_dir)
         except ReloadRefused as e:
             logger.error(failure_line(served, str(e), verb="refused"))
             self.counts["refused"] += 1
@@ -199,7 +200,7 @@ class BlueGreen:
             worker.role, worker.idle_since = "serving", now
         model = greens[0].model
         assert model is not None
-        supervisor.model = model
+        supervisor.serve_model(model)
         outcome = job.outcome(model, model)
         logger.info(success_line(model, outcome.seconds))
         self.finish(outcome)
@@ -267,10 +268,12 @@ def notify(waiters: list[Waiter]) -> None:
             waiter.done.set()
 
 
-def check_reload_path(path: str | None, served: ModelInfo | None, roots: list[Path]) -> str | None:
+def check_reload_path(path: str | None, served: ModelInfo | None, roots: list[Path],
+                      configured: Path | None = None) -> str | None:
     """The absolute directory to load, or None for the default; ReloadRefused when not allowed.
 
-    Allowed roots: SENSEVOICE_MODEL_ROOTS, or by default the served model directory's parent.
+    Allowed roots: SENSEVOICE_MODEL_ROOTS, or by default the parent of the served model
+    directory (before any serves: of SENSEVOICE_MODEL_DIR; with neither, no path is allowed).
     """
     if path is None:
         return served.model_dir if served else None
@@ -282,7 +285,12 @@ def check_reload_path(path: str | None, served: ModelInfo | None, roots: list[Pa
         allowed = [root.expanduser().resolve() for root in roots]
         if not allowed and served is not None:
             allowed = [Path(served.model_dir).parent]
-        if allowed and not any(resolved.is_relative_to(root) for root in allowed):
+        elif not allowed and configured is not None:
+            allowed = [configured.expanduser().resolve().parent]
+        elif not allowed:
+            raise ReloadRefused(f"reload path {resolved}: no model is serving yet to take the "
+                                f"allowed roots from; set SENSEVOICE_MODEL_ROOTS")
+        if not any(resolved.is_relative_to(root) for root in allowed):
             listed = ", ".join(str(root) for root in allowed)
             raise ReloadRefused(f"reload path {resolved} is outside the allowed model roots "
                                 f"({listed}); add its parent to SENSEVOICE_MODEL_ROOTS")

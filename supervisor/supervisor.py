@@ -265,17 +265,22 @@ class Supervisor:
         """A worker that filled serving capacity (first start, or a replacement)."""
         model = worker.model
         assert model is not None
-        first = self.model is None
         worker.role, worker.idle_since = "serving", time.monotonic()
-        self.model = model
         self.backoff.reset()
+        if self.model is not None:
+            logger.info("Worker %s (pid %s) serving %s", worker.worker_id, worker.pid,
+                        describe_model(model))
+        self.serve_model(model)
+
+    def serve_model(self, model: ModelInfo) -> None:
+        """The serving workers run this model now (a first load, a replacement, or a reload's
+        switch); the first model also starts the file watcher."""
+        first = self.model is None
+        self.model = model
         if first:
             logger.info("Serving model %s, loaded in %.2f s via %s", describe_model(model),
                         model.load_s, CACHE_LEVEL_WORDS[model.cache_level])
             self.start_watcher()
-        else:
-            logger.info("Worker %s (pid %s) serving %s", worker.worker_id, worker.pid,
-                        describe_model(model))
 
     def drain_worker(self, worker: WorkerHandle) -> None:
         """No new work; finish the requests in hand, then exit (the worker drains on Stop)."""

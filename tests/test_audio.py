@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import soundfile
 import torch
 
 from sensevoice_core import AudioError
-from sensevoice_core.audio import SAMPLE_RATE, load_audio
+from sensevoice_core.audio import SAMPLE_RATE, AudioSource, load_audio
 from sensevoice_core.errors import AudioTooLongError
 
 DATA = Path(__file__).parent / "data"
@@ -253,6 +254,22 @@ def test_missing_file_names_the_path(tmp_path):
     expect_audio_error(str(missing), str(missing), "no such file")
 
 
+def test_a_directory_is_not_reported_as_a_missing_file(tmp_path):
+    folder = tmp_path / "recordings.wav"
+    folder.mkdir()
+    for given in (folder, str(folder)):
+        error = expect_audio_error(given, f"{folder}: is a directory, not an audio file")
+        assert "no such file" not in str(error)
+        with pytest.raises(AudioError, match="is a directory, not an audio file"):
+            AudioSource(given)
+
+
+def test_a_pipe_is_refused_without_being_opened(tmp_path):
+    pipe = tmp_path / "stream.wav"
+    os.mkfifo(pipe)  # opening it would wait for a writer forever
+    expect_audio_error(pipe, f"{pipe}: is not a regular file")
+
+
 def test_empty_bytes():
     expect_audio_error(b"", "the request's audio:", "0 bytes", "empty")
 
@@ -327,10 +344,27 @@ def test_unsupported_sample_type():
     expect_audio_error(np.zeros(100, np.int64), "the request's audio:", "int64")
 
 
-@pytest.mark.parametrize("rate", [0, -16000])
+@pytest.mark.parametrize("rate", [0, -16000, 1, 999, 384001])
 def test_invalid_sample_rate_for_an_array(rate):
-    expect_audio_error(sine(440, SAMPLE_RATE, 0.1), "invalid sample rate", str(rate),
-                       sample_rate=rate)
+    """Files and arrays have the same bounds: at 1 Hz, 16,000 zeros would become 256 M samples."""
+    expected = "expected 1000 to 384000 Hz"
+    expect_audio_error(np.zeros(16000, np.float32), "the request's audio: invalid sample rate",
+                       str(rate), expected, sample_rate=rate)
+    expect_audio_error(np.zeros(16000, np.float32), "clip.raw:", expected, sample_rate=rate,
+                       source_name="clip.raw")
+    with pytest.raises(AudioError, match=expected):
+        AudioSource(torch.zeros(16000), sample_rate=rate)
+
+
+@pytest.mark.parametrize("rate", [1000, 384000])
+def test_the_bounds_of_the_sample_rate_are_accepted(rate):
+    assert load_audio(np.zeros(rate, np.float32), sample_rate=rate).numel() == SAMPLE_RATE
+
+
+def test_a_file_below_the_lowest_sample_rate_is_refused_like_an_array(tmp_path):
+    path = tmp_path / "slow.wav"
+    soundfile.write(path, np.zeros(500, np.float32), 500)
+    expect_audio_error(path, str(path), "invalid sample rate 500 Hz", "expected 1000 to 384000 Hz")
 
 
 def test_audio_error_is_a_sensevoice_error():

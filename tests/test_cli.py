@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import soundfile
 
 from model_factory import DEMO_MODEL, write_hf, write_official
+from sensevoice_core.cli import add_transcribe_arguments
 from sensevoice_core.result import Result
 from sensevoice_core.subtitles import to_srt, to_vtt
 from service import start_service
@@ -152,12 +154,43 @@ def test_language_and_itn_are_accepted(official_dir, official_run):
     assert line["token_ids"] != default["token_ids"]
 
 
-def test_unknown_language_is_a_usage_error(official_dir):
-    result = transcribe_json(official_dir, EN, options=("--language", "xx"))
+@pytest.mark.parametrize("module", ["sensevoice_core", "supervisor"])
+def test_unknown_language_is_a_usage_error_naming_codes_and_names(module):
+    # Both command lines share the argument: it fails before any model or service is used.
+    result = run_cli("transcribe", "--language", "xx", EN, module=module)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert "invalid choice" in result.stderr and "'xx'" in result.stderr
+    assert "argument --language: unknown language 'xx'" in result.stderr
+    assert "zh, en" in result.stderr and "english" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def transcribe_parser() -> argparse.ArgumentParser:
+    """The arguments both command lines' transcribe commands take (cli.py holds them)."""
+    parser = argparse.ArgumentParser(prog="transcribe")
+    add_transcribe_arguments(parser)
+    return parser
+
+
+@pytest.mark.parametrize("given, code", [("english", "en"), ("ENGLISH", "en"),
+                                         (" English ", "en"), ("en", "en"), ("Chinese", "zh"),
+                                         ("auto", "auto")])
+def test_language_codes_and_names_are_accepted_in_any_case(given, code):
+    """As TranscribeOptions(language=...) and the HTTP API's form field accept them."""
+    assert transcribe_parser().parse_args(["--language", given, "a.wav"]).language == code
+    assert transcribe_parser().parse_args(["a.wav"]).language == "auto"
+
+
+def test_language_help_lists_the_codes_and_says_names_are_accepted():
+    text = " ".join(transcribe_parser().format_help().split())
+    assert "auto, zh, en, yue, ja, ko" in text and "english" in text
+
+
+def test_a_bad_language_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        transcribe_parser().parse_args(["--language", "klingon", "a.wav"])
+    assert exit_.value.code == 2
+    assert "unknown language 'klingon'; expected one of: auto, zh, en" in capsys.readouterr().err
 
 
 def test_missing_audio_file_is_reported_and_the_others_transcribed(missing_audio_run, official_run):

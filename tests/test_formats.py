@@ -19,7 +19,8 @@ import torch
 
 from sensevoice_core import TranscribeOptions
 from sensevoice_core.audio import AudioSource, load_audio
-from sensevoice_core.audio_stream import FFmpegDecoder, open_decoder
+from sensevoice_core.audio_ffmpeg import FFmpegDecoder
+from sensevoice_core.audio_stream import open_decoder
 from sensevoice_core.errors import AudioError, AudioTooLongError
 from sensevoice_core.segmentation import VadOptions
 

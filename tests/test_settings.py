@@ -69,6 +69,12 @@ def test_dotenv_file_in_the_working_directory_is_read(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name, value, words", [
     ("SENSEVOICE_HOTRELOAD_TIMEOUT", "0", "greater than 0"),
     ("SENSEVOICE_VAD_THRESHOLD", "1.5", "less than or equal to 1"),
+    ("SENSEVOICE_MAX_SEGMENT_S", "0", "Input should be greater than or equal to 1"),
+    ("SENSEVOICE_MAX_SEGMENT_S", "121", "Input should be less than or equal to 120"),
+    ("SENSEVOICE_VAD_MIN_SPEECH_S", "-1", "Input should be greater than or equal to 0"),
+    ("SENSEVOICE_BATCH_S", "0", "Input should be greater than 0"),
+    ("SENSEVOICE_BATCH_S", "nan", "Input should be a finite number"),
+    ("SENSEVOICE_MAX_AUDIO_S", "inf", "Input should be a finite number"),
     ("SENSEVOICE_SWAP_STRATEGY", "yolo", "'blue_green' or 'stop_first'"),
     ("SENSEVOICE_SUPERVISOR_ADDRESS", "tcp://0.0.0.0:5555", "not loopback"),
     ("SENSEVOICE_SUPERVISOR_ADDRESS", "http://127.0.0.1", "expected ipc://PATH"),
@@ -84,6 +90,17 @@ def test_invalid_service_settings_give_one_line_naming_variable_and_value(monkey
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"invalid setting: {name}={value!r}: ")
     assert words in message
+
+
+def test_padding_over_a_quarter_of_a_segment_names_both_variables(monkeypatch):
+    from sensevoice_core.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("SENSEVOICE_VAD_SPEECH_PAD_S", "3")
+    monkeypatch.setenv("SENSEVOICE_MAX_SEGMENT_S", "10")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert str(error.value) == ("invalid setting: SENSEVOICE_VAD_SPEECH_PAD_S=3 is more than a "
+                                "quarter of SENSEVOICE_MAX_SEGMENT_S=10 (at most 2.5)")
 
 
 def test_a_long_default_socket_path_names_the_fix(tmp_path):

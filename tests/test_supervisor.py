@@ -195,12 +195,13 @@ def test_killed_worker_is_replaced_without_failing_requests(service: Service):
 
 
 def test_hung_worker_is_detected_by_missed_pongs_and_replaced(service: Service):
-    service.wait_ready()
+    restarts = service.wait_ready().worker_restarts
     old_pid = service.serving_pid()
     os.kill(old_pid, signal.SIGSTOP)
     try:
-        service.wait_until(lambda s: any(w.role == "serving" and w.pid != old_pid
-                                         for w in s.workers), 60, "replacing a hung worker")
+        service.wait_until(lambda s: s.worker_restarts == restarts + 1 and any(
+            w.role == "serving" and w.pid != old_pid for w in s.workers), 60,
+            "replacing a hung worker")
     finally:
         if process_alive(old_pid):
             os.kill(old_pid, signal.SIGCONT)

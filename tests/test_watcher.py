@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import watchfiles
+from service import Service, start_service, stopped
 
-from service import Service, start_service
+from sensevoice_core.client import ServiceError
 from supervisor.watcher import is_complete, watch_filter
 
 QUIET_S = 0.5
@@ -150,3 +151,30 @@ def test_watch_filter_and_completeness(tmp_path: Path, models: Path):
     assert is_complete(pt)
     pt.write_bytes(pt.read_bytes()[:-30])
     assert not is_complete(pt)
+
+
+def test_a_reload_that_lands_before_the_first_load_starts_the_watcher(models: Path,
+                                                                      tmp_path: Path):
+    """The first model may arrive through a reload's switch (the first worker still loading):
+    the watcher starts then too, and the reload path is held to SENSEVOICE_MODEL_DIR's parent."""
+    served = tmp_path / "models" / "served"
+    shutil.copytree(models / "a", served)
+    service = start_service(tmp_path / "service", served, wait=False, standby=False,
+                            enable_file_watch="true", watch_quiet_s=str(QUIET_S),
+                            hotreload_timeout="120")
+    try:
+        status = service.wait_until(lambda s: [w.role for w in s.workers] == ["starting"], 30,
+                                    "the first worker importing torch")
+        first = status.workers[0].pid
+        with stopped(first):  # it never says hello: no model serves before the reload
+            with pytest.raises(ServiceError) as refused:
+                service.client.hot_reload_model("/etc")
+            assert refused.value.code == "reload_refused"
+            assert str(served.parent) in refused.value.message
+            outcome = service.client.hot_reload_model()
+        assert outcome.ok and outcome.old_fingerprint is None
+        status = service.wait_until(lambda s: s.watching == str(served.resolve()), 30,
+                                    "the watcher")
+        assert first not in [w.pid for w in status.workers]
+    finally:
+        assert service.stop() == 0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from sensevoice_core.atomic import write_bytes_atomic
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN, fbank, pad_features, stack_low_frame_rate
+from sensevoice_core.layout import HF_TOKENIZER
 from sensevoice_core.loader import save_model_dir
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.long_audio import length_batches
@@ -164,7 +165,7 @@ def train(config: TrainConfig, out_dir: Path, eval_dir: Path | None) -> dict:
     started = time.perf_counter()
     frontend = FrontendConfig()
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_file = Path(scratch) / "tokenizer.model"
+        tokenizer_file = Path(scratch) / HF_TOKENIZER
         tokenizer_file.write_bytes(build_sentencepiece_model(vocabulary(), all_tag_pieces()))
         tokenizer = Tokenizer.from_file(tokenizer_file)
 

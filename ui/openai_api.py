@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 
 from sensevoice_core.protocol import TranscribeReply
+from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import MiB
 from sensevoice_core.subtitles import to_srt, to_vtt
 from sensevoice_core.vocab import LANGUAGE_BY_TAG
@@ -67,11 +68,11 @@ def parse_threshold(value: object) -> float | None:
         return None
     try:
         threshold = float(str(value))
+        THRESHOLD_BOUNDS.check("vad_threshold", threshold)
     except ValueError:
-        threshold = -1.0
-    if not 0.0 <= threshold <= 1.0:
-        raise RequestFailed(400, "bad_request", f"vad_threshold must be a number from 0 to 1, "
-                                                f"got {value!r}", "vad_threshold")
+        raise RequestFailed(400, "bad_request", f"vad_threshold must be "
+                                                f"{THRESHOLD_BOUNDS.describe()}, got {value!r}",
+                            "vad_threshold") from None
     return threshold
 
 
