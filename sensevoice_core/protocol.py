@@ -175,6 +175,7 @@ class ServiceStatus(BaseModel):
     last_reload: ReloadOutcome | None
     reload_counts: dict[str, int] = {}  # outcome (ok, failed, refused) -> reloads since start
     watching: str | None  # the directory watched for changes, None when watching is off
+    watch_counts: dict[str, int] = {}  # the watcher's decisions: unchanged, code_changed, reloads
 
 
 class StatusReply(_Message):

@@ -24,6 +24,9 @@ from sensevoice_core.protocol import ModelInfo, ReloadRequest
 logger = logging.getLogger("sensevoice.supervisor")
 
 EDITOR_SUFFIXES = (".swp", ".swx", ".swo", ".tmp", ".part", ".crdownload", "~", ".bak")
+# unchanged: files touched, checksums the same; code_changed: *.py changed (warned, never
+# loaded); reloads: reloads the watcher asked for (their outcomes count in reload_counts).
+WATCH_OUTCOMES = ("unchanged", "code_changed", "reloads")
 WATCH_TIMEOUT_MS = 500  # how often the thread looks at its stop event and the served directory
 
 
@@ -75,6 +78,9 @@ class ModelWatcher:
         self.quiet_s = quiet_s
         self.stop_event = threading.Event()
         self.directory: Path | None = None  # being watched (set once its watch is in place)
+        # What it decided, for the status. Every key exists from the start: the loop's thread
+        # copies the dict while this one counts, which is safe as long as no key is added.
+        self.counts: dict[str, int] = dict.fromkeys(WATCH_OUTCOMES, 0)
         self.thread = threading.Thread(target=self.run, name="model-watcher", daemon=True)
 
     def start(self) -> None:
@@ -113,6 +119,7 @@ class ModelWatcher:
                 logger.debug("[WATCH] events in %s: %s", directory, ", ".join(sorted(names)))
             code = sorted(name for name in names if name.endswith(".py"))
             if code:
+                self.counts["code_changed"] += 1
                 logger.warning("[WATCH] %s changed in %s: code is never reloaded from a model "
                                "directory; restart the service to run changed code",
                                ", ".join(code), directory)
@@ -125,10 +132,12 @@ class ModelWatcher:
             return
         changed = self.changed_roles(model)
         if not changed:
+            self.counts["unchanged"] += 1
             logger.info("[WATCH] model files in %s touched but their checksums are unchanged; "
                         "not reloading", directory)
             return
         logger.info("[WATCH] %s changed in %s; reloading", ", ".join(changed), directory)
+        self.counts["reloads"] += 1
         done = self.reload(ReloadRequest(path=str(directory), origin="watch"))
         # Wait for the outcome (the supervisor logs it): changes seen meanwhile are then
         # compared with the model that is serving after it, not the one before.

@@ -102,20 +102,22 @@ def test_slow_partial_copy_triggers_nothing_until_complete(service: Service, mod
 
 def test_touching_files_without_changing_them_does_not_reload(service: Service, models: Path):
     served = served_dir(service)
-    before, offset = service.status().reload_counts, len(service.log())
+    status = service.status()
+    before, unchanged = status.reload_counts, status.watch_counts["unchanged"]
     for name in ("model.safetensors", "config.json"):
         (served / name).write_bytes((served / name).read_bytes())
-    service.wait_until(lambda s: "checksums are unchanged; not reloading"
-                       in log_since(service, offset), 30, "the watcher to compare checksums")
+    service.wait_until(lambda s: s.watch_counts["unchanged"] == unchanged + 1, 30,
+                       "the watcher to compare checksums")
     after = change_weights(service, models)
     assert after.get("ok", 0) == before.get("ok", 0) + 1  # only the real change reloaded
 
 
 def test_python_file_change_warns_and_does_not_reload(service: Service, models: Path):
-    before, offset = service.status().reload_counts, len(service.log())
+    status, offset = service.status(), len(service.log())
+    before, code_changed = status.reload_counts, status.watch_counts["code_changed"]
     (served_dir(service) / "modeling_sensevoice.py").write_text("print('never run')\n")
-    service.wait_until(lambda s: "modeling_sensevoice.py changed" in log_since(service, offset),
-                       30, "the warning about code")
+    service.wait_until(lambda s: s.watch_counts["code_changed"] == code_changed + 1, 30,
+                       "the warning about code")
     after = change_weights(service, models)
     assert after.get("ok", 0) == before.get("ok", 0) + 1
     assert "restart the service to run changed code" in log_since(service, offset)
