@@ -57,7 +57,10 @@ def transcribe_audio(model: SenseVoice, audios: Sequence[AudioInput],
                 if regions and source.duration_s <= options.vad.max_segment_s:
                     samples = source.whole()
                     duration = samples.numel() / SAMPLE_RATE
-                    pieces.append(_Piece(owner, Region(0.0, round(duration, 3)), None, samples))
+                    # Decoded whole, in one pass; timed where the VAD heard speech, so that a
+                    # subtitle cue does not start in the silence before it.
+                    span = Region(regions[0].start, min(regions[-1].end, round(duration, 3)))
+                    pieces.append(_Piece(owner, span, None, samples))
                 else:
                     duration = source.duration_s
                     pieces += [_Piece(owner, region, source) for region in regions]
@@ -78,7 +81,8 @@ def decode_pieces(model: SenseVoice, pieces: list[_Piece],
     """Pieces in length-sorted batches of at most options.batch_s padded seconds; a Segment
     for each, in order, timed by its region."""
     frame_s = model.frontend.feature_frame_s
-    lengths = [round((p.region.end - p.region.start) / frame_s) for p in pieces]
+    lengths = [round((p.samples.numel() / SAMPLE_RATE if p.samples is not None
+                      else p.region.end - p.region.start) / frame_s) for p in pieces]
     segments: dict[int, Segment] = {}
     for batch in length_batches(lengths, max(1, round(options.batch_s / frame_s))):
         waveforms = [_samples(pieces[i]) for i in batch]

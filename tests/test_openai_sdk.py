@@ -4,13 +4,16 @@ gone)."""
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
-
+import soundfile
+from openai.types.audio import TranscriptionVerbose
 from service import REPO, start_service
 from ui_process import start_ui
 
@@ -53,6 +56,22 @@ def test_the_openai_sdk_transcribes_and_is_not_told_to_retry_hopeless_requests(t
                 model="whisper-1", file=audio, response_format="verbose_json",
                 language="en")
         assert verbose.text == "Hello world." and verbose.segments[0].text == "Hello world."
+        assert verbose.segments[0].tokens  # the segment's token ids, not a placeholder
+        silence = io.BytesIO()
+        soundfile.write(silence, np.zeros(16000 * 3, np.float32), 16000, format="WAV")
+        for audio in (HELLO.read_bytes(), silence.getvalue()):
+            raw = client.audio.transcriptions.with_raw_response.create(
+                model="whisper-1", file=("clip.wav", audio), response_format="verbose_json")
+            # Strictly the type OpenAI documents (the SDK itself does not validate it).
+            TranscriptionVerbose.model_validate_json(raw.http_response.content, strict=True)
+        before = transport.sent
+        with pytest.raises(openai.BadRequestError) as word:
+            with HELLO.open("rb") as audio:
+                client.audio.transcriptions.create(
+                    model="whisper-1", file=audio, response_format="verbose_json",
+                    timestamp_granularities=["word"])
+        assert word.value.body["param"] == "timestamp_granularities"
+        assert transport.sent == before + 1
 
         for upload, field in ((("notes.txt", b"not audio at all"), "file"),
                               (("big.wav", b"\0" * (2 << 20)), "file")):

@@ -100,16 +100,16 @@ def test_verbose_json_carries_language_duration_segments_and_tags(http: httpx.Cl
     assert body["text"] == "Hello world."
     assert body["emotion"] and body["event"] and len(body["fingerprint"]) == 64
     [segment] = body["segments"]
-    assert segment["start"] == 0.0 and segment["end"] == pytest.approx(duration, abs=1e-3)
+    assert 0.0 <= segment["start"] < segment["end"] <= duration  # where the VAD heard speech
     assert segment["text"] == "Hello world."
 
 
 def test_srt_and_vtt(http: httpx.Client):
     srt = post_audio(http, HELLO.read_bytes(), response_format="srt").text
-    assert re.fullmatch(r"1\n00:00:00,000 --> 00:00:01,\d{3}\nHello world\.\n", srt), srt
+    assert re.fullmatch(r"1\n00:00:00,\d{3} --> 00:00:01,\d{3}\nHello world\.\n", srt), srt
     vtt = post_audio(http, HELLO.read_bytes(), response_format="vtt")
     assert vtt.headers["content-type"].startswith("text/vtt")
-    assert re.fullmatch(r"WEBVTT\n\n00:00:00\.000 --> 00:00:01\.\d{3}\nHello world\.\n", vtt.text)
+    assert re.fullmatch(r"WEBVTT\n\n00:00:00\.\d{3} --> 00:00:01\.\d{3}\nHello world\.\n", vtt.text)
 
 
 def test_language_and_itn_fields_are_honoured(http: httpx.Client):

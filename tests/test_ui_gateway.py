@@ -17,6 +17,7 @@ from sensevoice_core.protocol import (
     WorkerRole,
     WorkerStatus,
 )
+from sensevoice_core.result import Segment
 from sensevoice_core.settings import MiB, Settings
 from sensevoice_core.vocab import LANGUAGES
 from ui.gateway import FrontDoor, Gateway, RequestFailed
@@ -152,3 +153,12 @@ def test_names_labels_roles_and_cache_levels_come_from_one_place():
         assert f'sensevoice_workers{{role="{role}"}} 1.0' in metrics
     levels = re.findall(r'sensevoice_model_cache_level\{level="(\w+)"\}', metrics)
     assert levels == list(get_args(CacheLevel))
+
+
+def test_a_result_without_speech_says_so_on_the_page():
+    silent = RecordingClient().transcribe(b"", "auto", False).model_copy(
+        update={"segments": (), "text": "", "language": None})
+    assert "No speech found" in tags_html(silent, show_worker=False)
+    spoken = silent.model_copy(update={"segments": (Segment(
+        start=0.1, end=1.0, text="hi", raw="hi", language="en", emotion=None, event=None),)})
+    assert "No speech found" not in tags_html(spoken, show_worker=False)

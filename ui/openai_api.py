@@ -87,15 +87,16 @@ def render(reply: TranscribeReply, response_format: str) -> Response:
     if response_format == "json":
         return JSONResponse({"text": reply.text}, headers=headers)
     # avg_logprob, compression_ratio and no_speech_prob are Whisper's; neutral values keep
-    # clients that read them working.
+    # clients that read them working (README says so).
     segments = [{"id": index, "seek": 0, "start": s.start, "end": s.end, "text": s.text,
-                 "tokens": [], "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 1.0,
+                 "tokens": list(s.token_ids), "temperature": 0.0, "avg_logprob": 0.0,
+                 "compression_ratio": 1.0,
                  "no_speech_prob": 1.0 if s.language == "nospeech" else 0.0,
                  "language": s.language, "emotion": s.emotion, "event": s.event}
                 for index, s in enumerate(reply.segments)]
     body = {
         "task": "transcribe",
-        "language": language_name(reply.language),
+        "language": language_name(reply.language) or "",  # a string, as OpenAI types it
         "duration": round(reply.duration_s, 3),
         "text": reply.text,
         "segments": segments,
@@ -212,6 +213,12 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
         language = str(form.get("language") or "auto")
         use_itn = parse_bool(str(form.get("use_itn") or "true"), "use_itn")
         vad_threshold = parse_threshold(form.get("vad_threshold"))
+        granularities = [*form.getlist("timestamp_granularities[]"),
+                         *form.getlist("timestamp_granularities")]
+        if "word" in granularities:
+            raise RequestFailed(400, "bad_request", "word timestamps are not supported yet; "
+                                                    "segments carry start and end times",
+                                "timestamp_granularities")
         if parse_bool(str(form.get("stream") or "false"), "stream"):
             raise RequestFailed(400, "bad_request", "streaming transcription is not supported; "
                                                     "send stream=false", "stream")

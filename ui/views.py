@@ -21,7 +21,7 @@ def badge(kind: str, label: str) -> str:
 def tags_html(reply: TranscribeReply, show_worker: bool) -> str:
     """Language, emotion and event as readable badges, plus where and how fast it ran (the
     worker's pid only for callers who may see internals)."""
-    badges = []
+    badges = [] if reply.segments else [badge("nospeech", "🔇 No speech found")]
     if reply.language:
         language = LANGUAGE_BY_TAG.get(reply.language)
         badges.append(badge("language", f"🌐 {language.label if language else reply.language}"))
