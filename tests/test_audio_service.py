@@ -57,7 +57,8 @@ def test_silence_and_noise_give_an_empty_result(service: Service):
 def test_a_short_speech_clip_is_transcribed_exactly_as_in_process(service: Service, demo_model):
     reply = service.client.transcribe(CLIP.read_bytes(), filename=CLIP.name)
     assert reply.result() == demo_model.transcribe(CLIP)
-    assert [(s.start, s.end) for s in reply.segments] == [(0.0, pytest.approx(1.34, abs=0.01))]
+    [segment] = reply.segments  # one pass, timed where the VAD heard speech
+    assert 0.0 < segment.start < segment.end < reply.duration_s == pytest.approx(1.34, abs=0.01)
 
 
 def test_a_truncated_mp3_names_the_file_and_the_second_where_decoding_stopped(service: Service,
