@@ -247,7 +247,9 @@ class InferenceWorker:
             return ErrorReply(request_id=request.request_id, code="internal",
                               message=f"the worker failed on this request: {type(e).__name__}: "
                                       f"{e}"[:500])
-        return TranscribeReply(**result.model_dump(), request_id=request.request_id,
+        # dict(result), not model_dump(): the Segments go in as they are, not dumped to dicts
+        # and validated again (thousands of them for hours of audio).
+        return TranscribeReply(**dict(result), request_id=request.request_id,
                                fingerprint=self.fingerprint, worker_pid=os.getpid(),
                                inference_s=time.perf_counter() - start)
 

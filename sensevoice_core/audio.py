@@ -163,8 +163,9 @@ class AudioSource:
             mono = self._decoder.read(frames, block)
             frames += mono.shape[0]
             if self._kept is not None:
-                self._kept = self._kept + [mono] if frames <= KEEP_DECODED_S * self.native_rate \
-                    else None
+                self._kept.append(mono)
+                if frames > KEEP_DECODED_S * self.native_rate:
+                    self._kept = None  # too long to keep: whole() decodes it again
             if self.max_seconds is not None and frames / self.native_rate > self.max_seconds:
                 raise AudioTooLongError(self.name, frames / self.native_rate, self.max_seconds,
                                         at_least=mono.shape[0] == block)

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from sensevoice_core.errors import SenseVoiceError
+from sensevoice_core.errors import SenseVoiceError, ServiceError
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from sensevoice_core.result import Result
 from sensevoice_core.segmentation import THRESHOLD_BOUNDS
@@ -115,4 +115,4 @@ def render(file: str, result: Result, output_format: str, several: bool) -> str:
 def error_text(error: SenseVoiceError) -> str:
     # A ServiceError's str() leads with its code ("bad_audio: ..."); its message is the
     # sentence the library raises for the same file, so both command lines print one line.
-    return getattr(error, "message", None) or str(error)
+    return error.message if isinstance(error, ServiceError) else str(error)

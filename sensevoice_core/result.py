@@ -64,7 +64,7 @@ class Result(BaseModel):
 
     def result(self) -> Result:
         """Just the Result fields (a TranscribeReply also says where it ran)."""
-        return Result.model_validate(self.model_dump(include=set(Result.model_fields)))
+        return Result(**{name: getattr(self, name) for name in Result.model_fields})
 
 
 def join_text(segments: Sequence[Segment]) -> str:
