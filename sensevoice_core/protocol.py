@@ -89,6 +89,9 @@ class TranscribeRequest(_Message):
     sample_rate: int = Field(16000, gt=0, le=384000)  # of pcm_f32le samples
     # the upload's file name, for error messages only (never opened); None: "the request's audio"
     filename: str | None = Field(None, max_length=255)
+    word_timestamps: bool = False  # fill each segment's words and tokens
+    # auto language ID restricted to these codes; None: SENSEVOICE_LANGUAGES; []: any
+    languages: list[str] | None = Field(None, max_length=16)
 
 
 class ReloadRequest(_Message):

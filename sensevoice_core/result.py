@@ -7,11 +7,36 @@ so a new field is added here once. Pydantic (no torch): the supervisor and the U
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from sensevoice_core.vocab import EMOTION_EMOJI, EVENT_EMOJI, UNSPACED_LANGUAGES
+
+
+class Token(BaseModel):
+    """One emitted text token, placed in time by CTC forced alignment (alignment.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: int
+    piece: str  # the sentencepiece piece ("▁he"); "▁" marks the start of a word
+    start: float  # seconds from the start of the audio (VAD offsets applied)
+    end: float
+    probability: float  # the model's probability of this token at its aligned frame(s)
+
+
+class Word(BaseModel):
+    """Tokens merged into a word: a "▁" piece starts one, each CJK character is one, and
+    punctuation joins the word before it without a time of its own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    word: str  # as written, no leading space ("hello," with its punctuation)
+    start: float
+    end: float
+    probability: float  # the mean probability of its tokens
 
 
 class Segment(BaseModel):
@@ -27,6 +52,18 @@ class Segment(BaseModel):
     emotion: str | None  # the emotion tag ("NEUTRAL", "HAPPY", ...)
     event: str | None  # the audio event tag ("Speech", "BGM", ...)
     token_ids: tuple[int, ...] = ()  # after CTC collapse and blank removal
+    # Confidences, from the same forward pass (None only where there was nothing to measure):
+    avg_logprob: float | None = None  # mean log-probability of the emitted tokens
+    no_speech_prob: float | None = None  # P(<|nospeech|>) at the language query frame
+    # With TranscribeOptions.word_timestamps only (empty otherwise):
+    words: tuple[Word, ...] = ()
+    tokens: tuple[Token, ...] = ()  # the text tokens (not the 4 tags), timed
+
+    @property
+    def compression_ratio(self) -> float | None:
+        """Whisper's repetition measure: UTF-8 bytes of the text over its zlib-compressed
+        size (high for looping output); None for an empty text."""
+        return compression_ratio(self.text)
 
 
 class Result(BaseModel):
@@ -56,6 +93,11 @@ class Result(BaseModel):
                    segments=tuple(segments))
 
     @property
+    def words(self) -> tuple[Word, ...]:
+        """Every segment's words, in time order (empty without word timestamps)."""
+        return tuple(word for segment in self.segments for word in segment.words)
+
+    @property
     def rich_text(self) -> str:
         """The text with event and emotion shown as emoji, as SenseVoice's demos show it."""
         event = EVENT_EMOJI.get(self.event or "", "")
@@ -65,6 +107,11 @@ class Result(BaseModel):
     def result(self) -> Result:
         """Just the Result fields (a TranscribeReply also says where it ran)."""
         return Result(**{name: getattr(self, name) for name in Result.model_fields})
+
+
+def compression_ratio(text: str) -> float | None:
+    data = text.encode("utf-8")
+    return round(len(data) / len(zlib.compress(data)), 3) if data else None
 
 
 def join_text(segments: Sequence[Segment]) -> str:

@@ -6,6 +6,7 @@ invalid value into one line naming the variable, the value and what is allowed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,6 +24,8 @@ from sensevoice_core.segmentation import (
     VadOptions,
     padding_problem,
 )
+from sensevoice_core.subtitles import CUE_S_BOUNDS, SubtitleOptions
+from sensevoice_core.vocab import languages_of
 
 ENV_PREFIX = "SENSEVOICE_"
 IPC_PATH_MAX = 100  # sockaddr_un holds 108 bytes; ZeroMQ refuses longer ipc:// paths
@@ -30,6 +33,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # The defaults and bounds of the VAD and batch settings are the library's own.
 _VAD = VadOptions()
 _TRANSCRIBE = TranscribeOptions()
+_SUBTITLES = SubtitleOptions()
 
 
 class Settings(BaseSettings):
@@ -115,6 +119,27 @@ class Settings(BaseSettings):
         _TRANSCRIBE.batch_s, **BATCH_S_BOUNDS.field,
         description="padded seconds of audio transcribed per batch: bounds memory")
 
+    # Language ID and subtitles
+    languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="languages auto-detection may choose from, comma-separated (zh,en); "
+                    "empty: any. A request's own list replaces it")
+    subtitle_max_line_width: int = Field(
+        _SUBTITLES.max_line_width, ge=1, description="characters per subtitle line")
+    subtitle_max_line_count: int = Field(
+        _SUBTITLES.max_line_count, ge=1, description="lines per subtitle cue")
+    subtitle_max_cue_s: float = Field(
+        _SUBTITLES.max_cue_s, **CUE_S_BOUNDS.field,
+        description="seconds one subtitle cue may stay on screen")
+
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _language_list(cls, value: object) -> object:
+        """"zh, English" -> ["zh", "en"]; an unknown language names the choices."""
+        if isinstance(value, (str, list, tuple)):
+            return [lang.value for lang in languages_of(value)]
+        return value
+
     @field_validator("model_dir", "curve_dir", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
@@ -182,11 +207,24 @@ class Settings(BaseSettings):
                           speech_pad_s=self.vad_speech_pad_s, max_segment_s=self.max_segment_s)
 
     def transcribe_options(self, language: str = "auto", use_itn: bool = False,
-                           vad_threshold: float | None = None) -> TranscribeOptions:
-        """The options of one request: its language, ITN and threshold, the rest from here."""
+                           vad_threshold: float | None = None, word_timestamps: bool = False,
+                           languages: Sequence[str] | None = None) -> TranscribeOptions:
+        """The options of one request: its language, ITN, threshold, word timestamps and
+        language list (None: SENSEVOICE_LANGUAGES), the rest from here."""
         return TranscribeOptions(language=language, use_itn=use_itn,
                                  vad=self.vad_options(vad_threshold), batch_s=self.batch_s,
-                                 max_audio_s=self.max_audio_s)
+                                 max_audio_s=self.max_audio_s, word_timestamps=word_timestamps,
+                                 languages=tuple(self.languages if languages is None
+                                                 else languages))
+
+    def subtitle_options(self, max_line_width: int | None = None,
+                         max_line_count: int | None = None,
+                         karaoke: bool = False) -> SubtitleOptions:
+        """How subtitles are cut: these settings, with a request's own line limits if given."""
+        return SubtitleOptions(
+            max_line_width=max_line_width or self.subtitle_max_line_width,
+            max_line_count=max_line_count or self.subtitle_max_line_count,
+            max_cue_s=self.subtitle_max_cue_s, karaoke=karaoke)
 
     @property
     def max_request_bytes(self) -> int:

@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sensevoice_core.result import Segment
+from sensevoice_core.segmentation import Bounds
+
+LINE_WIDTH_BOUNDS = Bounds(1.0)  # characters
+LINE_COUNT_BOUNDS = Bounds(1.0)
+CUE_S_BOUNDS = Bounds(0.0, low_exclusive=True)  # seconds
+
+
+@dataclass(frozen=True)
+class SubtitleOptions:
+    """How cues are cut from word times (segments without words are one cue each).
+    No torch here: the settings take their defaults from it."""
+
+    max_line_width: int = 42  # characters per line (CJK characters count one each)
+    max_line_count: int = 2  # lines per cue
+    max_cue_s: float = 7.0  # seconds one cue may stay on screen
+    karaoke: bool = False  # WebVTT only: each word timed inside its cue (<00:00:01.200>)
+
+    def __post_init__(self) -> None:
+        LINE_WIDTH_BOUNDS.check("max_line_width", self.max_line_width)
+        LINE_COUNT_BOUNDS.check("max_line_count", self.max_line_count)
+        CUE_S_BOUNDS.check("max_cue_s", self.max_cue_s)
 
 
 def timestamp(seconds: float, decimal_mark: str) -> str:

@@ -9,6 +9,7 @@ demo vocabulary works as well as the official 25,055-piece one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -102,3 +103,19 @@ def language_of(value: str | Language) -> Language:
         if lowered in (lang.value, info.name) and lang is not Language.NOSPEECH:
             return lang
     raise ValueError(f"unknown language {value!r}; expected one of: {language_choices_text()}")
+
+
+def languages_of(values: str | Iterable[str | Language]) -> tuple[Language, ...]:
+    """A language whitelist ("zh,en", ["Chinese", "en"]) as enums, in order, without repeats;
+    "auto" and unknown names are a ValueError naming the choices."""
+    if isinstance(values, str):
+        values = [part for part in values.split(",") if part.strip()]
+    found: list[Language] = []
+    for value in values:
+        lang = language_of(value)
+        if lang is Language.AUTO:
+            raise ValueError(f"'auto' cannot be in a language list; expected languages from: "
+                             f"{language_choices_text()}")
+        if lang not in found:
+            found.append(lang)
+    return tuple(found)
