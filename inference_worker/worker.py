@@ -231,8 +231,9 @@ class InferenceWorker:
                 audio: bytes | np.ndarray = np.frombuffer(payload, dtype="<f4")
             else:
                 audio = payload
-            options = self.settings.transcribe_options(request.language, request.use_itn,
-                                                       request.vad_threshold)
+            options = self.settings.transcribe_options(
+                request.language, request.use_itn, request.vad_threshold,
+                request.word_timestamps, request.languages)
             result = self.model.transcribe(audio, options, sample_rate=request.sample_rate,
                                            source_name=request.filename)
         except AudioTooLongError as e:

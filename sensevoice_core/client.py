@@ -20,6 +20,7 @@ import functools
 import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -82,12 +83,15 @@ class SupervisorClient:
     def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
                    sample_rate: int = 16000, timeout: float | None = None,
                    vad_threshold: float | None = None,
-                   filename: str | None = None) -> TranscribeReply:
+                   filename: str | None = None, word_timestamps: bool = False,
+                   languages: Sequence[str] | None = None) -> TranscribeReply:
         """audio: a path, the bytes of an audio file, or a 1-D float array at sample_rate.
 
         Audio longer than SENSEVOICE_MAX_SEGMENT_S is split at pauses (VAD, vad_threshold or
         SENSEVOICE_VAD_THRESHOLD); the reply's segments carry each part's times and tags.
         filename names the audio in error messages (a path's own name by default).
+        word_timestamps: each segment's words and tokens, timed. languages: what auto
+        language ID may choose (None: SENSEVOICE_LANGUAGES of the service; []: any).
         """
         if filename is None and isinstance(audio, (str, Path)):
             filename = Path(audio).name
@@ -99,7 +103,9 @@ class SupervisorClient:
         request = TranscribeRequest(language=language, use_itn=use_itn,
                                     audio_format=audio_format, sample_rate=sample_rate,
                                     vad_threshold=vad_threshold,
-                                    filename=filename[:255] if filename else None)
+                                    filename=filename[:255] if filename else None,
+                                    word_timestamps=word_timestamps,
+                                    languages=None if languages is None else list(languages))
         # The service may queue a request for request_timeout, run it for as long, and retry
         # it once on another worker if the first one dies: it always answers within 3x.
         limit = timeout if timeout is not None else (
