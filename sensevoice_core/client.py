@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
