@@ -8,7 +8,9 @@ RTF = processing seconds / audio seconds (lower is faster), median of --repeats 
 warm-up, whole pipeline for both (decoded waveform in, text out); the runs being compared
 alternate, so machine noise affects them alike. The roofline is the FLOP
 count of one forward pass divided by the rate of a plain fp32 torch.matmul of the model's own
-GEMM shape, measured in the same run.
+GEMM shape, measured in the same run. A second row per length: RTF with word timestamps on
+(TranscribeOptions.word_timestamps: CTC forced alignment, tokens and words) vs off, the two
+alternating, and what they add (target: at most 5%).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def main() -> None:
     ours = load_model_dir(args.model)  # no L2 snapshot of the full-size model left behind
     dims = ours.model.dims
     print(f"model: {args.model} ({sum(p.numel() for p in ours.model.parameters()):,} parameters), "
-          f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
+          f"threads: {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
     funasr_model = None
     if not args.skip_funasr:
         from funasr import AutoModel
@@ -106,6 +109,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # AutoModel sets its own thread count
 
     options = TranscribeOptions()
+    with_words = TranscribeOptions(word_timestamps=True)
     for seconds in args.seconds:
         waveform = clip_of(seconds)
         frames = compute_features(waveform, ours.frontend, ours.cmvn).shape[0]
@@ -113,6 +117,7 @@ def main() -> None:
                                     dims.linear_units)
         runs: dict[str, Callable[[], object]] = {
             "ours": lambda: ours.decode([waveform], options),  # one pass, as FunASR's
+            "ours+words": lambda: ours.decode([waveform], with_words),
             "gemm": gemm,
         }
         if funasr_model is not None:
@@ -132,6 +137,10 @@ def main() -> None:
             line += (f"; FunASR RTF {funasr_s / seconds:.4f} ({funasr_s:.3f} s), "
                      f"ours {funasr_s / ours_s:.2f}x faster")
         print(line, flush=True)
+        words_s = medians["ours+words"]
+        print(f"{seconds:>3d} s audio: word timestamps on RTF {words_s / seconds:.4f} "
+              f"({words_s:.3f} s) vs off {ours_s / seconds:.4f} ({ours_s:.3f} s): "
+              f"{(words_s / ours_s - 1) * 100:+.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,24 +17,34 @@ from pathlib import Path
 import torch
 
 from sensevoice_core.cache import load_model
-from sensevoice_core.cli import add_transcribe_arguments, settings_or_exit, transcribe_files
+from sensevoice_core.cli import (
+    add_transcribe_arguments,
+    check_transcribe_arguments,
+    settings_or_exit,
+    subtitle_options,
+    transcribe_files,
+    transcribe_options_or_exit,
+)
 from sensevoice_core.doctor import first_problem, run_checks
 from sensevoice_core.errors import SenseVoiceError
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 from sensevoice_core.loader import load_model_dir
+from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.settings import Settings
 
 
-def transcribe_with(model: SenseVoice, args: argparse.Namespace, settings: Settings) -> int:
-    options = settings.transcribe_options(args.language, args.itn, args.vad_threshold)
+def transcribe_with(model: SenseVoice, options: TranscribeOptions, args: argparse.Namespace,
+                    settings: Settings) -> int:
     return transcribe_files(
-        args.files, lambda file: model.transcribe(file, options, source_name=file), args.format)
+        args.files, lambda file: model.transcribe(file, options, source_name=file), args.format,
+        subtitle_options(args, settings))
 
 
 def command_transcribe(args: argparse.Namespace, settings: Settings) -> int:
+    options = transcribe_options_or_exit(args, settings)  # before the model loads
     model = load_model(args.model, device=args.device, settings=settings)
-    return transcribe_with(model, args, settings)
+    return transcribe_with(model, options, args, settings)
 
 
 def command_doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,7 +62,9 @@ def command_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def command_convert(args: argparse.Namespace, settings: Settings) -> int:
-    from sensevoice_core.hf import convert_official_to_hf  # transformers is slow to import
+    from sensevoice_core.hf import (
+        convert_official_to_hf,  # transformers is slow to import
+    )
 
     target = convert_official_to_hf(args.source, args.target)
     print(f"wrote {target.resolve()} (config.json, model.safetensors, tokenizer.model, am.mvn)")
@@ -62,13 +74,14 @@ def command_convert(args: argparse.Namespace, settings: Settings) -> int:
 def command_random_demo(args: argparse.Namespace, settings: Settings) -> int:
     from sensevoice_core.random_model import write_random_model
 
+    options = transcribe_options_or_exit(args, settings)
     print("NOTE: this model has RANDOM weights; it shows the pipeline runs end to end, "
           "and its output is noise.", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
         # A throwaway model: nothing about it is worth keeping in the cache. Its seed is one
         # whose noise is not the <|nospeech|> tag, which would leave every result empty.
         model = load_model_dir(write_random_model(Path(scratch) / "random-model", seed=4))
-        return transcribe_with(model, args, settings)
+        return transcribe_with(model, options, args, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("transcribe", "random-demo"):
+        check_transcribe_arguments(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = settings_or_exit()
     threads = args.threads or settings.threads

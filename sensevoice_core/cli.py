@@ -3,8 +3,10 @@
 ``python -m sensevoice_core transcribe`` (in this process) and ``python -m supervisor
 transcribe`` (through the service) take the same arguments and print the same lines for the
 same audio. With ``--format json`` that is one object per file, in input order:
-``{"file": ..., **Result}``, or ``{"file": ..., "error": ...}`` for a file that failed.
-No torch here: the supervisor's command line imports it.
+``{"file": ..., **Result}``, or ``{"file": ..., "error": ...}`` for a file that failed; with
+``--word-timestamps`` each segment carries its words and tokens. srt and vtt ask the model for
+word times themselves: cues are cut from them. No torch here: the supervisor's command line
+imports it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections.abc import Callable, Sequence
 
 from sensevoice_core.errors import SenseVoiceError, ServiceError
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.result import Result
 from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import Settings, SettingsError, load_settings
-from sensevoice_core.subtitles import to_srt, to_vtt
-from sensevoice_core.vocab import language_choices_text, language_of
+from sensevoice_core.subtitles import SubtitleOptions, to_srt, to_vtt
+from sensevoice_core.vocab import language_choices_text, language_of, languages_of
 
 FORMATS = ("text", "json", "srt", "vtt")
 AUDIO_FILES = "audio or video files (wav, flac, mp3, ogg, opus, webm, m4a, mp4, mpeg)"
@@ -61,6 +64,25 @@ def language(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def language_list(text: str) -> tuple[str, ...]:
+    """--languages: "zh,en" or "Chinese,english" as codes; "" allows any language."""
+    try:
+        return tuple(lang.value for lang in languages_of(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    """--max-line-width, --max-line-count: a whole number from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_transcribe_arguments(parser: argparse.ArgumentParser,
                              default_format: str = "text") -> None:
     parser.add_argument("files", nargs="+", help=AUDIO_FILES)
@@ -81,10 +103,55 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser,
                              "%(default)s)")
     parser.add_argument("--json", action="store_const", dest="format", const="json",
                         help="the same as --format json")
+    parser.add_argument("--word-timestamps", action="store_true",
+                        help="time each word and token (json: each segment's words and "
+                             "tokens; srt and vtt always do)")
+    parser.add_argument("--languages", type=language_list, metavar="LANGS",
+                        help="comma-separated languages auto-detection may choose from "
+                             "(zh,en), codes or names in any case; '' allows any (default: "
+                             "SENSEVOICE_LANGUAGES)")
+    parser.add_argument("--max-line-width", type=positive_int, metavar="N",
+                        help="srt, vtt: characters per line (default: "
+                             "SENSEVOICE_SUBTITLE_MAX_LINE_WIDTH)")
+    parser.add_argument("--max-line-count", type=positive_int, metavar="N",
+                        help="srt, vtt: lines per cue (default: "
+                             "SENSEVOICE_SUBTITLE_MAX_LINE_COUNT)")
+    parser.add_argument("--karaoke", action="store_true",
+                        help="with --format vtt: each word timed inside its cue")
+    # The checks that need several arguments at once (after parsing) report through it.
+    parser.set_defaults(usage_error=parser.error)
+
+
+def check_transcribe_arguments(args: argparse.Namespace) -> None:
+    """Usage errors no single argument shows: exit 2 with the command's usage line."""
+    if args.karaoke and args.format != "vtt":
+        args.usage_error(f"--karaoke times words inside WebVTT cues: it needs --format vtt, "
+                         f"not --format {args.format}")
+    if args.languages and args.language != "auto" and args.language not in args.languages:
+        args.usage_error(f"--language {args.language} is not among --languages "
+                         f"{','.join(args.languages)}")
+
+
+def transcribe_options_or_exit(args: argparse.Namespace, settings: Settings) -> TranscribeOptions:
+    """The options the arguments ask for, with srt and vtt asking for word times; a
+    contradiction with the settings (--language outside SENSEVOICE_LANGUAGES) is a line on
+    stderr and EXIT_USAGE."""
+    try:
+        return settings.transcribe_options(
+            args.language, args.itn, args.vad_threshold,
+            word_timestamps=args.word_timestamps or args.format in ("srt", "vtt"),
+            languages=args.languages)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def subtitle_options(args: argparse.Namespace, settings: Settings) -> SubtitleOptions:
+    return settings.subtitle_options(args.max_line_width, args.max_line_count, args.karaoke)
 
 
 def transcribe_files(files: Sequence[str], transcribe: Callable[[str], Result],
-                     output_format: str) -> int:
+                     output_format: str, subtitles: SubtitleOptions | None = None) -> int:
     """Transcribe each file in input order, printing each as it is done. A file that fails
     is reported in its place and the others still run; EXIT_FAILED if any failed."""
     failed = False
@@ -99,16 +166,19 @@ def transcribe_files(files: Sequence[str], transcribe: Callable[[str], Result],
             else:
                 print(f"error: {error_text(e)}", file=sys.stderr)
             continue
-        print(render(file, result, output_format, several=len(files) > 1), flush=True)
+        print(render(file, result, output_format, several=len(files) > 1,
+                     subtitles=subtitles or SubtitleOptions()), flush=True)
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def render(file: str, result: Result, output_format: str, several: bool) -> str:
+def render(file: str, result: Result, output_format: str, several: bool,
+           subtitles: SubtitleOptions) -> str:
     if output_format == "json":
         return json.dumps({"file": file, **result.model_dump(mode="json")}, ensure_ascii=False)
     if output_format == "text":
         return f"{file}\t{result.rich_text}" if several else result.rich_text
-    document = to_srt(result.segments) if output_format == "srt" else to_vtt(result.segments)
+    write = to_srt if output_format == "srt" else to_vtt
+    document = write(result.segments, subtitles)
     return f"==> {file} <==\n{document}" if several else document
 
 

@@ -22,6 +22,7 @@ from sensevoice_core.result import Result, Segment
 from sensevoice_core.segmentation import Region, speech_regions
 from sensevoice_core.vad import speech_probabilities
 from sensevoice_core.vocab import Language
+from sensevoice_core.words import words_of
 
 if TYPE_CHECKING:
     from sensevoice_core.pipeline import SenseVoice
@@ -87,10 +88,36 @@ def decode_pieces(model: SenseVoice, pieces: list[_Piece],
     for batch in length_batches(lengths, max(1, round(options.batch_s / frame_s))):
         waveforms = [_samples(pieces[i]) for i in batch]
         for index, segment in zip(batch, model.decode(waveforms, options)):
-            region = pieces[index].region
-            segments[index] = segment.model_copy(update={"start": region.start,
-                                                         "end": region.end})
+            segments[index] = placed(segment, pieces[index])
     return [segments[i] for i in range(len(pieces))]
+
+
+def placed(segment: Segment, piece: _Piece) -> Segment:
+    """A decoded piece's Segment in the input's time: spanning its region, its tokens and words
+    moved by where its samples began and kept inside the region.
+
+    A whole input (piece.samples) was decoded from sample 0, so its tokens are already in the
+    input's time and its region is only where the VAD heard speech; a region read back from
+    the source starts at region.start."""
+    region = piece.region
+    if piece.samples is not None and segment.tokens:
+        # The model heard the whole input and may place a word outside the VAD's span (the
+        # demo model does, at the edges): the segment grows to hold its words, so none is
+        # squeezed to zero length at its edge.
+        region = Region(min(region.start, segment.tokens[0].start),
+                        max(region.end, segment.tokens[-1].end))
+    update: dict[str, object] = {"start": region.start, "end": region.end}
+    if segment.tokens:
+        offset = 0.0 if piece.samples is not None else region.start
+        tokens = tuple(token.model_copy(update={
+            "start": _clip(token.start + offset, region), "end": _clip(token.end + offset, region)})
+            for token in segment.tokens)
+        update |= {"tokens": tokens, "words": words_of(tokens)}
+    return segment.model_copy(update=update)
+
+
+def _clip(seconds: float, region: Region) -> float:
+    return round(min(max(seconds, region.start), region.end), 3)
 
 
 def _samples(piece: _Piece) -> torch.Tensor:

@@ -24,7 +24,7 @@ class Token(BaseModel):
     piece: str  # the sentencepiece piece ("▁he"); "▁" marks the start of a word
     start: float  # seconds from the start of the audio (VAD offsets applied)
     end: float
-    probability: float  # the model's probability of this token at its aligned frame(s)
+    probability: float  # the model's probability of this token, the highest over its frames
 
 
 class Word(BaseModel):
@@ -53,7 +53,9 @@ class Segment(BaseModel):
     event: str | None  # the audio event tag ("Speech", "BGM", ...)
     token_ids: tuple[int, ...] = ()  # after CTC collapse and blank removal
     # Confidences, from the same forward pass (None only where there was nothing to measure):
-    avg_logprob: float | None = None  # mean log-probability of the emitted tokens
+    # Mean over the emitted text tokens (the 4 prompt tags left out) of each token's
+    # log-probability on its best frame of its greedy run; None without text tokens.
+    avg_logprob: float | None = None
     no_speech_prob: float | None = None  # P(<|nospeech|>) at the language query frame
     # With TranscribeOptions.word_timestamps only (empty otherwise):
     words: tuple[Word, ...] = ()

@@ -85,11 +85,12 @@ def tag_piece(name: str) -> str:
     return f"<|{name}|>"
 
 
-def language_choices_text() -> str:
+def language_choices_text(include_auto: bool = True) -> str:
     """The languages a caller may ask for, by code and by name:
     "auto, zh, en, ... (or a name: chinese, english, ...)"."""
-    names = [LANGUAGE_BY_TAG[code].name for code in LANGUAGE_CHOICES]
-    return (f"{', '.join(LANGUAGE_CHOICES)} (or a name: "
+    codes = [code for code in LANGUAGE_CHOICES if include_auto or code != Language.AUTO.value]
+    names = [LANGUAGE_BY_TAG[code].name for code in codes]
+    return (f"{', '.join(codes)} (or a name: "
             f"{', '.join(name for name in names if name not in LANGUAGE_CHOICES)})")
 
 
@@ -112,10 +113,15 @@ def languages_of(values: str | Iterable[str | Language]) -> tuple[Language, ...]
         values = [part for part in values.split(",") if part.strip()]
     found: list[Language] = []
     for value in values:
-        lang = language_of(value)
+        try:
+            lang = language_of(value)
+        except ValueError:
+            raise ValueError(f"unknown language {value!r} in the language list; expected "
+                             f"languages from: {language_choices_text(include_auto=False)}"
+                             ) from None
         if lang is Language.AUTO:
             raise ValueError(f"'auto' cannot be in a language list; expected languages from: "
-                             f"{language_choices_text()}")
+                             f"{language_choices_text(include_auto=False)}")
         if lang not in found:
             found.append(lang)
     return tuple(found)

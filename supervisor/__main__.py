@@ -18,8 +18,11 @@ from pathlib import Path
 
 from sensevoice_core.cli import (
     add_transcribe_arguments,
+    check_transcribe_arguments,
     settings_or_exit,
+    subtitle_options,
     transcribe_files,
+    transcribe_options_or_exit,
 )
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 from sensevoice_core.logs import configure_logging
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("--force", action="store_true",
                         help="replace existing keys (every client needs the new ones)")
     args = parser.parse_args(argv)
+    if args.command == "transcribe":
+        check_transcribe_arguments(args)
     if args.command == "keygen":
         from sensevoice_core.curve import CurveKeyError, generate_keys
 
@@ -83,13 +88,18 @@ def run_client_command(args: argparse.Namespace, settings) -> int:
             print(wait_for_model(client, args.wait).model_dump_json(indent=2))
             return EXIT_OK
         if args.command == "transcribe":
+            options = transcribe_options_or_exit(args, settings)
+
             def through_service(file: str) -> Result:
                 # Named as given, so that errors read as the in-process command line's do.
+                # languages: None leaves the service's own SENSEVOICE_LANGUAGES in force.
                 return client.transcribe(file, args.language, args.itn,
-                                         vad_threshold=args.vad_threshold,
-                                         filename=file).result()
+                                         vad_threshold=args.vad_threshold, filename=file,
+                                         word_timestamps=options.word_timestamps,
+                                         languages=args.languages).result()
 
-            return transcribe_files(args.files, through_service, args.format)
+            return transcribe_files(args.files, through_service, args.format,
+                                    subtitle_options(args, settings))
         outcome = client.hot_reload_model(args.path, args.force_fresh)
         print(json.dumps(outcome.model_dump(), indent=2))
         return EXIT_OK if outcome.ok else EXIT_FAILED

@@ -14,9 +14,9 @@ import pytest
 import soundfile
 
 from model_factory import DEMO_MODEL, write_hf, write_official
-from sensevoice_core.cli import add_transcribe_arguments
+from sensevoice_core.cli import add_transcribe_arguments, check_transcribe_arguments
 from sensevoice_core.result import Result
-from sensevoice_core.subtitles import to_srt, to_vtt
+from sensevoice_core.subtitles import SubtitleOptions, to_srt, to_vtt
 from service import start_service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,11 @@ def official_run(official_dir) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def hf_run(hf_dir) -> subprocess.CompletedProcess[str]:
     return transcribe_json(hf_dir, EN, ZH)
+
+
+@pytest.fixture(scope="module")
+def words_run(official_dir) -> subprocess.CompletedProcess[str]:
+    return transcribe_json(official_dir, EN, ZH, options=("--word-timestamps",))
 
 
 @pytest.fixture(scope="module")
@@ -286,13 +291,18 @@ def test_convert_refuses_a_source_that_is_not_the_official_layout(hf_dir, tmp_pa
 
 
 def test_random_demo_warns_and_prints_json():
-    result = run_cli("random-demo", EN)
+    result = run_cli("random-demo", "--word-timestamps", EN)
 
     assert result.returncode == 0, result.stderr
     assert "RANDOM" in result.stderr
     assert "Traceback" not in result.stderr
     (line,) = json_lines(result.stdout)
     assert_result_line(line, EN)
+    assert line["segments"] and all(s["words"] and s["tokens"] for s in line["segments"])
+    # Its arguments are transcribe's, checked alike: json is its default format.
+    karaoke = run_cli("random-demo", "--karaoke", EN)
+    assert karaoke.returncode == 2 and "RANDOM" not in karaoke.stderr
+    assert "it needs --format vtt, not --format json" in karaoke.stderr
 
 
 def long_recording(path: Path) -> Path:
@@ -317,6 +327,44 @@ def test_a_long_file_is_segmented_and_its_json_carries_the_segments(tmp_path):
     assert short.text == "Hello world." and [s.text for s in short.segments] == ["Hello world."]
 
 
+DIGITS = ("eight two six zero one eight one five nine zero eight three zero one six six one "
+          "three one eight six zero nine one three nine zero nine nine six zero three zero two "
+          "four six three nine four eight one nine nine three five one eight nine zero nine "
+          "three seven eight six five seven nine seven five four three two one nine four "
+          "eight seven five seven four nine one eight")  # 80 digits: 22 s of espeak-ng
+
+
+def test_a_long_spoken_segment_becomes_readable_cues_at_its_word_times(tmp_path):
+    spoken = tmp_path / "digits.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", spoken, DIGITS], check=True, timeout=60)
+    srt = run_cli("transcribe", "--model", DEMO_MODEL, "--format", "srt", spoken)
+    timed = run_cli("transcribe", "--model", DEMO_MODEL, "--word-timestamps", "--json", spoken)
+
+    assert srt.returncode == timed.returncode == 0, srt.stderr + timed.stderr
+    (segment,) = result_of(json_lines(timed.stdout)[0]).segments
+    assert segment.end - segment.start > 20 and len(segment.words) > 70
+    cues = [block.split("\n") for block in srt.stdout.strip("\n").split("\n\n")]
+    assert len(cues) >= 4
+    options, words = SubtitleOptions(), list(segment.words)
+    for number, (index, times, *lines) in enumerate(cues, start=1):
+        assert index == str(number) and 1 <= len(lines) <= options.max_line_count
+        assert all(len(line) <= options.max_line_width for line in lines)
+        said = " ".join(lines).split()
+        first, last = words[0], words[len(said) - 1]
+        assert said == [w.word for w in words[:len(said)]]
+        start, end = (seconds_of_stamp(stamp) for stamp in times.split(" --> "))
+        assert (start, end) == (pytest.approx(first.start, abs=5e-4),
+                                pytest.approx(last.end, abs=5e-4))
+        assert end - start <= options.max_cue_s
+        words = words[len(said):]
+    assert words == []
+
+
+def seconds_of_stamp(stamp: str) -> float:
+    hours, minutes, secs = stamp.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(secs)
+
+
 @pytest.mark.slow
 def test_in_process_and_through_the_service_print_the_same_json(tmp_path):
     """The two command lines, on the same files, print identical lines: a short clip, a long
@@ -327,19 +375,29 @@ def test_in_process_and_through_the_service_print_the_same_json(tmp_path):
     not_audio.write_bytes(b"these are not the bytes of an audio file" * 10)
     files = [short, long_file, silent, not_audio, tmp_path / "missing.flac"]
     arguments = ("transcribe", "--itn", "--vad-threshold", "0.35", "--json", *files)
+    # Word times and a language list reach the model both ways; subtitles are cut alike.
+    timed = ("transcribe", "--itn", "--word-timestamps", "--languages", "English,zh", "--json",
+             short, long_file)
+    karaoke = ("transcribe", "--format", "vtt", "--karaoke", "--max-line-width", "9",
+               "--max-line-count", "1", short, long_file)
     settings = {"max_segment_s": "5", "threads": "1"}
     service = start_service(tmp_path / "service", DEMO_MODEL, standby=False, **settings)
     try:
-        through_service = run_cli(*arguments, module="supervisor",
-                                  supervisor_address=service.address, **settings)
+        through_service = [run_cli(*args, module="supervisor", supervisor_address=service.address,
+                                   **settings) for args in (arguments, timed, karaoke)]
     finally:
         service.stop()
-    in_process = run_cli(*arguments, "--model", DEMO_MODEL, **settings)
+    in_process = [run_cli(*args, "--model", DEMO_MODEL, **settings)
+                  for args in (arguments, timed, karaoke)]
 
-    for run in (through_service, in_process):
-        assert run.returncode == 1, run.stderr  # two of the files fail
+    for run in through_service + in_process:
+        assert run.returncode == (1 if str(files[-1]) in run.args else 0), run.stderr
         assert_clean_stderr(run.stderr)
-    assert through_service.stdout == in_process.stdout
+    assert [run.stdout for run in through_service] == [run.stdout for run in in_process]
+    words = [w.word for line in json_lines(in_process[1].stdout) for w in result_of(line).words]
+    assert words[:2] == ["Hello", "world."] and len(words) > 2
+    assert "<00:00:" in in_process[2].stdout  # words timed inside their cues
+    through_service, in_process = through_service[0], in_process[0]
     lines = json_lines(in_process.stdout)
     assert [line["file"] for line in lines] == [str(file) for file in files]
     assert result_of(lines[0]).text == "Hello world."
@@ -352,16 +410,115 @@ def test_in_process_and_through_the_service_print_the_same_json(tmp_path):
     assert lines[4] == {"file": str(files[4]), "error": f"{files[4]}: no such file"}
 
 
-def test_the_text_srt_and_vtt_formats(official_dir, official_run):
+def test_the_text_srt_and_vtt_formats(official_dir, official_run, words_run):
     results = [result_of(line) for line in json_lines(official_run.stdout)]
     one = run_cli("transcribe", "--model", official_dir, "--format", "text", EN)
     assert one.stdout == results[0].rich_text + "\n"
+    # Subtitles ask the model for word times themselves: their cues are cut from them.
+    timed = [result_of(line) for line in json_lines(words_run.stdout)]
     srt = run_cli("transcribe", "--model", official_dir, "--format", "srt", EN, ZH)
     assert srt.returncode == 0, srt.stderr
     assert srt.stdout == "".join(f"==> {file} <==\n{to_srt(result.segments)}\n"
-                                 for file, result in zip((EN, ZH), results))
+                                 for file, result in zip((EN, ZH), timed))
     vtt = run_cli("transcribe", "--model", official_dir, "--format", "vtt", EN)
-    assert vtt.stdout == to_vtt(results[0].segments) + "\n"
+    assert vtt.stdout == to_vtt(timed[0].segments) + "\n"
+
+
+def test_subtitle_lines_come_from_the_flags_else_the_settings(official_dir, words_run):
+    (timed,) = [result_of(line) for line in json_lines(words_run.stdout)][:1]
+    narrow = SubtitleOptions(max_line_width=8, max_line_count=1)
+    by_flags = run_cli("transcribe", "--model", official_dir, "--format", "srt",
+                       "--max-line-width", "8", "--max-line-count", "1", EN)
+    by_settings = run_cli("transcribe", "--model", official_dir, "--format", "srt", EN,
+                          subtitle_max_line_width="8", subtitle_max_line_count="1")
+    flags_win = run_cli("transcribe", "--model", official_dir, "--format", "vtt", "--karaoke",
+                        "--max-line-width", "8", "--max-line-count", "1", EN,
+                        subtitle_max_line_width="30", subtitle_max_line_count="3")
+    for run in (by_flags, by_settings, flags_win):
+        assert run.returncode == 0, run.stderr
+        assert_clean_stderr(run.stderr)
+    assert by_flags.stdout == by_settings.stdout == to_srt(timed.segments, narrow) + "\n"
+    assert by_flags.stdout != to_srt(timed.segments) + "\n"  # the limits made a difference
+    karaoke = SubtitleOptions(max_line_width=8, max_line_count=1, karaoke=True)
+    assert flags_win.stdout == to_vtt(timed.segments, karaoke) + "\n"
+
+
+def test_word_timestamps_put_words_and_tokens_in_the_json(official_run, words_run):
+    assert words_run.returncode == 0, words_run.stderr
+    assert_clean_stderr(words_run.stderr)
+    plain, timed = json_lines(official_run.stdout), json_lines(words_run.stdout)
+    # The same transcript, now with times: alignment reads the decoding, it does not redo it.
+    assert [line["token_ids"] for line in timed] == [line["token_ids"] for line in plain]
+    assert all(s["words"] == [] and s["tokens"] == [] for line in plain for s in line["segments"])
+    for line in timed:
+        for segment in result_of(line).segments:
+            assert segment.tokens and segment.words  # the random model's noise is text too
+            assert {t.id for t in segment.tokens} <= set(segment.token_ids)
+            times = [(w.start, w.end) for w in segment.words]
+            assert all(segment.start <= start <= end <= segment.end for start, end in times)
+            assert [start for start, _ in times] == sorted(start for start, _ in times)
+
+
+@pytest.mark.parametrize("module", ["sensevoice_core", "supervisor"])
+@pytest.mark.parametrize(("arguments", "message"), [
+    (("--languages", "en,xx"), "argument --languages: unknown language 'xx'; expected one of:"),
+    (("--karaoke", "--format", "srt"),
+     "--karaoke times words inside WebVTT cues: it needs --format vtt, not --format srt"),
+    (("--max-line-width", "0"), "argument --max-line-width: expected a whole number >= 1, got '0'"),
+])
+def test_subtitle_and_language_flags_refuse_bad_values_before_any_work(module, arguments,
+                                                                        message):
+    result = run_cli("transcribe", *arguments, EN, module=module)
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr and result.stderr.startswith("usage:")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("module", ["sensevoice_core", "supervisor"])
+def test_a_language_outside_the_settings_list_is_one_error_line(module):
+    # Before any model loads or any service is asked: SENSEVOICE_LANGUAGES=zh allows no "en".
+    result = run_cli("transcribe", "--language", "en", EN, module=module, languages="zh")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: language 'en' is not among the allowed languages (zh)\n"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (("--languages", "auto"), "'auto' cannot be in a language list"),
+    (("--languages", "zh,,klingon"), "unknown language 'klingon'"),
+    (("--karaoke",), "it needs --format vtt, not --format text"),
+    (("--karaoke", "--json"), "it needs --format vtt, not --format json"),
+    (("--max-line-count", "-2"), "argument --max-line-count: expected a whole number >= 1"),
+    (("--max-line-width", "4.5"), "argument --max-line-width: expected a whole number >= 1"),
+    (("--max-line-width", ""), "argument --max-line-width: expected a whole number >= 1"),
+    (("--language", "ja", "--languages", "en,Chinese"),
+     "--language ja is not among --languages en,zh"),
+])
+def test_every_bad_combination_is_a_usage_error(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_:
+        check_transcribe_arguments(transcribe_parser().parse_args([*arguments, "a.wav"]))
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_language_lists_take_codes_and_names_in_any_case():
+    parse = transcribe_parser().parse_args
+    assert parse(["--languages", "Chinese, EN,zh", "a.wav"]).languages == ("zh", "en")
+    assert parse(["--languages", "", "a.wav"]).languages == ()  # any, whatever the settings say
+    assert parse(["a.wav"]).languages is None  # SENSEVOICE_LANGUAGES
+    given = parse(["--format", "vtt", "--karaoke", "--language", "en", "--languages", "en,ja",
+                   "--max-line-width", "30", "--max-line-count", "3", "a.wav"])
+    check_transcribe_arguments(given)
+    assert (given.karaoke, given.max_line_width, given.max_line_count) == (True, 30, 3)
+
+
+def test_a_language_list_restricts_what_auto_detection_chooses():
+    # The demo model hears English in en_02.flac; allowed Chinese alone, it must say zh.
+    restricted = run_cli("transcribe", "--model", DEMO_MODEL, "--json", "--languages", "Chinese",
+                         EXAMPLES / "en_02.flac")
+    assert restricted.returncode == 0, restricted.stderr
+    (line,) = json_lines(restricted.stdout)
+    assert line["language"] == "zh" and line["raw"].startswith("<|zh|>")
+    assert [s["language"] for s in line["segments"]] == ["zh"]
 
 
 def test_a_vad_threshold_outside_0_to_1_is_a_usage_error(official_dir):

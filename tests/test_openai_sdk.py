@@ -5,7 +5,9 @@ gone)."""
 from __future__ import annotations
 
 import io
+import itertools
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,8 @@ from ui_process import start_ui
 
 pytestmark = pytest.mark.slow
 
-HELLO = REPO / "ui" / "examples" / "en_02.flac"  # "Hello world." with ITN
+EXAMPLES = REPO / "ui" / "examples"
+HELLO = EXAMPLES / "en_02.flac"  # "Hello world." with ITN
 
 
 class CountingTransport(httpx.HTTPTransport):
@@ -65,10 +68,10 @@ def test_the_openai_sdk_transcribes_and_is_not_told_to_retry_hopeless_requests(t
             # Strictly the type OpenAI documents (the SDK itself does not validate it).
             TranscriptionVerbose.model_validate_json(raw.http_response.content, strict=True)
         before = transport.sent
-        with pytest.raises(openai.BadRequestError) as word:
+        with pytest.raises(openai.BadRequestError) as word:  # words need verbose_json
             with HELLO.open("rb") as audio:
                 client.audio.transcriptions.create(
-                    model="whisper-1", file=audio, response_format="verbose_json",
+                    model="whisper-1", file=audio, response_format="json",
                     timestamp_granularities=["word"])
         assert word.value.body["param"] == "timestamp_granularities"
         assert transport.sent == before + 1
@@ -98,3 +101,83 @@ def test_the_openai_sdk_transcribes_and_is_not_told_to_retry_hopeless_requests(t
         ui.stop()
         if service.process.poll() is None:
             service.stop()
+
+
+def spoken_clips(path: Path) -> Path:
+    """Three example clips with pauses between them: three VAD segments when segments are
+    at most 5 s (SENSEVOICE_MAX_SEGMENT_S)."""
+    parts = []
+    for name in ("en_02.flac", "zh_04.flac", "en_03.flac"):
+        parts += [np.zeros(24000, np.float32), soundfile.read(EXAMPLES / name, dtype="float32")[0]]
+    soundfile.write(path, np.concatenate(parts + [np.zeros(16000, np.float32)]), 16000)
+    return path
+
+
+def test_word_timestamps_and_real_confidences_through_the_openai_sdk(tmp_path: Path):
+    service = start_service(tmp_path / "service", REPO / "model", standby=False,
+                            max_segment_s="5")
+    ui = start_ui(tmp_path / "ui", service.address)
+    clip = spoken_clips(tmp_path / "three.flac")
+    client, transport = sdk(ui.url)
+    try:
+        with clip.open("rb") as audio:
+            verbose = client.audio.transcriptions.create(
+                model="whisper-1", file=audio, response_format="verbose_json",
+                timestamp_granularities=["word", "segment"])
+        assert [s.text for s in verbose.segments] == ["Hello world.", "8975。", "770."]
+        words = verbose.words
+        assert words and all(w.start < w.end for w in words)
+        assert all(a.end <= b.start for a, b in itertools.pairwise(words))  # in order, apart
+        for segment in verbose.segments:
+            inside = [w.word for w in words if segment.start <= w.start and w.end <= segment.end]
+            gap = "" if segment.model_extra["language"] == "zh" else " "
+            assert gap.join(inside) == segment.text  # every word inside its own segment
+            # The model's own measures; none of the old placeholders (0.0, 1.0, [], 0.0).
+            assert segment.avg_logprob < 0.0 and 0.0 <= segment.no_speech_prob <= 1.0
+            assert segment.no_speech_prob < 0.5  # speech, and the model says so
+            assert segment.tokens and all(isinstance(t, int) and t > 0 for t in segment.tokens)
+            encoded = segment.text.encode()  # Whisper's measure, honestly: zlib on the text
+            assert segment.compression_ratio == round(len(encoded) / len(zlib.compress(encoded)),
+                                                      3)
+        assert len({s.avg_logprob for s in verbose.segments}) > 1  # measured, not a constant
+        raw = client.audio.transcriptions.with_raw_response.create(
+            model="whisper-1", file=("three.flac", clip.read_bytes()),
+            response_format="verbose_json", timestamp_granularities=["word"])
+        only_words = TranscriptionVerbose.model_validate_json(raw.http_response.content,
+                                                              strict=True)
+        assert only_words.segments is None and only_words.words == words  # OpenAI's way
+
+        before = transport.sent
+        for bad, param in (({"timestamp_granularities": ["word"]}, "timestamp_granularities"),
+                           ({"response_format": "verbose_json",
+                             "timestamp_granularities": ["phoneme"]}, "timestamp_granularities"),
+                           ({"extra_body": {"languages": ["auto"]}}, "languages"),
+                           ({"extra_body": {"languages": "en,tlh"}}, "languages"),
+                           ({"language": "zh", "extra_body": {"languages": ["en"]}}, "language"),
+                           ({"response_format": "srt", "extra_body": {"max_line_width": 0}},
+                            "max_line_width")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.audio.transcriptions.create(model="whisper-1",
+                                                   file=("hello.flac", HELLO.read_bytes()),
+                                                   **bad)
+            assert refused.value.body["param"] == param, (bad, refused.value.body)
+        assert transport.sent == before + 6  # none retried
+
+        # The language whitelist, an extension: a Mandarin clip restricted to English and
+        # Japanese is tagged one of those (auto says Mandarin).
+        digits = ("zh_04.flac", (EXAMPLES / "zh_04.flac").read_bytes())
+        auto = client.audio.transcriptions.create(
+            model="whisper-1", file=digits, response_format="verbose_json")
+        assert auto.language == "chinese"
+        restricted = client.audio.transcriptions.create(
+            model="whisper-1", file=digits, response_format="verbose_json",
+            extra_body={"languages": ["en", "ja"]})
+        assert restricted.language in ("english", "japanese"), restricted
+        srt = client.audio.transcriptions.create(
+            model="whisper-1", file=("three.flac", clip.read_bytes()), response_format="srt",
+            extra_body={"max_line_width": 6, "max_line_count": 1})
+        assert srt.count(" --> ") > 3  # "Hello world." is two 6-character cues
+    finally:
+        client.close()
+        ui.stop()
+        service.stop()

@@ -19,6 +19,7 @@ from sensevoice_core.protocol import (
     ReloadRequest,
     StatusRequest,
     Stop,
+    TranscribeReply,
     TranscribeRequest,
     decode_client,
     decode_for_worker,
@@ -27,6 +28,7 @@ from sensevoice_core.protocol import (
     encode,
     request_id_of,
 )
+from sensevoice_core.result import Segment, Token, Word
 
 
 def test_client_messages_round_trip():
@@ -35,6 +37,29 @@ def test_client_messages_round_trip():
     reload = ReloadRequest(path="/m", force_fresh=True, origin="watch")
     assert decode_client(encode(reload)) == (reload, None)
     assert decode_client(encode(StatusRequest()))[0].kind == "status"
+
+
+def test_word_timestamps_and_a_language_list_travel_with_a_request():
+    request = TranscribeRequest(word_timestamps=True, languages=["zh", "en"])
+    assert decode_client(encode(request, b"RIFF")) == (request, b"RIFF")
+    assert decode_client(encode(TranscribeRequest(), b"x"))[0].languages is None  # the service's
+    assert decode_client(encode(TranscribeRequest(languages=[]), b"x"))[0].languages == []  # any
+
+
+def test_a_reply_carries_words_tokens_and_confidences():
+    tokens = (Token(id=9, piece="▁hello", start=0.12, end=0.42, probability=0.875),
+              Token(id=4, piece=".", start=0.42, end=0.48, probability=0.5))
+    segment = Segment(start=0.1, end=0.5, text="hello.", raw="hello.", language="en",
+                      emotion="NEUTRAL", event="Speech", token_ids=(9, 4), avg_logprob=-0.3,
+                      no_speech_prob=0.002, tokens=tokens,
+                      words=(Word(word="hello.", start=0.12, end=0.42, probability=0.6875),))
+    reply = TranscribeReply(request_id="r", text="hello.", raw="hello.", language="en",
+                            emotion="NEUTRAL", event="Speech", text_norm="withitn",
+                            duration_s=0.6, token_ids=(9, 4), segments=(segment,),
+                            fingerprint="f" * 64, worker_pid=1, inference_s=0.01)
+    decoded = decode_reply(encode(reply))
+    assert decoded == reply and decoded.words == segment.words
+    assert decoded.segments[0].tokens == tokens and decoded.segments[0].avg_logprob == -0.3
 
 
 def test_worker_messages_round_trip():
@@ -66,6 +91,9 @@ def test_every_header_carries_the_protocol_version():
     ([b'{"kind": "transcribe", "audio_format": "mp4"}', b""], "audio_format"),
     ([b'{"kind": "transcribe", "request_id": "' + b"x" * 100 + b'"}', b""], "request_id"),
     ([b" " * 70000], "at most"),
+    ([b'{"kind": "transcribe", "languages": "zh"}', b""], "languages"),
+    ([b'{"kind": "transcribe", "languages": [' + b'"zh",' * 16 + b'"en"]}', b""], "at most 16"),
+    ([b'{"kind": "transcribe", "word_timestamps": "maybe"}', b""], "word_timestamps"),
 ])
 def test_malformed_client_frames_are_protocol_errors(frames, words):
     with pytest.raises(ProtocolError, match=words):

@@ -4,6 +4,7 @@ supervisor serving a copy of the embedded demo model."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from gradio_client import Client, handle_file
 from model_factory import copy_demo_model, nudge_weights
 from sensevoice_core.protocol import CacheLevel
 from sensevoice_core.result import Result
+from sensevoice_core.subtitles import timestamp
+from sensevoice_core.vocab import UNSPACED_LANGUAGES
 from service import Service, start_service
 from ui_process import UiProcess, start_ui
 
@@ -213,6 +216,125 @@ def test_vad_threshold_is_a_per_request_setting(http: httpx.Client, long_recordi
     assert "from 0 to 1" in error["message"]
 
 
+def assert_words_timed_inside(segments: list[dict], words: list[dict],
+                              tolerance: float = 1e-6) -> None:
+    """Words in time order, none overlapping the next, each inside a segment, and together
+    spelling that segment's text."""
+    assert words, "no words"
+    assert all(w["start"] < w["end"] for w in words), words
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(words)), words
+    placed = 0
+    for segment in segments:
+        inside = [w for w in words if segment["start"] - tolerance <= w["start"]
+                  and w["end"] <= segment["end"] + tolerance]
+        gap = "" if segment["language"] in UNSPACED_LANGUAGES else " "
+        assert gap.join(w["word"] for w in inside) == segment["text"], (segment, words)
+        placed += len(inside)
+    assert placed == len(words), "a word outside every segment"
+
+
+def test_word_timestamps_are_openai_shaped_and_inside_their_segments(
+        http: httpx.Client, long_recording):
+    path, texts = long_recording
+    both = post_audio(http, path.read_bytes(), response_format="verbose_json",
+                      **{"timestamp_granularities[]": ["word", "segment"]}).json()
+    assert [s["text"] for s in both["segments"]] == texts
+    assert_words_timed_inside(both["segments"], both["words"])
+    assert all(set(w) == {"word", "start", "end", "probability"} for w in both["words"])
+    assert all(0.0 < w["probability"] <= 1.0 for w in both["words"])
+    for segment in both["segments"]:  # the model's own measures, no placeholder numbers
+        assert segment["avg_logprob"] < 0.0 and 0.0 <= segment["no_speech_prob"] <= 1.0
+        assert segment["tokens"] and all(type(t) is int and t > 0 for t in segment["tokens"])
+        assert segment["compression_ratio"] > 0.0
+    words_only = post_audio(http, path.read_bytes(), response_format="verbose_json",
+                            timestamp_granularities="word").json()
+    assert "segments" not in words_only and words_only["words"] == both["words"]  # OpenAI's way
+    default = post_audio(http, path.read_bytes(), response_format="verbose_json").json()
+    assert "words" not in default and default["segments"] == both["segments"]
+    # A short clip is decoded whole and timed by the VAD: its words too lie inside that time.
+    short = post_audio(http, HELLO.read_bytes(), response_format="verbose_json",
+                       **{"timestamp_granularities[]": ["word", "segment"]}).json()
+    assert_words_timed_inside(short["segments"], short["words"])
+
+
+def test_timestamp_granularities_follow_openai_rules(http: httpx.Client):
+    clip = HELLO.read_bytes()
+    for fields, says in (
+            ({"response_format": "json", "timestamp_granularities[]": "word"}, "verbose_json"),
+            ({"response_format": "srt", "timestamp_granularities[]": ["segment", "word"]},
+             "verbose_json"),
+            ({"response_format": "verbose_json", "timestamp_granularities[]": "character"},
+             "'character' is not supported; expected segment or word"),
+            ({"response_format": "verbose_json", "timestamp_granularities[]": ""}, "''"),
+            ({"response_format": "verbose_json", "timestamp_granularities": "Word,segment"},
+             "'word,segment'")):
+        error = openai_error(post_audio(http, clip, **fields), 400, "timestamp_granularities")
+        assert says in error["message"], error
+    # segment is what json already has: OpenAI accepts it there, and so does this server
+    plain = post_audio(http, clip, response_format="json",
+                       **{"timestamp_granularities[]": "segment"})
+    assert plain.json() == {"text": "Hello world."}
+
+
+def test_word_timestamps_on_silence_are_no_words_not_a_failure(http: httpx.Client):
+    quiet = flac_bytes(np.zeros(16000 * 3, np.float32))
+    body = post_audio(http, quiet, response_format="verbose_json",
+                      **{"timestamp_granularities[]": ["word", "segment"]}).json()
+    assert (body["text"], body["segments"], body["words"]) == ("", [], [])
+    assert post_audio(http, quiet, response_format="srt").text == ""
+    assert post_audio(http, quiet, response_format="vtt", karaoke="true").text == "WEBVTT\n"
+
+
+def test_a_language_whitelist_restricts_auto_detection(http: httpx.Client):
+    digits = (EXAMPLES / "zh_04.flac").read_bytes()  # Mandarin digits: auto says zh
+    assert post_audio(http, digits, response_format="verbose_json").json()["language"] == \
+        "chinese"
+    for fields in ({"languages": "en,ja"}, {"languages[]": ["en", "ja"]},
+                   {"languages": " English , japanese "}):
+        body = post_audio(http, digits, response_format="verbose_json", **fields).json()
+        assert {s["language"] for s in body["segments"]} <= {"en", "ja"}, (fields, body)
+    for fields, param, says in (
+            ({"languages": "auto"}, "languages", "'auto' cannot be"),
+            ({"languages": "en,klingon"}, "languages", "'klingon'"),
+            ({"languages[]": ["en", "nospeech"]}, "languages", "'nospeech'"),
+            ({"languages": "en", "language": "zh"}, "language", "not among the allowed")):
+        error = openai_error(post_audio(http, digits, **fields), 400, param)
+        assert says in error["message"], error
+        assert param == "language" or "yue" in error["message"]  # the choices
+
+
+def test_subtitle_lines_follow_the_requested_limits(http: httpx.Client, long_recording):
+    path, texts = long_recording
+    audio = path.read_bytes()
+    narrow = post_audio(http, audio, response_format="srt", max_line_width="6",
+                        max_line_count="1").text
+    cues = [block.split("\n") for block in narrow.strip().split("\n\n")]
+    assert len(cues) > len(texts)  # "Hello world." no longer fits one 6-character line
+    words = post_audio(http, audio, response_format="verbose_json",
+                       timestamp_granularities="word").json()["words"]
+    longest = max(len(w["word"]) for w in words)
+    for number, times, *lines in cues:
+        assert len(lines) == 1 and len(lines[0]) <= max(6, longest), cues
+    wide = post_audio(http, audio, response_format="vtt", max_line_width="10000",
+                      max_line_count="10000").text
+    assert wide.count(" --> ") == len(texts)  # one cue per clip, each under 7 s
+    karaoke = post_audio(http, audio, response_format="vtt", karaoke="yes").text
+    assert re.search(r"<\d{2}:\d{2}:\d{2}\.\d{3}>", karaoke), karaoke
+    for fields, field, says in (
+            ({"response_format": "srt", "max_line_width": "0"}, "max_line_width", "from 1 to"),
+            ({"response_format": "srt", "max_line_width": "-3"}, "max_line_width", "'-3'"),
+            ({"response_format": "vtt", "max_line_count": "2.5"}, "max_line_count", "'2.5'"),
+            ({"response_format": "srt", "max_line_width": "9" * 5000}, "max_line_width",
+             "from 1 to 10000"),
+            ({"response_format": "srt", "max_line_width": "²"}, "max_line_width", "'²'"),
+            ({"response_format": "json", "max_line_width": "20"}, "max_line_width",
+             "srt or vtt only"),
+            ({"response_format": "srt", "karaoke": "true"}, "karaoke", "vtt only"),
+            ({"response_format": "vtt", "karaoke": "sometimes"}, "karaoke", "true or false")):
+        error = openai_error(post_audio(http, audio, **fields), 400, field)
+        assert says in error["message"], error
+
+
 def test_command_line_formats(service: Service, long_recording):
     path, texts = long_recording
     env = {**os.environ, "SENSEVOICE_SUPERVISOR_ADDRESS": service.address}
@@ -312,15 +434,15 @@ def test_gradio_api_names_are_pinned(gradio: Client):
 
 def test_gradio_transcribe_returns_text_tags_segments_and_subtitles(gradio: Client,
                                                                     long_recording):
-    text, tags, segments, srt = gradio.predict(handle_file(str(HELLO)), "auto", True, 0.35,
-                                               api_name="/transcribe")
+    text, tags, segments, srt, *_ = gradio.predict(handle_file(str(HELLO)), "auto", True, 0.35,
+                                                   api_name="/transcribe")
     assert text == "Hello world."
     assert 'data-language="🌐 English"' in tags and "sv-emotion" in tags and "sv-event" in tags
     assert segments["headers"] == ["start", "end", "text", "language", "emotion", "event"]
     assert [row[2] for row in segments["data"]] == ["Hello world."]
     path, texts = long_recording
-    text, _, segments, srt = gradio.predict(handle_file(str(path)), "auto", True, 0.35,
-                                            api_name="/transcribe")
+    text, _, segments, srt, *_ = gradio.predict(handle_file(str(path)), "auto", True, 0.35,
+                                                api_name="/transcribe")
     assert [row[2] for row in segments["data"]] == texts
     assert Path(srt).read_text(encoding="utf-8").count(" --> ") == 4
     quiet = path.parent / "quiet.flac"
@@ -328,6 +450,39 @@ def test_gradio_transcribe_returns_text_tags_segments_and_subtitles(gradio: Clie
     silent = gradio.predict(handle_file(str(quiet)), "auto", True, 0.35, api_name="/transcribe")
     assert silent[0] == "" and silent[3] is None
     assert silent[2]["data"] in ([], [["", "", "", "", "", ""]])  # Gradio's empty table
+    assert silent[4:] == ("", [])  # word timestamps on silence: no words, no failure
+
+
+def test_gradio_transcribe_returns_the_timed_words(gradio: Client, long_recording):
+    path, texts = long_recording
+    _, _, segments, srt, panel, words = gradio.predict(
+        handle_file(str(path)), "auto", True, 0.35, True, [], api_name="/transcribe")
+    rows = [{"start": float(row[0]), "end": float(row[1]), "text": row[2], "language": row[3]}
+            for row in segments["data"]]
+    assert_words_timed_inside(rows, words, tolerance=0.01)  # the table rounds to 10 ms
+    assert [w["word"] for w in words] == re.findall(r'title="[^"]+"[^>]*>([^<]*)<', panel)
+    for word in words:
+        title = f'{word["start"]:.2f}–{word["end"]:.2f} s · p={word["probability"]:.2f}'
+        assert title in panel
+    # The subtitle file's cues are cut from the words: each starts as its first word does.
+    cue_starts = re.findall(r"^(\d\d:\d\d:\d\d,\d{3}) --> ", Path(srt).read_text("utf-8"),
+                            re.MULTILINE)
+    assert cue_starts and set(cue_starts) <= {timestamp(w["start"], ",") for w in words}
+    _, _, _, without_srt, no_panel, no_words = gradio.predict(
+        handle_file(str(path)), "auto", True, 0.35, False, [], api_name="/transcribe")
+    assert (no_panel, no_words) == ("", [])
+    assert Path(without_srt).read_text(encoding="utf-8").count(" --> ") == len(texts)
+    with pytest.raises(Exception, match="klingon"):
+        gradio.predict(handle_file(str(HELLO)), "auto", True, 0.35, True, ["klingon"],
+                       api_name="/transcribe")
+    with pytest.raises(Exception,
+                       match=r"language .*ja.* is not among the allowed languages \(en\)"):
+        gradio.predict(handle_file(str(HELLO)), "ja", True, 0.35, True, ["en"],
+                       api_name="/transcribe")
+    endpoint = gradio.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"]["/transcribe"]
+    assert [p["parameter_name"] for p in endpoint["parameters"]] == [
+        "audio_path", "language", "use_itn", "vad_threshold", "word_timestamps", "languages"]
 
 
 def test_gradio_errors_are_sentences_not_tracebacks(gradio: Client, tmp_path: Path):

@@ -4,13 +4,18 @@ install`), against `python -m ui` and a real supervisor serving a copy of the de
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
+import soundfile
 
 from model_factory import copy_demo_model, nudge_weights
+from sensevoice_core.result import Segment, Word
 from service import start_service
+from ui.views import LOW_CONFIDENCE, words_html
 from ui_process import start_ui
 
 pytestmark = pytest.mark.slow
@@ -49,6 +54,71 @@ def browser():
         browser.close()
 
 
+def slowed(clip: Path, factor: float, target: Path) -> Path:
+    """clip played at 1/factor speed (every sample repeated or skipped: deterministic)."""
+    samples, rate = soundfile.read(clip, dtype="float32")
+    soundfile.write(target, samples[np.arange(0, len(samples) - 1, factor).astype(int)], rate)
+    return target
+
+
+WORD_TITLE = re.compile(r"\d+\.\d\d–\d+\.\d\d s · p=[01]\.\d\d")
+
+
+def test_the_word_panel_times_words_and_marks_the_unsure_ones(stack, browser, tmp_path):
+    _, ui, _ = stack
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(ui.url, wait_until="networkidle")
+    # "Hello world." played at 0.7x speed: the demo model hears "Open the door." and is unsure
+    # of "Open" (p = 0.2 when this was written), sure of "the".
+    clip = slowed(EXAMPLES / "en_02.flac", 0.7, tmp_path / "slow_hello.wav")
+    page.locator("#audio-input input[type=file]").set_input_files(str(clip))
+    assert page.locator("#word-timestamps input").is_checked()  # on by default
+    page.locator("#transcribe-btn").click()
+    words = page.locator("#words .sv-word")
+    words.first.wait_for(timeout=30_000)
+    texts = words.all_inner_texts()
+    transcript = page.locator("#transcript textarea").input_value()
+    assert " ".join(texts) == transcript, (texts, transcript)
+    titles = [words.nth(i).get_attribute("title") for i in range(words.count())]
+    assert all(WORD_TITLE.fullmatch(title) for title in titles), titles
+    probabilities = [float(title.rsplit("=", 1)[1]) for title in titles]
+    low = page.locator("#words .sv-word.sv-low")
+    assert low.count() == sum(p < LOW_CONFIDENCE for p in probabilities) >= 1, titles
+    assert low.count() < len(texts), titles  # and the sure words are not marked
+
+    def look(locator) -> dict:
+        return locator.evaluate("e => { const s = getComputedStyle(e); return "
+                                "{decoration: s.textDecorationStyle, "
+                                "background: s.backgroundColor}; }")
+
+    sure = page.locator("#words .sv-word:not(.sv-low)").first
+    assert look(low.first) == {"decoration": "wavy", "background": "rgba(245, 158, 11, 0.25)"}
+    assert look(sure)["decoration"] != "wavy" and look(sure)["background"] == "rgba(0, 0, 0, 0)"
+
+    # Off: no words are shown (once the answer is in: each has a new subtitle file).
+    download = page.locator("#srt-download a").first
+    download.wait_for(timeout=10_000)
+    first_srt = download.get_attribute("href")
+    page.locator("#word-timestamps input").uncheck()
+    page.locator("#transcribe-btn").click()
+    page.wait_for_function("h => { const a = document.querySelector('#srt-download a'); "
+                           "return a && a.getAttribute('href') !== h; }", arg=first_srt,
+                           timeout=30_000)
+    assert page.locator("#words .sv-word").count() == 0
+    # Hand-made words, as the page renders them: escaped, and only the unsure one marked
+    # (written over the panel's own nodes: last).
+    made = Segment(start=0.0, end=1.0, text="<b>bold</b> x", raw="", language="en",
+                   emotion=None, event=None,
+                   words=(Word(word="<b>bold</b>", start=0.0, end=0.5, probability=0.9),
+                          Word(word="x", start=0.5, end=1.0, probability=0.1)))
+    page.locator("#words").evaluate("(e, html) => { e.innerHTML = html; }", words_html([made]))
+    assert page.locator("#words b").count() == 0
+    assert page.locator("#words .sv-word").all_inner_texts() == ["<b>bold</b>", "x"]
+    assert page.locator("#words .sv-low").all_inner_texts() == ["x"]
+
+    page.close()
+
+
 def test_upload_transcribe_and_reload_in_the_browser(stack, browser):
     service, ui, demo_dir = stack
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -72,6 +142,7 @@ def test_upload_transcribe_and_reload_in_the_browser(stack, browser):
     assert tags.locator("[data-event]").count() == 1
     page.wait_for_function("document.querySelector('#segments').innerText.includes('8975。')",
                            timeout=10_000)
+    assert page.locator("#words .sv-word").count() >= 1
     download = page.locator("#srt-download a").first
     download.wait_for(timeout=10_000)
     assert download.get_attribute("href").endswith(".srt")

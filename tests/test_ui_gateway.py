@@ -17,12 +17,12 @@ from sensevoice_core.protocol import (
     WorkerRole,
     WorkerStatus,
 )
-from sensevoice_core.result import Segment
+from sensevoice_core.result import Segment, Word
 from sensevoice_core.settings import MiB, Settings
 from sensevoice_core.vocab import LANGUAGES
 from ui.gateway import FrontDoor, Gateway, RequestFailed
 from ui.metrics import ServiceMetrics
-from ui.views import tags_html
+from ui.views import LOW_CONFIDENCE, MAX_SHOWN_WORDS, tags_html, word_rows, words_html
 
 
 def gateway(**values) -> Gateway:
@@ -162,3 +162,107 @@ def test_a_result_without_speech_says_so_on_the_page():
     spoken = silent.model_copy(update={"segments": (Segment(
         start=0.1, end=1.0, text="hi", raw="hi", language="en", emotion=None, event=None),)})
     assert "No speech found" not in tags_html(spoken, show_worker=False)
+
+
+def test_a_language_whitelist_is_checked_here_and_sent_on_as_codes():
+    door, client = recording_gateway()
+    door.transcribe(b"RIFF", "a.wav", "auto", True, "openai", languages=["Chinese", "en", "zh"])
+    assert client.sent[-1]["languages"] == ["zh", "en"]
+    door.transcribe(b"RIFF", "a.wav", "english", True, "openai", languages=["en", "ja"])
+    assert client.sent[-1]["language"] == "en"
+    door.transcribe(b"RIFF", "a.wav", "auto", True, "openai")
+    assert client.sent[-1]["languages"] is None  # the service's SENSEVOICE_LANGUAGES
+    door.transcribe(b"RIFF", "a.wav", "auto", True, "openai", languages=[])
+    assert client.sent[-1]["languages"] == []  # any
+    door.transcribe(b"RIFF", "a.wav", "auto", True, "openai", languages=["zh"] * 100_000)
+    assert client.sent[-1]["languages"] == ["zh"]  # repeats are one (the protocol takes 16)
+    sent = len(client.sent)
+    for bad, named in ((["auto"], "'auto' cannot be"), (["en", "klingon"], "'klingon'"),
+                       (["nospeech"], "'nospeech'")):
+        with pytest.raises(RequestFailed) as failure:
+            door.transcribe(b"RIFF", "a.wav", "auto", True, "openai", languages=bad)
+        assert (failure.value.status, failure.value.param) == (400, "languages")
+        assert named in failure.value.message and "yue" in failure.value.message  # the choices
+    with pytest.raises(RequestFailed) as failure:
+        door.transcribe(b"RIFF", "a.wav", "ja", True, "openai", languages=["zh", "en"])
+    assert (failure.value.status, failure.value.param) == (400, "language")
+    assert "'ja' is not among the allowed languages (zh, en)" in failure.value.message
+    assert len(client.sent) == sent
+
+
+def test_the_service_whitelist_applies_when_a_request_has_none():
+    door, client = recording_gateway(languages="zh,en")
+    with pytest.raises(RequestFailed) as failure:
+        door.transcribe(b"RIFF", "a.wav", "ko", True, "openai")
+    assert failure.value.param == "language" and "(zh, en)" in failure.value.message
+    door.transcribe(b"RIFF", "a.wav", "ko", True, "openai", languages=["ko"])  # its own list
+    assert client.sent[-1]["languages"] == ["ko"]
+
+
+def test_word_timestamps_are_asked_for_only_when_wanted():
+    door, client = recording_gateway()
+    door.transcribe(b"RIFF", "a.wav", "auto", True, "ui")
+    assert client.sent[-1]["word_timestamps"] is False
+    door.transcribe(b"RIFF", "a.wav", "auto", True, "ui", word_timestamps=True)
+    assert client.sent[-1]["word_timestamps"] is True
+
+
+def timed_segment(language: str, *words: tuple[str, float, float, float]) -> Segment:
+    made = tuple(Word(word=w, start=s, end=e, probability=p) for w, s, e, p in words)
+    text = ("" if language in ("zh", "ja", "yue") else " ").join(w.word for w in made)
+    return Segment(start=made[0].start, end=made[-1].end, text=text, raw=text,
+                   language=language, emotion="NEUTRAL", event="Speech", words=made,
+                   avg_logprob=-0.25, no_speech_prob=0.01)
+
+
+def test_the_word_panel_times_words_and_marks_the_unsure_ones():
+    segments = (timed_segment("en", ("Hello", 0.12, 0.48, 0.93), ("world.", 0.54, 0.9, 0.31)),
+                timed_segment("zh", ("晚", 1.5, 1.7, 0.8), ("安", 1.7, 1.95, LOW_CONFIDENCE)))
+    html = words_html(segments)
+    spans = re.findall(r'<span class="([^"]+)" title="([^"]+)"[^>]*>([^<]*)</span>', html)
+    assert spans == [("sv-word", "0.12–0.48 s · p=0.93", "Hello"),
+                     ("sv-word sv-low", "0.54–0.90 s · p=0.31", "world."),
+                     ("sv-word", "1.50–1.70 s · p=0.80", "晚"),
+                     ("sv-word", "1.70–1.95 s · p=0.50", "安")]  # the threshold is not "below"
+    assert "</span> <span" in html and "晚</span><span" in html  # spaced, unspaced
+    assert f"p={LOW_CONFIDENCE:g}" in html  # the legend names the threshold
+    assert word_rows(segments)[1] == {"word": "world.", "start": 0.54, "end": 0.9,
+                                      "probability": 0.31}
+    many = [segments[0]] * (MAX_SHOWN_WORDS // 2 + 1)  # one word more than the panel shows
+    assert words_html(many).count('<span class="sv-word') == MAX_SHOWN_WORDS
+    assert f"The first {MAX_SHOWN_WORDS} of {MAX_SHOWN_WORDS + 2} words" in words_html(many)
+    assert len(word_rows(many)) == MAX_SHOWN_WORDS + 2
+    untimed = segments[0].model_copy(update={"words": ()})
+    assert words_html([untimed]) == "" and word_rows([untimed]) == []
+
+
+def test_words_from_the_audio_are_shown_inert():
+    hostile = timed_segment("en", ('<img src=x onerror="alert(1)">', 0.0, 0.5, 0.2),
+                            ('"><script>', 0.5, 1.0, 0.9))
+    html = words_html([hostile])
+    assert "<img" not in html and "<script" not in html
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+
+
+def test_verbose_json_carries_the_model_confidences_and_leaves_out_what_it_lacks():
+    from ui.openai_api import verbose_json
+
+    spoken = timed_segment("en", ("Hello", 1.25, 1.5, 0.9), ("world.", 1.6, 2.0, 0.7))
+    spoken = spoken.model_copy(update={"token_ids": (7, 8)})
+    unmeasured = spoken.model_copy(update={"avg_logprob": None, "no_speech_prob": None,
+                                           "text": "", "words": ()})
+    reply = RecordingClient().transcribe(b"", "auto", False).model_copy(
+        update={"segments": (spoken, unmeasured), "language": "en", "text": "Hello world."})
+    body = verbose_json(reply, frozenset({"segment"}))
+    first, second = body["segments"]
+    assert "words" not in body
+    assert (first["avg_logprob"], first["no_speech_prob"], first["tokens"]) == (-0.25, 0.01,
+                                                                                [7, 8])
+    assert first["compression_ratio"] == spoken.compression_ratio > 0
+    assert first["seek"] == 125 and first["temperature"] == 0.0
+    assert not {"avg_logprob", "no_speech_prob", "compression_ratio"} & set(second)
+    both = verbose_json(reply, frozenset({"segment", "word"}))
+    assert both["words"] == [{"word": "Hello", "start": 1.25, "end": 1.5, "probability": 0.9},
+                             {"word": "world.", "start": 1.6, "end": 2.0, "probability": 0.7}]
+    words_only = verbose_json(reply, frozenset({"word"}))  # OpenAI leaves segments out then
+    assert "segments" not in words_only and len(words_only["words"]) == 2

@@ -49,6 +49,9 @@ MAX_QUEUE = 2  # with one worker, the UI holds at most 3 transcriptions
 CAPACITY = MAX_QUEUE + 1
 FAST_S = 2.0  # a refusal "at once"
 HELD_TEXT = "Held reply."
+# The transcribe API's inputs after the audio: language, ITN, VAD threshold, word timestamps,
+# language whitelist (a raw API call sends them all; gradio_client fills in defaults).
+OPTIONS = ["auto", True, 0.35, True, []]
 
 
 def file_data(path: str, **extra: object) -> dict:
@@ -57,7 +60,7 @@ def file_data(path: str, **extra: object) -> dict:
 
 def gradio_call(http: httpx.Client, audio: dict) -> tuple[str, object]:
     """POST /gradio_api/call/transcribe, then read its event stream: (event, data)."""
-    response = http.post("/gradio_api/call/transcribe", json={"data": [audio, "auto", True, 0.35]})
+    response = http.post("/gradio_api/call/transcribe", json={"data": [audio, *OPTIONS]})
     assert response.status_code == 200, response.text
     stream = http.get(f"/gradio_api/call/transcribe/{response.json()['event_id']}").text
     kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, re.MULTILINE)[-1]
@@ -275,7 +278,7 @@ def test_server_paths_are_refused_alike_and_never_opened(public_ui: UiProcess, h
         for audio in cases:
             start = time.monotonic()
             response = http.post("/gradio_api/call/transcribe",
-                                 json={"data": [audio, "auto", True, 0.35]})
+                                 json={"data": [audio, *OPTIONS]})
             assert refusal(response) == REFUSED, audio
             assert time.monotonic() - start < FAST_S, audio
         # Any Gradio route, any place in the body; a second Content-Type changes nothing.
@@ -366,7 +369,7 @@ def test_the_front_door_refuses_beyond_its_bound_at_once(held_ui: UiProcess,
         # The page's API is behind the same door; its status is not.
         start = time.monotonic()
         page = http.post("/gradio_api/call/transcribe",
-                         json={"data": [file_data(str(HELLO)), "auto", True, 0.35]})
+                         json={"data": [file_data(str(HELLO)), *OPTIONS]})
         assert page.status_code == 429 and page.headers["retry-after"] == "1"
         assert "busy" in page.json()["detail"] and time.monotonic() - start < FAST_S
         with pytest.raises(Exception, match="429"):
@@ -375,7 +378,7 @@ def test_the_front_door_refuses_beyond_its_bound_at_once(held_ui: UiProcess,
         assert http.post("/gradio_api/call/status", json={"data": [""]}).status_code == 200
         # No way around the queue, and so around the door: the direct route is closed.
         assert http.post("/gradio_api/run/transcribe",
-                         json={"data": [file_data(str(HELLO)), "auto", True, 0.35]}
+                         json={"data": [file_data(str(HELLO)), *OPTIONS]}
                          ).status_code == 404
         stand_in.release()
         assert [future.result().json() for future in admitted] == [{"text": HELD_TEXT}] * CAPACITY
@@ -411,7 +414,7 @@ def test_page_transcriptions_count_against_the_bound(held_ui: UiProcess,
         response = post_audio(http, HELLO.read_bytes())
         assert response.status_code == 429 and time.monotonic() - start < FAST_S
         page = http.post("/gradio_api/call/transcribe",
-                         json={"data": [file_data(str(HELLO)), "auto", True, 0.35]})
+                         json={"data": [file_data(str(HELLO)), *OPTIONS]})
         assert page.status_code == 429 and page.headers["retry-after"] == "1"
         stand_in.release()
         assert [job.result(timeout=30)[0] for job in jobs] == [HELD_TEXT] * CAPACITY
@@ -432,7 +435,7 @@ def test_cancelled_page_calls_keep_their_place_while_the_service_works(
         refused = 0
         for index in range(CAPACITY + 3):
             joined = http.post("/gradio_api/queue/join", json={
-                "data": [file_data(upload), "auto", True, 0.35], "fn_index": fn_index,
+                "data": [file_data(upload), *OPTIONS], "fn_index": fn_index,
                 "session_hash": f"cancel{index}"})
             if joined.status_code == 429:
                 refused += 1
@@ -503,8 +506,8 @@ def test_off_loopback_anonymous_callers_see_no_paths_or_pids(public_ui: UiProces
     assert model_dir in markdown and details["supervisor_pid"] == status.supervisor_pid
     assert f"pid {service.serving_pid()} serving" in markdown
 
-    text, tags, _, _ = gradio.predict(handle_file(str(HELLO)), "auto", True, 0.35,
-                                      api_name="/transcribe")
+    text, tags, *_ = gradio.predict(handle_file(str(HELLO)), "auto", True, 0.35,
+                                    api_name="/transcribe")
     assert text == "Hello world." and "worker pid" not in tags and "model " in tags
 
 
@@ -537,7 +540,7 @@ def test_subtitle_files_are_removed_when_the_ui_exits(tmp_path: Path):
         ui = start_ui(tmp_path / "ui", f"ipc://{socket_dir}/s.ipc")
         try:
             assert not stale.exists()
-            *_, srt = Client(ui.url, verbose=False).predict(
+            _, _, _, srt, *_ = Client(ui.url, verbose=False).predict(
                 handle_file(str(HELLO)), "auto", True, 0.35, api_name="/transcribe")
             assert HELD_TEXT in Path(srt).read_text(encoding="utf-8")
             [own] = ui.upload_dir.glob("sensevoice-srt-*")

@@ -19,12 +19,15 @@ from ui.gradio_guard import TRANSCRIBE_API, TRANSCRIBE_GROUP
 from ui.uploads import EXAMPLES_DIR, uploaded_file
 from ui.views import (
     SEGMENT_COLUMNS,
+    WHITELIST_CHOICES,
     public_status,
     reload_summary,
     segment_rows,
     short_fingerprint,
     status_markdown,
     tags_html,
+    word_rows,
+    words_html,
 )
 
 STATUS_REFRESH_S = 5.0
@@ -34,6 +37,10 @@ CSS = """
 .sv-badge { border-radius: 999px; padding: .2rem .75rem; font-weight: 600;
             background: var(--background-fill-secondary); border: 1px solid var(--border-color-primary); }
 .sv-detail { color: var(--body-text-color-subdued); font-size: .85rem; margin-top: .25rem; }
+.sv-words .sv-line { margin: 0 0 .4rem 0; line-height: 1.9; }
+.sv-word { border-radius: .25rem; padding: 0 .1rem; cursor: help; }
+.sv-word:hover { background: var(--background-fill-secondary); }
+.sv-word.sv-low { background: rgba(245, 158, 11, .25); text-decoration: underline wavy #d97706; }
 """
 
 
@@ -59,8 +66,12 @@ class PageHandlers:
         self.subtitles = subtitles
 
     def transcribe(self, audio_path: str | None, language: str, use_itn: bool,
-                   vad_threshold: float, progress: gr.Progress = gr.Progress()
-                   ) -> tuple[str, str, list[list[object]], str | None]:
+                   vad_threshold: float, word_timestamps: bool = True,
+                   languages: list[str] | None = None, progress: gr.Progress = gr.Progress()
+                   ) -> tuple[str, str, list[list[object]], str | None, str,
+                              list[dict[str, object]]]:
+        """languages: what auto-detection may choose; none ticked: any (None, from an API
+        caller who leaves it out: the service's SENSEVOICE_LANGUAGES)."""
         if not audio_path:
             raise user_error("Upload or record some audio first.")
         path = uploaded_file(audio_path)
@@ -74,12 +85,16 @@ class PageHandlers:
         try:
             with self.gateway.door.hold():
                 reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui",
-                                                vad_threshold)
+                                                vad_threshold, bool(word_timestamps), languages)
         except RequestFailed as e:
             raise user_error(e.message) from None
-        subtitles = self.subtitles.write(reply.segments, path.stem) if reply.segments else None
+        # Cues are cut at words when there are words (SENSEVOICE_SUBTITLE_* limits).
+        subtitles = self.subtitles.write(reply.segments, path.stem,
+                                         self.gateway.settings.subtitle_options()
+                                         ) if reply.segments else None
         return (reply.text, tags_html(reply, self.gateway.settings.ui_is_loopback()),
-                segment_rows(reply), subtitles)
+                segment_rows(reply), subtitles, words_html(reply.segments),
+                word_rows(reply.segments))
 
     def status(self, admin_token: str | None = None) -> tuple[str, dict]:
         internals = self.gateway.shows_internals(admin_token)
@@ -125,8 +140,15 @@ def build_blocks(gateway: Gateway, subtitles: SubtitleFiles) -> gr.Blocks:
                                  label="Audio", elem_id="audio-input")
                 language = gr.Radio(list(LANGUAGE_CHOICES), value="auto", label="Language",
                                     elem_id="language")
+                languages = gr.CheckboxGroup(
+                    WHITELIST_CHOICES, value=list(gateway.settings.languages),
+                    label="Auto-detect only among (none ticked: any language)",
+                    elem_id="languages")
                 itn = gr.Checkbox(value=True, label="Punctuation and numerals (ITN)",
                                   elem_id="itn")
+                word_timestamps = gr.Checkbox(
+                    value=True, label="Word timestamps (timed words; subtitle cues cut at words)",
+                    elem_id="word-timestamps")
                 with gr.Accordion("Long audio", open=False):
                     vad_threshold = gr.Slider(
                         0.05, 0.95, value=gateway.settings.vad_threshold, step=0.05,
@@ -138,6 +160,10 @@ def build_blocks(gateway: Gateway, subtitles: SubtitleFiles) -> gr.Blocks:
                 transcript = gr.Textbox(label="Transcript", lines=6, interactive=False,
                                         elem_id="transcript")
                 tags = gr.HTML(elem_id="tags")
+                with gr.Accordion("Words", open=True):
+                    words = gr.HTML(elem_id="words")
+                    with gr.Accordion("Words as JSON", open=False):
+                        word_data = gr.JSON(elem_id="word-data")
                 with gr.Accordion("Segments", open=True):
                     segments = gr.Dataframe(headers=list(SEGMENT_COLUMNS), interactive=False,
                                             wrap=True, elem_id="segments")
@@ -155,8 +181,9 @@ def build_blocks(gateway: Gateway, subtitles: SubtitleFiles) -> gr.Blocks:
             with gr.Accordion("Status details", open=False):
                 details = gr.JSON(elem_id="status-details")
 
-        transcribe_button.click(handlers.transcribe, [audio, language, itn, vad_threshold],
-                                [transcript, tags, segments, subtitle_file],
+        transcribe_button.click(handlers.transcribe,
+                                [audio, language, itn, vad_threshold, word_timestamps, languages],
+                                [transcript, tags, segments, subtitle_file, words, word_data],
                                 api_name=TRANSCRIBE_API, concurrency_id=TRANSCRIBE_GROUP,
                                 concurrency_limit=min(gateway.door.capacity, TRANSCRIBE_THREADS))
         reload_button.click(handlers.reload, [admin_token], [model_status, details],

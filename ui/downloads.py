@@ -18,7 +18,7 @@ from pathlib import Path
 from sensevoice_core.atomic import write_bytes_atomic
 from sensevoice_core.processes import pid_alive
 from sensevoice_core.result import Segment
-from sensevoice_core.subtitles import to_srt
+from sensevoice_core.subtitles import SubtitleOptions, to_srt
 
 FOLDER_PREFIX = "sensevoice-srt-"
 OWNER_FILE = "owner.pid"
@@ -51,8 +51,9 @@ class SubtitleFiles:
         self.folder.mkdir()
         (self.folder / OWNER_FILE).write_text(str(os.getpid()))
 
-    def write(self, segments: Sequence[Segment], stem: str) -> str:
-        """The SRT of segments as a file named after stem; its path."""
+    def write(self, segments: Sequence[Segment], stem: str, options: SubtitleOptions) -> str:
+        """The SRT of segments (cues cut at their words, if they have any) as a file named
+        after stem; its path."""
         now = time.time()
         for old in self.folder.glob("*.srt"):  # keep the folder from growing without end
             try:
@@ -61,7 +62,7 @@ class SubtitleFiles:
             except FileNotFoundError:
                 pass
         target = self.folder / f"{stem}-{uuid.uuid4().hex[:8]}.srt"
-        write_bytes_atomic(target, to_srt(segments).encode("utf-8"))
+        write_bytes_atomic(target, to_srt(segments, options).encode("utf-8"))
         return str(target)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ import anyio
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus, TranscribeReply
 from sensevoice_core.settings import Settings
-from sensevoice_core.vocab import language_of
+from sensevoice_core.vocab import Language, language_of, languages_of
 from ui.metrics import ServiceMetrics
 
 logger = logging.getLogger("sensevoice.ui")
@@ -136,18 +136,22 @@ class Gateway:
             raise RequestFailed(400, "bad_audio", f"{name} is empty", "file")
 
     def transcribe(self, audio: bytes, name: str, language: str, use_itn: bool,
-                   endpoint: str, vad_threshold: float | None = None) -> TranscribeReply:
-        """Transcribe through the supervisor, recording the outcome under endpoint."""
+                   endpoint: str, vad_threshold: float | None = None,
+                   word_timestamps: bool = False,
+                   languages: Sequence[str] | None = None) -> TranscribeReply:
+        """Transcribe through the supervisor, recording the outcome under endpoint.
+
+        languages: what auto language ID may choose (None: the service's
+        SENSEVOICE_LANGUAGES; empty: any)."""
         start = time.perf_counter()
         try:
-            try:  # the worker's own check, answered here with the field at fault
-                language = language_of(language or "auto").value  # "english" -> "en"
-            except ValueError as e:
-                raise RequestFailed(400, "bad_request", str(e), "language") from None
+            language, allowed = self.check_languages(language, languages)
             self.check_upload(len(audio), name)
             try:
                 reply = self.client.transcribe(audio, language, use_itn,
-                                               vad_threshold=vad_threshold, filename=name)
+                                               vad_threshold=vad_threshold, filename=name,
+                                               word_timestamps=word_timestamps,
+                                               languages=allowed)
             except ServiceError as e:
                 internals = self.settings.ui_is_loopback()
                 if not internals and e.code in PUBLIC_MESSAGES:  # the caller is not told why
@@ -159,6 +163,28 @@ class Gateway:
             raise
         self.metrics.request_done(endpoint, "ok", time.perf_counter() - start, reply.duration_s)
         return reply
+
+    def check_languages(self, language: str, languages: Sequence[str] | None
+                        ) -> tuple[str, list[str] | None]:
+        """The worker's own checks, answered here with the field at fault: the language and
+        the whitelist as codes ("english" -> "en")."""
+        try:
+            chosen = language_of(language or "auto")
+        except ValueError as e:
+            raise RequestFailed(400, "bad_request", str(e), "language") from None
+        try:
+            allowed = None if languages is None else \
+                [lang.value for lang in languages_of(languages)]
+        except ValueError as e:
+            raise RequestFailed(400, "bad_request", str(e), "languages") from None
+        # Without a list of its own the request gets the service's (the same settings here).
+        effective = self.settings.languages if allowed is None else allowed
+        if chosen is not Language.AUTO and effective and chosen.value not in effective:
+            raise RequestFailed(400, "bad_request",
+                                f"language {chosen.value!r} is not among the allowed languages "
+                                f"({', '.join(effective)}); ask for auto or one of those",
+                                "language")
+        return chosen.value, allowed
 
     def refused(self, endpoint: str) -> RequestFailed:
         """The front door is full: count the refusal and say so."""

@@ -2,11 +2,17 @@
 
 Multipart fields: ``file`` (required), ``model`` (accepted, any name: one model is served),
 ``language`` (auto, zh, en, yue, ja, ko; English names such as "english" too),
-``response_format`` (json, text, verbose_json, srt, vtt), and two extensions: ``use_itn``
-(default true: punctuation and numerals, as OpenAI's models return) and ``vad_threshold``
-(0..1, the speech probability that splits long audio; default SENSEVOICE_VAD_THRESHOLD). ``prompt`` and ``temperature`` are
-accepted and ignored (CTC decoding has neither); ``stream=true`` is refused. Errors have
-OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+``response_format`` (json, text, verbose_json, srt, vtt) and ``timestamp_granularities[]``
+(segment, word or both, as OpenAI defines them: word is for verbose_json only and adds
+top-level ``words``; word alone leaves the segments out). Extensions: ``use_itn`` (default
+true: punctuation and numerals, as OpenAI's models return), ``vad_threshold`` (0..1, the speech
+probability that splits long audio; default SENSEVOICE_VAD_THRESHOLD), ``languages`` (what auto
+language ID may choose: comma-separated or repeated ``languages[]``; default
+SENSEVOICE_LANGUAGES, empty: any), and for srt/vtt ``max_line_width``, ``max_line_count``
+(default SENSEVOICE_SUBTITLE_MAX_LINE_WIDTH / _COUNT) and, for vtt, ``karaoke`` (each word timed
+inside its cue). ``prompt`` and ``temperature`` are accepted and ignored (CTC decoding has
+neither); ``stream=true`` is refused. Errors have OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -16,18 +22,28 @@ from dataclasses import dataclass
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from sensevoice_core.protocol import TranscribeReply
+from sensevoice_core.result import Segment, Word
 from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import MiB
-from sensevoice_core.subtitles import to_srt, to_vtt
+from sensevoice_core.subtitles import SubtitleOptions, to_srt, to_vtt
 from sensevoice_core.vocab import LANGUAGE_BY_TAG
 from ui.gateway import RETRY_AFTER_S, Gateway, RequestFailed
 
 MODEL_ID = "sensevoice-small"
 MODEL_CARD = {"id": MODEL_ID, "object": "model", "created": 1719792000, "owned_by": "sensevoice-serve"}
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+SUBTITLE_FORMATS = ("srt", "vtt")
+# Extension fields of subtitle responses -> the formats they apply to.
+SUBTITLE_FIELDS = {"max_line_width": SUBTITLE_FORMATS, "max_line_count": SUBTITLE_FORMATS,
+                   "karaoke": ("vtt",)}
+GRANULARITIES = ("segment", "word")  # OpenAI's timestamp_granularities[]
+# Characters per line, lines per cue: beyond this a limit means "none" (a cue's time limit cuts
+# first), and a bound keeps int() away from thousands of digits.
+MAX_SUBTITLE_LIMIT = 10_000
+WHISPER_FRAMES_PER_S = 100  # the unit of Whisper's "seek": 10 ms mel frames
 MULTIPART_OVERHEAD = MiB  # form fields and boundaries on top of the file itself
 MAX_FORM_FIELDS = 32  # OpenAI SDKs send list fields (include[], ...) once per item
 RETRYABLE_4XX = {408, 409, 429}  # what OpenAI SDKs retry below 500
@@ -76,36 +92,57 @@ def parse_threshold(value: object) -> float | None:
     return threshold
 
 
-def render(reply: TranscribeReply, response_format: str) -> Response:
+def render(reply: TranscribeReply, form: TranscriptionForm) -> Response:
     headers = {"X-SenseVoice-Fingerprint": reply.fingerprint}
-    if response_format == "text":
+    if form.response_format == "text":
         return PlainTextResponse(reply.text + "\n", headers=headers)
-    if response_format == "srt":
-        return PlainTextResponse(to_srt(reply.segments), headers=headers)
-    if response_format == "vtt":
-        return PlainTextResponse(to_vtt(reply.segments), media_type="text/vtt", headers=headers)
-    if response_format == "json":
+    if form.response_format == "srt":
+        return PlainTextResponse(to_srt(reply.segments, form.subtitles), headers=headers)
+    if form.response_format == "vtt":
+        return PlainTextResponse(to_vtt(reply.segments, form.subtitles), media_type="text/vtt",
+                                 headers=headers)
+    if form.response_format == "json":
         return JSONResponse({"text": reply.text}, headers=headers)
-    # avg_logprob, compression_ratio and no_speech_prob are Whisper's; neutral values keep
-    # clients that read them working (README says so).
-    segments = [{"id": index, "seek": 0, "start": s.start, "end": s.end, "text": s.text,
-                 "tokens": list(s.token_ids), "temperature": 0.0, "avg_logprob": 0.0,
-                 "compression_ratio": 1.0,
-                 "no_speech_prob": 1.0 if s.language == "nospeech" else 0.0,
-                 "language": s.language, "emotion": s.emotion, "event": s.event}
-                for index, s in enumerate(reply.segments)]
-    body = {
+    return JSONResponse(verbose_json(reply, form.granularities), headers=headers)
+
+
+def verbose_json(reply: TranscribeReply, granularities: frozenset[str]) -> dict:
+    """OpenAI's verbose_json: segments unless only words were asked for, words when they were."""
+    body: dict[str, object] = {
         "task": "transcribe",
         "language": language_name(reply.language) or "",  # a string, as OpenAI types it
         "duration": round(reply.duration_s, 3),
         "text": reply.text,
-        "segments": segments,
-        # SenseVoice's own tags, beyond OpenAI's fields
-        "emotion": reply.emotion,
-        "event": reply.event,
-        "fingerprint": reply.fingerprint,
     }
-    return JSONResponse(body, headers=headers)
+    if "segment" in granularities:
+        body["segments"] = [segment_json(index, s) for index, s in enumerate(reply.segments)]
+    if "word" in granularities:
+        body["words"] = [word_json(word) for word in reply.words]
+    # SenseVoice's own tags, beyond OpenAI's fields
+    body.update(emotion=reply.emotion, event=reply.event, fingerprint=reply.fingerprint)
+    return body
+
+
+def segment_json(index: int, segment: Segment) -> dict:
+    """One verbose_json segment. Whisper's confidences are the model's own measures of this
+    segment (result.py); one the model could not measure is left out, never made up."""
+    confidences = {"avg_logprob": segment.avg_logprob,
+                   "compression_ratio": segment.compression_ratio,
+                   "no_speech_prob": segment.no_speech_prob}
+    return {"id": index,
+            # Whisper's seek: the segment's offset into the audio, in its 10 ms frames.
+            "seek": round(segment.start * WHISPER_FRAMES_PER_S),
+            "start": segment.start, "end": segment.end, "text": segment.text,
+            "tokens": list(segment.token_ids),
+            "temperature": 0.0,  # greedy CTC decoding: the argmax, as at temperature 0
+            **{name: value for name, value in confidences.items() if value is not None},
+            "language": segment.language, "emotion": segment.emotion, "event": segment.event}
+
+
+def word_json(word: Word) -> dict:
+    """OpenAI's word (word, start, end), and the model's probability of it (an extension)."""
+    return {"word": word.word, "start": word.start, "end": word.end,
+            "probability": round(word.probability, 4)}
 
 
 def language_name(tag: str | None) -> str | None:
@@ -150,12 +187,13 @@ def build_openai_router(gateway: Gateway) -> APIRouter:
         try:
             reply = await anyio.to_thread.run_sync(
                 gateway.transcribe, form.audio, form.name, form.language, form.use_itn,
-                "openai", form.vad_threshold, limiter=gateway.transcribe_slots)
+                "openai", form.vad_threshold, form.word_timestamps, form.languages,
+                limiter=gateway.transcribe_slots)
         except RequestFailed as failure:
             return openai_error(failure)
         finally:
             gateway.door.leave()
-        return render(reply, form.response_format)
+        return render(reply, form)
 
     return router
 
@@ -168,6 +206,14 @@ class TranscriptionForm:
     use_itn: bool
     response_format: str
     vad_threshold: float | None
+    granularities: frozenset[str]  # of GRANULARITIES
+    languages: list[str] | None  # as given (the gateway checks them); None: not given
+    subtitles: SubtitleOptions | None  # srt and vtt only
+
+    @property
+    def word_timestamps(self) -> bool:
+        """Words are asked for, or subtitle cues are cut from them."""
+        return "word" in self.granularities or self.subtitles is not None
 
 
 def check_length(request: Request, gateway: Gateway) -> None:
@@ -213,15 +259,69 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
         language = str(form.get("language") or "auto")
         use_itn = parse_bool(str(form.get("use_itn") or "true"), "use_itn")
         vad_threshold = parse_threshold(form.get("vad_threshold"))
-        granularities = [*form.getlist("timestamp_granularities[]"),
-                         *form.getlist("timestamp_granularities")]
-        if "word" in granularities:
-            raise RequestFailed(400, "bad_request", "word timestamps are not supported yet; "
-                                                    "segments carry start and end times",
-                                "timestamp_granularities")
+        granularities = parse_granularities(
+            [*form.getlist("timestamp_granularities[]"),
+             *form.getlist("timestamp_granularities")], response_format)
+        languages = parse_languages([*form.getlist("languages[]"), *form.getlist("languages")])
+        subtitles = parse_subtitle_options(form, response_format, gateway)
         if parse_bool(str(form.get("stream") or "false"), "stream"):
             raise RequestFailed(400, "bad_request", "streaming transcription is not supported; "
                                                     "send stream=false", "stream")
     finally:
         await form.close()
-    return TranscriptionForm(audio, name, language, use_itn, response_format, vad_threshold)
+    return TranscriptionForm(audio, name, language, use_itn, response_format, vad_threshold,
+                             granularities, languages, subtitles)
+
+
+def parse_granularities(values: list[object], response_format: str) -> frozenset[str]:
+    """OpenAI's rules: segment (the default), word or both; word needs verbose_json."""
+    found = {str(value).strip().lower() for value in values}
+    unknown = sorted(found - set(GRANULARITIES))
+    if unknown:
+        raise RequestFailed(400, "bad_request",
+                            f"timestamp_granularities {unknown[0]!r} is not supported; expected "
+                            f"{' or '.join(GRANULARITIES)}", "timestamp_granularities")
+    if "word" in found and response_format != "verbose_json":
+        raise RequestFailed(400, "bad_request",
+                            f"timestamp_granularities word needs response_format verbose_json, "
+                            f"got {response_format!r}", "timestamp_granularities")
+    return frozenset(found or {"segment"})
+
+
+def parse_languages(values: list[object]) -> list[str] | None:
+    """"zh,en" or repeated fields, as one list (checked by the gateway); None: not given."""
+    if not values:
+        return None
+    return [part for value in values for part in str(value).split(",") if part.strip()]
+
+
+def parse_subtitle_options(form: FormData, response_format: str,
+                           gateway: Gateway) -> SubtitleOptions | None:
+    """The line limits (and karaoke, for vtt) of srt/vtt cues; None for other formats."""
+    given = {field: str(form.get(field)) for field in SUBTITLE_FIELDS
+             if form.get(field) not in (None, "")}
+    for field in given:
+        if response_format not in SUBTITLE_FIELDS[field]:
+            raise RequestFailed(400, "bad_request",
+                                f"{field} applies to response_format "
+                                f"{' or '.join(SUBTITLE_FIELDS[field])} only, got "
+                                f"{response_format!r}", field)
+    if response_format not in SUBTITLE_FORMATS:
+        return None
+    return gateway.settings.subtitle_options(
+        parse_positive_int(given.get("max_line_width"), "max_line_width"),
+        parse_positive_int(given.get("max_line_count"), "max_line_count"),
+        parse_bool(given.get("karaoke", "false"), "karaoke"))
+
+
+def parse_positive_int(value: str | None, field: str) -> int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    # isascii: isdigit alone lets "²" through to int().
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(MAX_SUBTITLE_LIMIT))
+            and 1 <= int(text) <= MAX_SUBTITLE_LIMIT):
+        raise RequestFailed(400, "bad_request",
+                            f"{field} must be a whole number from 1 to {MAX_SUBTITLE_LIMIT}, got "
+                            f"{text[:40]!r}", field)
+    return int(text)

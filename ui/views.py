@@ -1,8 +1,10 @@
-"""What the page shows: tag badges for a transcription, and the model status panel."""
+"""What the page shows: tag badges and timed words for a transcription, and the model status
+panel."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from html import escape
 
 from sensevoice_core.protocol import (
@@ -11,7 +13,23 @@ from sensevoice_core.protocol import (
     ServiceStatus,
     TranscribeReply,
 )
-from sensevoice_core.vocab import EMOTION_EMOJI, EVENT_EMOJI, LANGUAGE_BY_TAG
+from sensevoice_core.result import Segment, Word
+from sensevoice_core.vocab import (
+    EMOTION_EMOJI,
+    EVENT_EMOJI,
+    LANGUAGE_BY_TAG,
+    LANGUAGE_CHOICES,
+    UNSPACED_LANGUAGES,
+    Language,
+)
+
+# A word the model gives less probability than this is marked on the page (class sv-low): at
+# one half the model was as likely to have heard something else there.
+LOW_CONFIDENCE = 0.5
+MAX_SHOWN_WORDS = 3000  # in the word panel (about 20 minutes of speech)
+# What the language whitelist offers: (label, code), every language but auto.
+WHITELIST_CHOICES = [(f"{LANGUAGE_BY_TAG[code].label} ({code})", code)
+                     for code in LANGUAGE_CHOICES if code != Language.AUTO.value]
 
 
 def badge(kind: str, label: str) -> str:
@@ -36,6 +54,42 @@ def tags_html(reply: TranscribeReply, show_worker: bool) -> str:
               + (f" · worker pid {reply.worker_pid}" if show_worker else ""))
     return (f'<div class="sv-tags">{" ".join(badges)}</div>'
             f'<div class="sv-detail">{escape(detail)}</div>')
+
+
+def word_span(word: Word) -> str:
+    low = word.probability < LOW_CONFIDENCE
+    title = f"{word.start:.2f}–{word.end:.2f} s · p={word.probability:.2f}"
+    return (f'<span class="sv-word{" sv-low" if low else ""}" title="{title}" '
+            f'data-start="{word.start:.3f}" data-end="{word.end:.3f}" '
+            f'data-probability="{word.probability:.3f}">{escape(word.word)}</span>')
+
+
+def words_html(segments: Sequence[Segment]) -> str:
+    """Every word, its time and probability on hover, the unsure ones marked; "" when there
+    are none (word timestamps off, or no speech). At most MAX_SHOWN_WORDS: hours of speech
+    would make a page too heavy to scroll."""
+    lines, shown, total = [], 0, sum(len(segment.words) for segment in segments)
+    for segment in segments:
+        if segment.words and shown < MAX_SHOWN_WORDS:
+            words = segment.words[:MAX_SHOWN_WORDS - shown]
+            shown += len(words)
+            # Mandarin, Cantonese and Japanese are written without spaces between words.
+            gap = "" if segment.language in UNSPACED_LANGUAGES else " "
+            lines.append(f'<p class="sv-line">{gap.join(map(word_span, words))}</p>')
+    if not lines:
+        return ""
+    legend = (f"Hover over a word for its time and probability; a marked word is one the model "
+              f"gave less than p={LOW_CONFIDENCE:g}.")
+    if total > shown:
+        legend += (f" The first {shown} of {total} words are shown; the JSON below and the "
+                   f"subtitles have them all.")
+    return (f'<div class="sv-words">{"".join(lines)}</div>'
+            f'<div class="sv-detail">{escape(legend)}</div>')
+
+
+def word_rows(segments: Sequence[Segment]) -> list[dict[str, object]]:
+    """The words as data, for the page's JSON panel and gradio_client callers."""
+    return [word.model_dump() for segment in segments for word in segment.words]
 
 
 def code(text: str) -> str:

@@ -1,0 +1,109 @@
+"""Timed sentencepiece tokens merged into timed words. No torch: pieces and seconds only.
+
+- A piece starting with "▁" starts a word (English, Korean: the languages written with
+  spaces); a lone "▁" is no word, but whatever follows it starts one.
+- Each CJK character (Han, kana) is a word of its own; a piece of several such characters
+  shares its time equally among them.
+- Punctuation (ITN's ",.?!" and the CJK "，。？！、") joins the word before it, without
+  extending that word's end: it has no time of its own. Punctuation before any word joins the
+  first word.
+- Tag pieces (<|Laughter|>) are not words.
+- A word's probability is the mean of its tokens' (its punctuation's included).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sensevoice_core.result import Token, Word
+
+WORD_MARK = "\u2581"  # sentencepiece's word-boundary mark
+_TAG = re.compile(r"<\|[^|<>]*\|>")
+_CJK = re.compile(
+    "[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
+    "\U00020000-\U0003ffff]")
+
+
+def is_cjk(character: str) -> bool:
+    return bool(_CJK.fullmatch(character))
+
+
+def is_punctuation(text: str) -> bool:
+    """Only punctuation marks (Unicode category P*): ",", "。", "？", "、"."""
+    return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
+
+
+@dataclass
+class _Building:
+    text: str
+    start: float
+    end: float
+    probabilities: list[float] = field(default_factory=list)
+    cjk: bool = False
+
+    def word(self) -> Word:
+        return Word(word=self.text, start=self.start, end=self.end,
+                    probability=sum(self.probabilities) / len(self.probabilities))
+
+
+def words_of(tokens: Sequence[Token]) -> tuple[Word, ...]:
+    """The words of a segment's timed tokens, in order (see the module's rules)."""
+    words: list[_Building] = []
+    boundary = True  # the next piece starts a word
+    leading: list[Token] = []  # punctuation seen before any word
+    for token in tokens:
+        piece = token.piece
+        if _TAG.fullmatch(piece):
+            boundary = True
+            continue
+        marked = piece.startswith(WORD_MARK)
+        text = piece.lstrip(WORD_MARK)
+        if not text:  # a lone "▁"
+            boundary = True
+            continue
+        if is_punctuation(text):
+            if words:
+                words[-1].text += text
+                words[-1].probabilities.append(token.probability)
+            else:
+                leading.append(token)
+            continue
+        boundary = boundary or marked
+        for part, start, end in _split_cjk(text, token.start, token.end):
+            cjk = is_cjk(part[0])
+            if boundary or cjk or not words or words[-1].cjk:
+                words.append(_Building(part, start, end, cjk=cjk))
+            else:
+                words[-1].text += part
+                words[-1].end = end
+            words[-1].probabilities.append(token.probability)
+            boundary = False
+        if leading and words:
+            first = words[0]
+            first.text = "".join(t.piece.lstrip(WORD_MARK) for t in leading) + first.text
+            first.probabilities += [t.probability for t in leading]
+            leading = []
+    return tuple(building.word() for building in words)
+
+
+def _split_cjk(text: str, start: float, end: float) -> list[tuple[str, float, float]]:
+    """A piece cut into runs: each CJK character alone, other characters together; the piece's
+    time shared equally among its characters."""
+    parts: list[str] = []
+    for character in text:
+        if is_cjk(character) or not parts or is_cjk(parts[-1][0]):
+            parts.append(character)
+        else:
+            parts[-1] += character
+    if len(parts) == 1:
+        return [(text, start, end)]
+    per_character = (end - start) / len(text)
+    timed, at = [], start
+    for part in parts:
+        part_end = at + per_character * len(part)
+        timed.append((part, round(at, 3), round(part_end, 3)))
+        at = part_end
+    return timed
