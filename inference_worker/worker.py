@@ -273,7 +273,9 @@ def reply_frames(reply: TranscribeReply | ErrorReply) -> list[bytes]:
     return encode(ErrorReply(
         request_id=reply.request_id, code="internal",
         message=f"the result is {len(frames[0]) / MiB:.1f} MiB, over the "
-                f"{MAX_REPLY_HEADER_BYTES // MiB} MiB a reply may carry; send shorter audio"))
+                f"{MAX_REPLY_HEADER_BYTES // MiB} MiB a reply may carry; send shorter audio"
+                + (" or ask without word timestamps" if isinstance(reply, TranscribeReply)
+                   and any(s.tokens for s in reply.segments) else "")))
 
 
 def step_aside() -> None:

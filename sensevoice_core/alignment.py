@@ -14,6 +14,7 @@ emit, such as a token that never wins a frame.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,10 +128,16 @@ def _viterbi(emissions: Tensor, skip: Tensor, lengths: Tensor,
 
 
 def _end_states(final: Tensor, targets: Sequence[Sequence[int]]) -> list[int]:
-    """Each item's better end: its last token or the blank after it."""
+    """Each item's better end: its last token or the blank after it. An item with targets
+    and no finite path (a target impossible on every frame, NaN log-probabilities) is a
+    ValueError naming it, rather than spans made up from a path that does not exist."""
     ends = []
-    for scores, ids in zip(final.tolist(), targets):
+    for index, (scores, ids) in enumerate(zip(final.tolist(), targets)):
         last_blank, last_token = 2 * len(ids), max(0, 2 * len(ids) - 1)
+        best = max(scores[last_blank], scores[last_token])
+        if ids and not math.isfinite(best):
+            raise ValueError(f"forced_align: item {index} has no path of finite probability "
+                             f"through its {len(ids)} targets (score {best})")
         ends.append(last_blank if scores[last_blank] >= scores[last_token] else last_token)
     return ends
 

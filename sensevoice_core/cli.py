@@ -22,7 +22,13 @@ from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.result import Result
 from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import Settings, SettingsError, load_settings
-from sensevoice_core.subtitles import SubtitleOptions, to_srt, to_vtt
+from sensevoice_core.subtitles import (
+    LINE_LIMIT_BOUNDS,
+    SubtitleOptions,
+    check_line_limit,
+    to_srt,
+    to_vtt,
+)
 from sensevoice_core.vocab import language_choices_text, language_of, languages_of
 
 FORMATS = ("text", "json", "srt", "vtt")
@@ -72,14 +78,15 @@ def language_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def positive_int(text: str) -> int:
-    """--max-line-width, --max-line-count: a whole number from 1."""
+def line_limit(text: str) -> int:
+    """--max-line-width, --max-line-count: a whole number within the subtitles' bounds."""
     try:
         value = int(text)
+        check_line_limit("limit", value)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from {LINE_LIMIT_BOUNDS.low:g} to "
+            f"{LINE_LIMIT_BOUNDS.high:g}, got {text!r}") from None
     return value
 
 
@@ -110,10 +117,10 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser,
                         help="comma-separated languages auto-detection may choose from "
                              "(zh,en), codes or names in any case; '' allows any (default: "
                              "SENSEVOICE_LANGUAGES)")
-    parser.add_argument("--max-line-width", type=positive_int, metavar="N",
+    parser.add_argument("--max-line-width", type=line_limit, metavar="N",
                         help="srt, vtt: characters per line (default: "
                              "SENSEVOICE_SUBTITLE_MAX_LINE_WIDTH)")
-    parser.add_argument("--max-line-count", type=positive_int, metavar="N",
+    parser.add_argument("--max-line-count", type=line_limit, metavar="N",
                         help="srt, vtt: lines per cue (default: "
                              "SENSEVOICE_SUBTITLE_MAX_LINE_COUNT)")
     parser.add_argument("--karaoke", action="store_true",

@@ -81,22 +81,24 @@ def to_segment(token_ids: list[int], tokenizer: Tokenizer, start: float, end: fl
 
 
 def allowed_language_ids(tokenizer: Tokenizer, allowed: Sequence[vocab.Language]) -> list[int]:
-    """The tags the language frame may answer under a whitelist: its languages and
-    <|nospeech|> (those this vocabulary has)."""
-    tags = [lang.value for lang in allowed] + [vocab.Language.NOSPEECH.value]
-    ids = [tokenizer.piece_id(vocab.tag_piece(tag)) for tag in tags]
+    """The language tags a whitelist allows, those this vocabulary has."""
+    ids = [tokenizer.piece_id(vocab.tag_piece(lang.value)) for lang in allowed]
     return [token_id for token_id in ids if token_id is not None]
 
 
 def language_answers(logits: Tensor, tokenizer: Tokenizer,
                      languages: Sequence[vocab.Language]) -> Tensor:
-    """Each item's answer on its language frame (frame 0) under a whitelist: the likeliest of
-    the allowed tags, so that ruling out the model's own choice never leaves the slot to a
-    blank or a text token (no language at all)."""
+    """Each item's answer on its language frame (frame 0) under a whitelist. The model's own
+    answer stands when it is an allowed language or <|nospeech|>; otherwise the likeliest
+    allowed language replaces it, so that ruling out its choice never leaves the slot to a
+    blank or a text token, nor turns speech into <|nospeech|> (which would drop it)."""
+    own = logits[:, 0].argmax(dim=-1)
     ids = torch.tensor(allowed_language_ids(tokenizer, languages), device=logits.device)
-    if not languages or ids.numel() == 0:
-        return logits[:, 0].argmax(dim=-1)
-    return ids[logits[:, 0, ids].argmax(dim=-1)]
+    if ids.numel() == 0:
+        return own
+    nospeech = tokenizer.piece_id(vocab.tag_piece(vocab.Language.NOSPEECH.value))
+    keep = torch.isin(own, ids) | (own == (-1 if nospeech is None else nospeech))
+    return torch.where(keep, own, ids[logits[:, 0, ids].argmax(dim=-1)])
 
 
 def decode_logits(logits: Tensor, lengths: Tensor, tokenizer: Tokenizer,

@@ -102,8 +102,8 @@ def placed(segment: Segment, piece: _Piece) -> Segment:
     region = piece.region
     if piece.samples is not None and segment.tokens:
         # The model heard the whole input and may place a word outside the VAD's span (the
-        # demo model does, at the edges): the segment grows to hold its words, so none is
-        # squeezed to zero length at its edge.
+        # demo model does, at the edges): the segment grows to hold its words rather than
+        # squeeze them to nothing at its edge.
         region = Region(min(region.start, segment.tokens[0].start),
                         max(region.end, segment.tokens[-1].end))
     update: dict[str, object] = {"start": region.start, "end": region.end}

@@ -29,8 +29,12 @@ HEARTBEAT_LIVENESS = 3  # missed pongs before a worker counts as hung (3..5 is u
 SUPERVISOR_SILENCE_S = 10.0  # an idle worker that hears nothing this long exits (orphaned)
 SPAWN_TIMEOUT_S = 60.0  # a fresh worker process must say hello within this (torch import)
 MAX_HEADER_BYTES = 64 * 1024  # a request's JSON header is small; anything larger is malformed
-# A reply carries every segment and token id: three hours of speech is well under 2 MiB.
-MAX_REPLY_HEADER_BYTES = 16 * MiB
+# A reply carries every segment and token id (three hours of speech: well under 2 MiB) and,
+# with word timestamps, each token and word timed (about 80 bytes each): at most one token per
+# 60 ms frame, so three hours hold at most 180,000 tokens, and as many words but for pieces of
+# several CJK characters (a word each): about 30 MiB even for output that dense. Beyond this
+# limit the worker answers that request alone with an error.
+MAX_REPLY_HEADER_BYTES = 64 * MiB
 STATUS_TIMEOUT_S = 5.0  # client wait for a status reply
 # A worker serving a request that has run this long is given one more (on its second compute
 # thread), so that one long upload does not hold up every short request behind it...

@@ -18,7 +18,7 @@ from sensevoice_core.vocab import EMOTION_EMOJI, EVENT_EMOJI, UNSPACED_LANGUAGES
 class Token(BaseModel):
     """One emitted text token, placed in time by CTC forced alignment (alignment.py)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     id: int
     piece: str  # the sentencepiece piece ("▁he"); "▁" marks the start of a word
@@ -31,7 +31,7 @@ class Word(BaseModel):
     """Tokens merged into a word: a "▁" piece starts one, each CJK character is one, and
     punctuation joins the word before it without a time of its own."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     word: str  # as written, no leading space ("hello," with its punctuation)
     start: float
@@ -42,7 +42,7 @@ class Word(BaseModel):
 class Segment(BaseModel):
     """One stretch of speech, decoded in one pass of the model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     start: float  # seconds from the start of the audio
     end: float
@@ -72,7 +72,7 @@ class Result(BaseModel):
     """A whole input: its segments in time order (none when there is no speech), and the
     text, tags and token ids of all of them together."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     text: str  # the segments' texts joined (no space between neighbours in unspaced scripts)
     raw: str  # the segments' raw strings joined

@@ -24,7 +24,7 @@ from sensevoice_core.segmentation import (
     VadOptions,
     padding_problem,
 )
-from sensevoice_core.subtitles import CUE_S_BOUNDS, SubtitleOptions
+from sensevoice_core.subtitles import CUE_S_BOUNDS, LINE_LIMIT_BOUNDS, SubtitleOptions
 from sensevoice_core.vocab import languages_of
 
 ENV_PREFIX = "SENSEVOICE_"
@@ -34,6 +34,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 _VAD = VadOptions()
 _TRANSCRIBE = TranscribeOptions()
 _SUBTITLES = SubtitleOptions()
+_LINE_LIMIT = {"ge": int(LINE_LIMIT_BOUNDS.low), "le": int(LINE_LIMIT_BOUNDS.high)}
 
 
 class Settings(BaseSettings):
@@ -125,9 +126,9 @@ class Settings(BaseSettings):
         description="languages auto-detection may choose from, comma-separated (zh,en); "
                     "empty: any. A request's own list replaces it")
     subtitle_max_line_width: int = Field(
-        _SUBTITLES.max_line_width, ge=1, description="characters per subtitle line")
+        _SUBTITLES.max_line_width, **_LINE_LIMIT, description="characters per subtitle line")
     subtitle_max_line_count: int = Field(
-        _SUBTITLES.max_line_count, ge=1, description="lines per subtitle cue")
+        _SUBTITLES.max_line_count, **_LINE_LIMIT, description="lines per subtitle cue")
     subtitle_max_cue_s: float = Field(
         _SUBTITLES.max_cue_s, **CUE_S_BOUNDS.field,
         description="seconds one subtitle cue may stay on screen")

@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sensevoice_core.result import Segment
+from sensevoice_core.result import Segment, Token, Word
 from sensevoice_core.segmentation import Bounds
 from sensevoice_core.vocab import UNSPACED_LANGUAGES
+from sensevoice_core.words import WORD_MARK
 
-LINE_WIDTH_BOUNDS = Bounds(1.0)  # characters
-LINE_COUNT_BOUNDS = Bounds(1.0)
+# Characters per line and lines per cue, whole numbers; past the top a limit means "none" (the
+# cue's time limit cuts first), and the bound keeps int() away from thousands of digits.
+LINE_LIMIT_BOUNDS = Bounds(1.0, 10_000.0)
 CUE_S_BOUNDS = Bounds(0.0, low_exclusive=True)  # seconds
 
 # What a cut between two words costs. A cue costs 1; a cut where nothing invites one costs 4,
@@ -54,12 +56,8 @@ class SubtitleOptions:
     karaoke: bool = False  # WebVTT only: each word timed inside its cue (<00:00:01.200>)
 
     def __post_init__(self) -> None:
-        for name, bounds in (("max_line_width", LINE_WIDTH_BOUNDS),
-                             ("max_line_count", LINE_COUNT_BOUNDS)):
-            value = getattr(self, name)
-            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if not whole or value < bounds.low:
-                raise ValueError(f"{name}={value!r}: expected a whole number >= {bounds.low:g}")
+        for name in ("max_line_width", "max_line_count"):
+            check_line_limit(name, getattr(self, name))
         CUE_S_BOUNDS.check("max_cue_s", self.max_cue_s)
         object.__setattr__(self, "karaoke", bool(self.karaoke))
 
@@ -79,6 +77,14 @@ class Cue:
     end: float
     lines: tuple[tuple[Unit, ...], ...]
     timed: bool  # its units are words with times of their own
+
+
+def check_line_limit(name: str, value: object) -> None:
+    """ValueError naming the option unless value is a whole number within LINE_LIMIT_BOUNDS."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or not LINE_LIMIT_BOUNDS.low <= value <= LINE_LIMIT_BOUNDS.high:
+        raise ValueError(f"{name}={value!r}: expected a whole number from "
+                         f"{LINE_LIMIT_BOUNDS.low:g} to {LINE_LIMIT_BOUNDS.high:g}")
 
 
 def timestamp(seconds: float, decimal_mark: str) -> str:
@@ -155,7 +161,7 @@ def cues(segments: Sequence[Segment], options: SubtitleOptions) -> list[Cue]:
     """Every segment's cues in order; a cue never spans two segments and is never empty."""
     found: list[Cue] = []
     for segment in segments:
-        words = word_units(segment)
+        words = word_units(segment, options)
         if words:
             found += [Cue(part[0].start, max(part[0].start, *(unit.end for unit in part)),
                           tuple(map(tuple, balanced(part, options.max_line_width))), True)
@@ -168,19 +174,48 @@ def cues(segments: Sequence[Segment], options: SubtitleOptions) -> list[Cue]:
     return found
 
 
-def word_units(segment: Segment) -> list[Unit]:
+def word_units(segment: Segment, options: SubtitleOptions) -> list[Unit]:
     """The segment's words; in zh, yue and ja without spaces, except between two Latin words
-    or numbers (用 + GPU + 跑 make "用GPU跑", iPhone + 15 make "iPhone 15")."""
+    or numbers (用 + GPU + 跑 make "用GPU跑", iPhone + 15 make "iPhone 15"). A word too wide
+    for a line or too long for a cue comes in parts (see word_parts)."""
     unspaced = segment.language in UNSPACED_LANGUAGES
     units: list[Unit] = []
     for word in segment.words:
-        text = cue_text(word.word)
-        if not text:
-            continue
-        space = bool(units) and (not unspaced or (ascii_alnum(units[-1].text[-1])
-                                                  and ascii_alnum(text[0])))
-        units.append(Unit(text, space, word.start, word.end))
+        for index, part in enumerate(word_parts(word, segment.tokens, options)):
+            text = cue_text(part.word)
+            if not text:
+                continue
+            space = bool(units) and index == 0 and (
+                not unspaced or (ascii_alnum(units[-1].text[-1]) and ascii_alnum(text[0])))
+            units.append(Unit(text, space, part.start, part.end))
     return units
+
+
+def word_parts(word: Word, tokens: Sequence[Token], options: SubtitleOptions) -> list[Word]:
+    """A word wider than a line or longer than a cue may last (a long number after ITN:
+    "11459263587931415936") split between its tokens, which carry their own times; any other
+    word, or one whose tokens cannot be told, whole."""
+    if len(word.word) <= options.max_line_width and word.end - word.start <= options.max_cue_s:
+        return [word]
+    inside = [t for t in tokens
+              if word.start <= t.start < word.end and t.piece.lstrip(WORD_MARK)]
+    text = "".join(t.piece.lstrip(WORD_MARK) for t in inside)
+    if len(inside) < 2 or not text or not word.word.startswith(text):
+        return [word]
+    parts: list[list[Token]] = []
+    for token in inside:
+        if parts:
+            current = "".join(t.piece.lstrip(WORD_MARK) for t in parts[-1])
+            if (len(current) + len(token.piece.lstrip(WORD_MARK)) <= options.max_line_width
+                    and token.end - parts[-1][0].start <= options.max_cue_s):
+                parts[-1].append(token)
+                continue
+        parts.append([token])
+    found = [Word(word="".join(t.piece.lstrip(WORD_MARK) for t in part), start=part[0].start,
+                  end=part[-1].end, probability=word.probability) for part in parts]
+    rest = word.word[len(text):]  # punctuation that joined the word
+    return found[:-1] + [found[-1].model_copy(update={"word": found[-1].word + rest,
+                                                       "end": max(found[-1].end, word.end)})]
 
 
 def ascii_alnum(char: str) -> bool:

@@ -5,8 +5,9 @@
 - Each CJK character (Han, kana) is a word of its own; a piece of several such characters
   shares its time equally among them.
 - Punctuation (ITN's ",.?!" and the CJK "，。？！、") joins the word before it, without
-  extending that word's end: it has no time of its own. Punctuation before any word joins the
-  first word.
+  extending that word's end: it has no time of its own ("3,000" stays one word; a "▁"-marked
+  mark such as " -" ends the word).
+  Opening brackets and quotes ("(", "“"), and punctuation before any word, join the word after.
 - Tag pieces (<|Laughter|>) are not words.
 - A word's probability is the mean of its tokens' (its punctuation's included).
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from sensevoice_core.result import Token, Word
 
 WORD_MARK = "\u2581"  # sentencepiece's word-boundary mark
+OPENING = ("Ps", "Pi")  # Unicode categories of opening brackets and quotes
 _TAG = re.compile(r"<\|[^|<>]*\|>")
 _CJK = re.compile(
     "[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
@@ -46,14 +48,14 @@ class _Building:
 
     def word(self) -> Word:
         return Word(word=self.text, start=self.start, end=self.end,
-                    probability=sum(self.probabilities) / len(self.probabilities))
+                    probability=round(sum(self.probabilities) / len(self.probabilities), 4))
 
 
 def words_of(tokens: Sequence[Token]) -> tuple[Word, ...]:
     """The words of a segment's timed tokens, in order (see the module's rules)."""
     words: list[_Building] = []
     boundary = True  # the next piece starts a word
-    leading: list[Token] = []  # punctuation seen before any word
+    pending: list[Token] = []  # punctuation waiting for the word after it
     for token in tokens:
         piece = token.piece
         if _TAG.fullmatch(piece):
@@ -65,13 +67,17 @@ def words_of(tokens: Sequence[Token]) -> tuple[Word, ...]:
             boundary = True
             continue
         if is_punctuation(text):
-            if words:
+            opening = unicodedata.category(text[0]) in OPENING
+            if words and not pending and not opening:
                 words[-1].text += text
                 words[-1].probabilities.append(token.probability)
             else:
-                leading.append(token)
+                pending.append(token)
+            # "3,000" stays one word; "hello ( world" or "▁-" separate the words around them.
+            boundary = boundary or marked or opening
             continue
         boundary = boundary or marked
+        first_new = len(words)
         for part, start, end in _split_cjk(text, token.start, token.end):
             cjk = is_cjk(part[0])
             if boundary or cjk or not words or words[-1].cjk:
@@ -81,11 +87,14 @@ def words_of(tokens: Sequence[Token]) -> tuple[Word, ...]:
                 words[-1].end = end
             words[-1].probabilities.append(token.probability)
             boundary = False
-        if leading and words:
-            first = words[0]
-            first.text = "".join(t.piece.lstrip(WORD_MARK) for t in leading) + first.text
-            first.probabilities += [t.probability for t in leading]
-            leading = []
+        if pending and len(words) > first_new:
+            first = words[first_new]
+            first.text = "".join(t.piece.lstrip(WORD_MARK) for t in pending) + first.text
+            first.probabilities += [t.probability for t in pending]
+            pending = []
+    if pending and words:  # an opening mark at the very end: it stays with the last word
+        words[-1].text += "".join(t.piece.lstrip(WORD_MARK) for t in pending)
+        words[-1].probabilities += [t.probability for t in pending]
     return tuple(building.word() for building in words)
 
 

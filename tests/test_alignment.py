@@ -84,6 +84,16 @@ def test_too_few_frames_is_a_clear_error():
         forced_align(m[None], torch.tensor([0]), [[1]])
 
 
+def test_a_target_impossible_on_every_frame_is_an_error_not_made_up_spans():
+    m = frames({1: 0.5}, {2: 0.5}, {1: 0.5}, {2: 0.5})
+    m[:, 3] = float("-inf")
+    with pytest.raises(ValueError, match="item 0 has no path of finite probability"):
+        align(m, [1, 3])
+    m[2] = float("nan")
+    with pytest.raises(ValueError, match="item 0 has no path of finite probability"):
+        align(m, [1, 2])
+
+
 def test_bad_arguments_are_named():
     m = frames({1: 0.9}, {2: 0.9})
     with pytest.raises(ValueError, match="contain the blank id 0"):

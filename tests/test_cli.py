@@ -461,10 +461,10 @@ def test_word_timestamps_put_words_and_tokens_in_the_json(official_run, words_ru
 
 @pytest.mark.parametrize("module", ["sensevoice_core", "supervisor"])
 @pytest.mark.parametrize(("arguments", "message"), [
-    (("--languages", "en,xx"), "argument --languages: unknown language 'xx'; expected one of:"),
+    (("--languages", "en,xx"), "argument --languages: unknown language 'xx' in the language list; expected languages from: zh, en"),
     (("--karaoke", "--format", "srt"),
      "--karaoke times words inside WebVTT cues: it needs --format vtt, not --format srt"),
-    (("--max-line-width", "0"), "argument --max-line-width: expected a whole number >= 1, got '0'"),
+    (("--max-line-width", "0"), "argument --max-line-width: expected a whole number from 1 to 10000, got '0'"),
 ])
 def test_subtitle_and_language_flags_refuse_bad_values_before_any_work(module, arguments,
                                                                         message):
@@ -487,9 +487,10 @@ def test_a_language_outside_the_settings_list_is_one_error_line(module):
     (("--languages", "zh,,klingon"), "unknown language 'klingon'"),
     (("--karaoke",), "it needs --format vtt, not --format text"),
     (("--karaoke", "--json"), "it needs --format vtt, not --format json"),
-    (("--max-line-count", "-2"), "argument --max-line-count: expected a whole number >= 1"),
-    (("--max-line-width", "4.5"), "argument --max-line-width: expected a whole number >= 1"),
-    (("--max-line-width", ""), "argument --max-line-width: expected a whole number >= 1"),
+    (("--max-line-count", "-2"), "argument --max-line-count: expected a whole number from 1 to 10000"),
+    (("--max-line-width", "4.5"), "argument --max-line-width: expected a whole number from 1"),
+    (("--max-line-width", ""), "argument --max-line-width: expected a whole number from 1"),
+    (("--max-line-width", "10001"), "argument --max-line-width: expected a whole number from 1"),
     (("--language", "ja", "--languages", "en,Chinese"),
      "--language ja is not among --languages en,zh"),
 ])

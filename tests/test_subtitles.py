@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sensevoice_core.result import Segment, Word
+from sensevoice_core.result import Segment, Token, Word
 from sensevoice_core.subtitles import (
     SubtitleOptions,
     Unit,
@@ -222,6 +222,26 @@ def test_a_word_longer_than_a_cue_may_last_is_still_shown():
     assert srt_cues(to_srt([segment])) == [(0.5, 9.0, ["Hmmm"])]
 
 
+def test_a_long_number_is_split_between_its_tokens_within_the_limits():
+    """ITN writes a spoken digit string as one word ("1145926358..."): it is cut between its
+    tokens, which carry their own times, so no cue breaks the width or time limit."""
+    digits = "11459263587931415936" * 4 + "."
+    pieces = ["▁" + digits[0]] + [digits[i:i + 2] for i in range(1, 80, 2)] + ["."]
+    tokens = tuple(Token(id=i + 3, piece=piece, start=round(0.3 * i, 3),
+                         end=round(0.3 * i + 0.2, 3), probability=0.9)
+                   for i, piece in enumerate(pieces))
+    word = Word(word=digits, start=0.0, end=tokens[-2].end, probability=0.9)
+    segment = Segment(start=0.0, end=word.end, text=digits, raw=digits, language="en",
+                      emotion=None, event=None, words=(word,), tokens=tokens)
+    found = srt_cues(to_srt([segment]))
+    assert len(found) >= 2
+    assert "".join(line for _, _, lines in found for line in lines) == digits
+    for start, end, lines in found:
+        assert all(len(line) <= 42 for line in lines) and len(lines) <= 2
+        assert end - start <= 7
+    assert found[0][0] == 0.0 and found[-1][1] == word.end
+
+
 @pytest.mark.parametrize("language", ["zh", "yue", "ja"])
 def test_unspaced_languages_are_joined_without_spaces(language):
     texts = ["今", "天", "我", "用", "GPU", "跑", "iPhone", "15", "的", "模", "型。"]
@@ -322,6 +342,7 @@ def test_an_unspaced_segment_without_words_wraps_between_characters():
     ({"max_line_width": -3}, "max_line_width=-3"),
     ({"max_line_width": 2.5}, "max_line_width=2.5"),
     ({"max_line_width": True}, "max_line_width=True"),
+    ({"max_line_width": 10_001}, "max_line_width=10001"),
     ({"max_line_count": 0}, "max_line_count=0"),
     ({"max_line_count": -1}, "max_line_count=-1"),
     ({"max_cue_s": 0}, "max_cue_s=0"),
@@ -336,7 +357,7 @@ def test_bad_options_are_value_errors_naming_the_option(options, named):
 
 def test_huge_limits_keep_a_long_segment_fast_and_whole():
     texts = [VOCABULARY[i % len(VOCABULARY)] for i in range(400)]  # two minutes of speech
-    options = SubtitleOptions(max_line_width=10**9, max_line_count=10**9, max_cue_s=10**6)
+    options = SubtitleOptions(max_line_width=10_000, max_line_count=10_000, max_cue_s=10**6)
     started = time.perf_counter()
     found = srt_cues(to_srt([timed(texts)], options))
     assert time.perf_counter() - started < 5

@@ -91,6 +91,16 @@ def test_leading_punctuation_joins_the_first_word_and_lone_punctuation_is_no_wor
     assert words_of(tokens(("▁", 0.0, 0.1, 0.5), ("▁", 0.1, 0.2, 0.5))) == ()
 
 
+def test_opening_marks_join_the_word_after_and_numbers_keep_their_separators():
+    def words(*pieces: str) -> list[str]:
+        return [w.word for w in words_of(tokens(*((p, 0.1 * i, 0.1 * i + 0.05, 0.9)
+                                                   for i, p in enumerate(pieces))))]
+    assert words("▁hello", "▁(", "world", ")") == ["hello", "(world)"]
+    assert words("▁hello", "▁-", "world") == ["hello-", "world"]
+    assert words("▁3", ",", "000", "▁3", ".", "5", "▁km") == ["3,000", "3.5", "km"]
+    assert words("▁say", "▁“", "hi", "”") == ["say", "“hi”"]
+
+
 def test_latin_after_cjk_starts_a_new_word():
     found = words_of(tokens(("你", 0.0, 0.2, 0.9), ("ok", 0.2, 0.4, 0.7), ("好", 0.4, 0.6, 0.8)))
     assert [w.word for w in found] == ["你", "ok", "好"]
@@ -393,8 +403,29 @@ def test_nospeech_stays_possible_and_odd_whitelists_do_not_break(demo_model):
         [segment] = demo_model.decode([clip], TranscribeOptions(languages=languages))
         assert segment.language in (*languages, "nospeech"), (languages, segment.raw)
     piece_id = demo_model.tokenizer.piece_id
-    allowed = allowed_language_ids(demo_model.tokenizer, (Language.EN,))
-    assert allowed == [piece_id("<|en|>"), piece_id("<|nospeech|>")]
+    assert allowed_language_ids(demo_model.tokenizer, (Language.EN, Language.JA)) == \
+        [piece_id("<|en|>"), piece_id("<|ja|>")]
+
+
+def test_ruling_out_the_models_language_never_makes_speech_nospeech(demo_model):
+    """Frame 0 says zh first, <|nospeech|> second, en third: under ["en", "ja"] the answer
+    is en (the segment would be dropped as no speech otherwise); where the model itself
+    answers <|nospeech|>, that stands."""
+    tokenizer = demo_model.tokenizer
+    vocab_size = tokenizer.vocab_size
+    text = [tokenizer.piece_id("▁hello"), tokenizer.piece_id("▁world")]
+    assert None not in text
+    logits = torch.full((2, NUM_PROMPT_FRAMES + 4, vocab_size), -10.0)
+    logits[:, 1:NUM_PROMPT_FRAMES + 4, 0] = 5.0  # blank
+    logits[:, NUM_PROMPT_FRAMES, text[0]] = logits[:, NUM_PROMPT_FRAMES + 2, text[1]] = 9.0
+    zh, nospeech, en = (tokenizer.piece_id(f"<|{tag}|>") for tag in ("zh", "nospeech", "en"))
+    logits[0, 0, zh], logits[0, 0, nospeech], logits[0, 0, en] = 5.0, 3.0, 2.0
+    logits[1, 0, nospeech], logits[1, 0, zh], logits[1, 0, en] = 5.0, 3.0, 2.0
+    lengths = torch.tensor([NUM_PROMPT_FRAMES + 4] * 2)
+    speech, silence = decode_logits(logits, lengths, tokenizer, [0.5, 0.5],
+                                    languages=(Language.EN, Language.JA))
+    assert (speech.language, speech.text) == ("en", "hello world")
+    assert silence.language == "nospeech"
 
 
 def test_a_whitelist_always_answers_with_a_language_it_allows(demo_model):

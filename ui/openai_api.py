@@ -28,7 +28,7 @@ from sensevoice_core.protocol import TranscribeReply
 from sensevoice_core.result import Segment, Word
 from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import MiB
-from sensevoice_core.subtitles import SubtitleOptions, to_srt, to_vtt
+from sensevoice_core.subtitles import LINE_LIMIT_BOUNDS, SubtitleOptions, to_srt, to_vtt
 from sensevoice_core.vocab import LANGUAGE_BY_TAG
 from ui.gateway import RETRY_AFTER_S, Gateway, RequestFailed
 
@@ -40,9 +40,7 @@ SUBTITLE_FORMATS = ("srt", "vtt")
 SUBTITLE_FIELDS = {"max_line_width": SUBTITLE_FORMATS, "max_line_count": SUBTITLE_FORMATS,
                    "karaoke": ("vtt",)}
 GRANULARITIES = ("segment", "word")  # OpenAI's timestamp_granularities[]
-# Characters per line, lines per cue: beyond this a limit means "none" (a cue's time limit cuts
-# first), and a bound keeps int() away from thousands of digits.
-MAX_SUBTITLE_LIMIT = 10_000
+MAX_SUBTITLE_LIMIT = int(LINE_LIMIT_BOUNDS.high)
 WHISPER_FRAMES_PER_S = 100  # the unit of Whisper's "seek": 10 ms mel frames
 MULTIPART_OVERHEAD = MiB  # form fields and boundaries on top of the file itself
 MAX_FORM_FIELDS = 32  # OpenAI SDKs send list fields (include[], ...) once per item
