@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -186,7 +187,7 @@ def word_units(segment: Segment, options: SubtitleOptions) -> list[Unit]:
             if not text:
                 continue
             space = bool(units) and index == 0 and (
-                not unspaced or (ascii_alnum(units[-1].text[-1]) and ascii_alnum(text[0])))
+                not unspaced or (latin_end(units[-1].text) and ascii_alnum(text[0])))
             units.append(Unit(text, space, part.start, part.end))
     return units
 
@@ -220,6 +221,12 @@ def word_parts(word: Word, tokens: Sequence[Token], options: SubtitleOptions) ->
 
 def ascii_alnum(char: str) -> bool:
     return char.isascii() and char.isalnum()
+
+
+def latin_end(text: str) -> bool:
+    """Ends in a Latin letter or digit, or in ASCII punctuation after one ("GPU", "hello,")."""
+    stripped = text.rstrip(string.punctuation)
+    return bool(stripped) and ascii_alnum(stripped[-1])
 
 
 def text_units(segment: Segment) -> list[Unit]:

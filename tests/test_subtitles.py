@@ -244,9 +244,10 @@ def test_a_long_number_is_split_between_its_tokens_within_the_limits():
 
 @pytest.mark.parametrize("language", ["zh", "yue", "ja"])
 def test_unspaced_languages_are_joined_without_spaces(language):
-    texts = ["今", "天", "我", "用", "GPU", "跑", "iPhone", "15", "的", "模", "型。"]
+    texts = ["今", "天", "我", "用", "GPU", "跑", "iPhone", "15", "的", "模", "型。", "hello,",
+             "world", "好。"]
     document = to_srt([timed(texts, language=language)])
-    assert srt_cues(document)[0][2] == ["今天我用GPU跑iPhone 15的模型。"]
+    assert srt_cues(document)[0][2] == ["今天我用GPU跑iPhone 15的模型。hello, world好。"]
 
 
 def test_a_long_chinese_segment_is_cut_without_spaces_within_the_limits():
