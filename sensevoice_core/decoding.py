@@ -9,7 +9,6 @@ frame is a prompt answer (a tag); the others are the text tokens, timed by align
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,11 +21,10 @@ from sensevoice_core.result import Segment, Token
 from sensevoice_core.tokenizer import Tokenizer
 from sensevoice_core.words import words_of
 
-_TAG = re.compile(r"<\|[^|<>]*\|>")
 # A token's end is its last aligned frame extended through the blank frames after it, up to
 # the next token and at most this many frames: CTC is peaky (a token often holds one frame,
-# then blanks), so its own frames alone cut most words short. Measured on the demo model, see
-# tests/test_word_timestamps.py.
+# then blanks), so its own frames alone cut most words short. 5 from a one-off measurement on
+# the demo model's digit words (README, "Word timestamps"): longer caps gained nothing.
 END_EXTENSION_FRAMES = 5
 
 
@@ -52,12 +50,6 @@ def greedy_runs(best: Tensor, lengths: Tensor,
     return runs
 
 
-def greedy_ctc(logits: Tensor, lengths: Tensor, blank_id: int = vocab.CTC_BLANK_ID) -> list[list[int]]:
-    """Best path per item: argmax, collapse repeats, drop blanks. logits: (B, T, V)."""
-    return [[run.token_id for run in runs]
-            for runs in greedy_runs(logits.argmax(dim=-1), lengths, blank_id)]
-
-
 def to_segment(token_ids: list[int], tokenizer: Tokenizer, start: float, end: float, *,
                avg_logprob: float | None = None, no_speech_prob: float | None = None,
                tokens: Sequence[Token] = ()) -> Segment:
@@ -73,11 +65,16 @@ def to_segment(token_ids: list[int], tokenizer: Tokenizer, start: float, end: fl
             found.setdefault("emotion", name)
         elif name in vocab.EVENT_TAGS:
             found.setdefault("event", name)
-    return Segment(start=start, end=end, text=_TAG.sub("", raw).strip(), raw=raw,
+    return Segment(start=start, end=end, text=vocab.TAG_PATTERN.sub("", raw).strip(), raw=raw,
                    language=found.get("language"), emotion=found.get("emotion"),
                    event=found.get("event"), token_ids=tuple(token_ids),
                    avg_logprob=avg_logprob, no_speech_prob=no_speech_prob,
                    tokens=tuple(tokens), words=words_of(tokens))
+
+
+def nospeech_id(tokenizer: Tokenizer) -> int | None:
+    """The id of <|nospeech|>, None for a vocabulary without it."""
+    return tokenizer.piece_id(vocab.tag_piece(vocab.Language.NOSPEECH.value))
 
 
 def allowed_language_ids(tokenizer: Tokenizer, allowed: Sequence[vocab.Language]) -> list[int]:
@@ -96,7 +93,7 @@ def language_answers(logits: Tensor, tokenizer: Tokenizer,
     ids = torch.tensor(allowed_language_ids(tokenizer, languages), device=logits.device)
     if ids.numel() == 0:
         return own
-    nospeech = tokenizer.piece_id(vocab.tag_piece(vocab.Language.NOSPEECH.value))
+    nospeech = nospeech_id(tokenizer)
     keep = torch.isin(own, ids) | (own == (-1 if nospeech is None else nospeech))
     return torch.where(keep, own, ids[logits[:, 0, ids].argmax(dim=-1)])
 
@@ -118,9 +115,9 @@ def decode_logits(logits: Tensor, lengths: Tensor, tokenizer: Tokenizer,
     if languages:
         best[:, 0] = language_answers(logits, tokenizer, languages)
     winner_logprob = (top - log_norm).cpu().numpy()
-    nospeech_id = tokenizer.piece_id(vocab.tag_piece(vocab.Language.NOSPEECH.value))
-    no_speech = (None if nospeech_id is None
-                 else (logits[:, 0, nospeech_id] - log_norm[:, 0]).exp().tolist())
+    nospeech = nospeech_id(tokenizer)
+    no_speech = (None if nospeech is None
+                 else (logits[:, 0, nospeech] - log_norm[:, 0]).exp().tolist())
     all_runs = greedy_runs(best, lengths)
     prompt = vocab.NUM_PROMPT_FRAMES
     text_runs = [[run for run in runs if run.first >= prompt] for runs in all_runs]

@@ -9,6 +9,7 @@ demo vocabulary works as well as the official 25,055-piece one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -79,6 +80,10 @@ EMOTION_EMOJI = {
 EVENT_EMOJI = {
     "BGM": "🎼", "Applause": "👏", "Laughter": "😀", "Cry": "😭", "Sneeze": "🤧", "Cough": "😷",
 }
+
+
+# Any <|tag|> piece, known or not: what is removed from the text and is never a word.
+TAG_PATTERN = re.compile(r"<\|[^|<>]*\|>")
 
 
 def tag_piece(name: str) -> str:

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sensevoice_core.result import Token, Word
+from sensevoice_core.vocab import TAG_PATTERN
 
 WORD_MARK = "\u2581"  # sentencepiece's word-boundary mark
 OPENING = ("Ps", "Pi")  # Unicode categories of opening brackets and quotes
-_TAG = re.compile(r"<\|[^|<>]*\|>")
 _CJK = re.compile(
     "[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
     "\U00020000-\U0003ffff]")
@@ -58,7 +58,7 @@ def words_of(tokens: Sequence[Token]) -> tuple[Word, ...]:
     pending: list[Token] = []  # punctuation waiting for the word after it
     for token in tokens:
         piece = token.piece
-        if _TAG.fullmatch(piece):
+        if TAG_PATTERN.fullmatch(piece):
             boundary = True
             continue
         marked = piece.startswith(WORD_MARK)

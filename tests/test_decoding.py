@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sensevoice_core import Result, Segment
-from sensevoice_core.decoding import greedy_ctc, to_segment
+from sensevoice_core.decoding import greedy_runs, to_segment
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.random_model import SMALL_NORMAL_PIECES, small_tokenizer_bytes
 from sensevoice_core.tokenizer import Tokenizer, all_tag_pieces, build_sentencepiece_model
@@ -38,7 +38,8 @@ def logits_for(paths: list[list[int]], vocab_size: int = VOCAB) -> torch.Tensor:
 
 def decode(paths: list[list[int]], lengths: list[int] | None = None, **kwargs) -> list[list[int]]:
     lengths = lengths if lengths is not None else [len(p) for p in paths]
-    return greedy_ctc(logits_for(paths), torch.tensor(lengths), **kwargs)
+    runs = greedy_runs(logits_for(paths).argmax(dim=-1), torch.tensor(lengths), **kwargs)
+    return [[run.token_id for run in item] for item in runs]
 
 
 def write_tokenizer(path: Path, data: bytes) -> Tokenizer:
@@ -63,7 +64,7 @@ def tag_ids(tokenizer: Tokenizer, *names: str) -> list[int]:
     return ids
 
 
-# --- greedy_ctc ---------------------------------------------------------------------------
+# --- greedy_runs ---------------------------------------------------------------------------
 
 
 def test_repeats_collapse():
