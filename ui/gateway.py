@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import anyio
 
 from sensevoice_core.client import ServiceError, SupervisorClient
+from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus, TranscribeReply
 from sensevoice_core.settings import Settings
-from sensevoice_core.vocab import Language, language_of, languages_of
+from sensevoice_core.vocab import language_of, languages_of
 from ui.metrics import ServiceMetrics
 
 logger = logging.getLogger("sensevoice.ui")
@@ -179,11 +180,10 @@ class Gateway:
             raise RequestFailed(400, "bad_request", str(e), "languages") from None
         # Without a list of its own the request gets the service's (the same settings here).
         effective = self.settings.languages if allowed is None else allowed
-        if chosen is not Language.AUTO and effective and chosen.value not in effective:
-            raise RequestFailed(400, "bad_request",
-                                f"language {chosen.value!r} is not among the allowed languages "
-                                f"({', '.join(effective)}); ask for auto or one of those",
-                                "language")
+        try:  # the library's own check of a language against the list
+            TranscribeOptions(language=chosen, languages=tuple(effective))
+        except ValueError as e:
+            raise RequestFailed(400, "bad_request", str(e), "language") from None
         return chosen.value, allowed
 
     def refused(self, endpoint: str) -> RequestFailed:
