@@ -19,7 +19,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from sensevoice_core.result import Result
+from sensevoice_core.result import Result, Segment
+from sensevoice_core.stream_types import StreamEvent, StreamOptions
 
 PROTOCOL_VERSION = 1
 MiB = 1024 * 1024
@@ -96,6 +97,7 @@ class TranscribeRequest(_Message):
     word_timestamps: bool = False  # fill each segment's words and tokens
     # auto language ID restricted to these codes; None: SENSEVOICE_LANGUAGES; []: any
     languages: list[str] | None = Field(None, max_length=16)
+    progress: bool = False  # send Progress messages as segments finish, before the reply
 
 
 class ReloadRequest(_Message):
@@ -191,11 +193,92 @@ class StatusReply(_Message):
     status: ServiceStatus
 
 
+class Progress(_Message):
+    """Before a TranscribeReply asked with progress=True: how many of the input's segments
+    are decoded, and the segment that just finished (input time; segments finish in time
+    order, so the ones so far are the transcript so far)."""
+
+    kind: Literal["progress"] = "progress"
+    request_id: str
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)  # speech segments the VAD found (0: no speech at all)
+    segment: Segment | None = None  # None on the first message (done=0)
+
+
 class ErrorReply(_Message):
     kind: Literal["error"] = "error"
     request_id: str | None
     code: ErrorCode
     message: str
+
+
+# Live streams (stream_types.py has the options and events). A client opens a stream, sends
+# its audio in order (seq counts from 0) and controls it; the supervisor holds the stream on one
+# worker and passes events back. One client connection (DEALER) may hold several streams.
+
+class StreamOpen(_Message):
+    kind: Literal["stream_open"] = "stream_open"
+    request_id: str = Field(default_factory=new_request_id, max_length=64)
+    stream_id: str | None = Field(None, max_length=64)  # set by the supervisor, for the worker
+    options: StreamOptions = StreamOptions()
+
+
+class StreamOpened(_Message):
+    kind: Literal["stream_opened"] = "stream_opened"
+    request_id: str
+    stream_id: str
+    fingerprint: str  # the model that serves the stream now
+
+
+class StreamAudio(_Message):
+    """One chunk of the stream's audio (the payload frame), in the stream's encoding."""
+
+    kind: Literal["stream_audio"] = "stream_audio"
+    stream_id: str = Field(max_length=64)
+    seq: int = Field(ge=0)
+
+
+StreamAction = Literal[
+    "commit",  # end the open turn now and decode it (manual turns; with the VAD too)
+    "clear",  # drop the open turn and any audio not yet committed
+    "update",  # new options (from the next audio on; encoding/rate only before any audio)
+    "close",  # end of audio: the open turn is decoded, then the stream ends (StreamClosed)
+]
+
+
+class StreamControl(_Message):
+    kind: Literal["stream_control"] = "stream_control"
+    stream_id: str = Field(max_length=64)
+    action: StreamAction
+    seq: int = Field(ge=0)  # the next audio seq: the control applies after the audio before it
+    options: StreamOptions | None = None  # for "update"
+
+
+class StreamEvents(_Message):
+    """What a stream produced, in order; the last events of a stream are StreamClosed or
+    StreamFailed."""
+
+    kind: Literal["stream_events"] = "stream_events"
+    stream_id: str
+    events: list[StreamEvent]
+
+
+class StreamMoved(_Message):
+    """Worker -> supervisor, while draining: the stream was between turns after audio seq - 1
+    and its state (the payload frame) can go on on another worker."""
+
+    kind: Literal["stream_moved"] = "stream_moved"
+    stream_id: str
+    seq: int = Field(ge=0)  # the next audio seq the stream expects
+
+
+class StreamResume(_Message):
+    """Supervisor -> worker: take over a moved stream from its state (the payload frame)."""
+
+    kind: Literal["stream_resume"] = "stream_resume"
+    stream_id: str
+    seq: int = Field(ge=0)
+    options: StreamOptions
 
 
 # Supervisor <-> worker
@@ -243,14 +326,20 @@ class Stop(_Message):
     kind: Literal["stop"] = "stop"
 
 
-ClientMessage = Annotated[Union[TranscribeRequest, ReloadRequest, StatusRequest],
+ClientMessage = Annotated[Union[TranscribeRequest, ReloadRequest, StatusRequest, StreamOpen,
+                                StreamAudio, StreamControl],
                           Field(discriminator="kind")]
-ReplyMessage = Annotated[Union[TranscribeReply, ReloadReply, StatusReply, ErrorReply],
+ReplyMessage = Annotated[Union[TranscribeReply, ReloadReply, StatusReply, ErrorReply, Progress,
+                               StreamOpened, StreamEvents],
                          Field(discriminator="kind")]
-WorkerMessage = Annotated[Union[Hello, Ready, LoadFailed, Pong, TranscribeReply, ErrorReply],
+WorkerMessage = Annotated[Union[Hello, Ready, LoadFailed, Pong, TranscribeReply, ErrorReply,
+                                Progress, StreamEvents, StreamMoved],
                           Field(discriminator="kind")]
-SupervisorMessage = Annotated[Union[LoadModel, Ping, Stop, TranscribeRequest],
+SupervisorMessage = Annotated[Union[LoadModel, Ping, Stop, TranscribeRequest, StreamOpen,
+                                    StreamAudio, StreamControl, StreamResume],
                               Field(discriminator="kind")]
+# Messages followed by a payload frame (audio, or a moved stream's state).
+WITH_PAYLOAD = frozenset({"transcribe", "stream_audio", "stream_moved", "stream_resume"})
 
 _CLIENT = TypeAdapter(ClientMessage)
 _REPLY = TypeAdapter(ReplyMessage)
@@ -279,7 +368,7 @@ def _decode(adapter: TypeAdapter, frames: list[bytes], expect_payload: bool,
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "header"
         raise ProtocolError(f"invalid message ({where}: {first['msg']})") from None
-    wants = expect_payload and getattr(message, "kind", None) == "transcribe"
+    wants = expect_payload and getattr(message, "kind", None) in WITH_PAYLOAD
     if len(frames) != (2 if wants else 1):
         raise ProtocolError(f"{getattr(message, 'kind', '?')} message with {len(frames)} "
                             f"frames; expected {2 if wants else 1}")
@@ -294,8 +383,8 @@ def decode_reply(frames: list[bytes]) -> ReplyMessage:
     return _decode(_REPLY, frames, False, MAX_REPLY_HEADER_BYTES)[0]  # type: ignore[return-value]
 
 
-def decode_from_worker(frames: list[bytes]) -> WorkerMessage:
-    return _decode(_WORKER, frames, False, MAX_REPLY_HEADER_BYTES)[0]  # type: ignore[return-value]
+def decode_from_worker(frames: list[bytes]) -> tuple[WorkerMessage, bytes | None]:
+    return _decode(_WORKER, frames, True, MAX_REPLY_HEADER_BYTES)  # type: ignore[return-value]
 
 
 def decode_for_worker(frames: list[bytes]) -> tuple[SupervisorMessage, bytes | None]:

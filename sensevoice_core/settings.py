@@ -15,7 +15,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sensevoice_core.curve import CurveKeys
 from sensevoice_core.errors import SettingsError
-from sensevoice_core.options import BATCH_S_BOUNDS, MAX_AUDIO_S_BOUNDS, TranscribeOptions
+from sensevoice_core.options import (
+    BATCH_S_BOUNDS,
+    MAX_AUDIO_S_BOUNDS,
+    TranscribeOptions,
+)
 from sensevoice_core.protocol import MiB
 from sensevoice_core.segmentation import (
     DURATION_BOUNDS,
@@ -24,6 +28,7 @@ from sensevoice_core.segmentation import (
     VadOptions,
     padding_problem,
 )
+from sensevoice_core.stream_types import PARTIAL_MS_BOUNDS, StreamConfig, StreamOptions
 from sensevoice_core.subtitles import CUE_S_BOUNDS, LINE_LIMIT_BOUNDS, SubtitleOptions
 from sensevoice_core.vocab import languages_of
 
@@ -133,6 +138,19 @@ class Settings(BaseSettings):
         _SUBTITLES.max_cue_s, **CUE_S_BOUNDS.field,
         description="seconds one subtitle cue may stay on screen")
 
+    # Live streams
+    stream_partial_ms: int = Field(
+        500, **PARTIAL_MS_BOUNDS.field,
+        description="a live stream's open turn is decoded again after this many ms of new "
+                    "audio (a partial result); 0: finals only")
+    max_streams: int = Field(
+        16, ge=0, le=1024, description="live streams open at once, over all workers; beyond "
+                                       "it a new stream is refused (0: streaming off)")
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, description="a live stream that receives nothing this long is closed")
+    max_stream_s: float = Field(
+        4 * 3600.0, gt=0, description="longest a live stream may stay open, in seconds")
+
     @field_validator("languages", mode="before")
     @classmethod
     def _language_list(cls, value: object) -> object:
@@ -217,6 +235,26 @@ class Settings(BaseSettings):
                                  max_audio_s=self.max_audio_s, word_timestamps=word_timestamps,
                                  languages=tuple(self.languages if languages is None
                                                  else languages))
+
+    def stream_config(self, options: StreamOptions) -> StreamConfig:
+        """How the engine runs a stream: the client's options, the rest from here (the VAD's
+        min_speech_s and max_segment_s, the batch and length limits, the partial cadence)."""
+        vad = VadOptions(
+            threshold=self.vad_threshold if options.vad_threshold is None
+            else options.vad_threshold,
+            min_speech_s=self.vad_min_speech_s,
+            min_silence_s=self.vad_min_silence_s if options.min_silence_s is None
+            else options.min_silence_s,
+            speech_pad_s=self.vad_speech_pad_s if options.speech_pad_s is None
+            else options.speech_pad_s,
+            max_segment_s=self.max_segment_s)
+        transcribe = TranscribeOptions(
+            language=options.language, use_itn=options.use_itn, vad=vad, batch_s=self.batch_s,
+            max_audio_s=self.max_audio_s, word_timestamps=options.word_timestamps,
+            languages=tuple(self.languages if options.languages is None else options.languages))
+        partial_ms = self.stream_partial_ms if options.partial_ms is None else options.partial_ms
+        return StreamConfig(transcribe=transcribe, sample_rate=options.sample_rate,
+                            turn_detection=options.turn_detection, partial_s=partial_ms / 1000)
 
     def subtitle_options(self, max_line_width: int | None = None,
                          max_line_count: int | None = None,

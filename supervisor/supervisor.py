@@ -217,7 +217,7 @@ class Supervisor:
         if worker is None:
             return  # a retired worker's last words
         try:
-            message = decode_from_worker(frames[1:])
+            message, payload = decode_from_worker(frames[1:])
         except ProtocolError as e:
             job_id = request_id_of(frames[1]) if len(frames) > 1 else None
             logger.error("Malformed message from worker %s (pid %s)%s: %s", worker.worker_id,

@@ -66,7 +66,7 @@ def test_worker_messages_round_trip():
     assert decode_for_worker(encode(LoadModel(path=None)))[0] == LoadModel(path=None)
     assert decode_for_worker(encode(Stop()))[0] == Stop()
     assert decode_for_worker(encode(Ping(nonce=3)))[0] == Ping(nonce=3)
-    assert decode_from_worker(encode(Hello(worker_id="w1", pid=5))) == Hello(worker_id="w1", pid=5)
+    assert decode_from_worker(encode(Hello(worker_id="w1", pid=5))) == (Hello(worker_id="w1", pid=5), None)
 
 
 def test_replies_round_trip():
