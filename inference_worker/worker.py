@@ -182,6 +182,12 @@ class InferenceWorker:
             frames = encode(ErrorReply(request_id=request.request_id, code="internal",
                                        message=f"the worker failed on this request: "
                                                f"{type(e).__name__}"))
+        self.push(frames, finished=request.request_id)
+
+    def push(self, frames: list[bytes], finished: str | None = None) -> None:
+        """From any thread: send frames to the supervisor through the I/O thread. finished
+        names the request these frames answer for good (a reply), None for anything else
+        (progress, stream events)."""
         pusher = getattr(self.local, "pusher", None)
         if pusher is None:
             pusher = self.context.socket(zmq.PUSH)
@@ -190,15 +196,16 @@ class InferenceWorker:
             self.local.pusher = pusher
             with self.pushers_lock:
                 self.pushers.append(pusher)
-        pusher.send_multipart([request.request_id.encode(), *frames])
+        pusher.send_multipart([(finished or "").encode(), *frames])
 
     def forward_results(self) -> None:
         while True:
             try:
-                request_id, *frames = self.results.recv_multipart(zmq.NOBLOCK)
+                finished, *frames = self.results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.in_flight.discard(request_id.decode())
+            if finished:
+                self.in_flight.discard(finished.decode())
             self.socket.send_multipart(frames)
 
     def load(self, request: LoadModel) -> int | None:

@@ -243,6 +243,7 @@ StreamAction = Literal[
     "clear",  # drop the open turn and any audio not yet committed
     "update",  # new options (from the next audio on; encoding/rate only before any audio)
     "close",  # end of audio: the open turn is decoded, then the stream ends (StreamClosed)
+    "abort",  # the client is gone: drop the stream at once, no more events
 ]
 
 
