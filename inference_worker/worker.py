@@ -23,9 +23,11 @@ import numpy as np
 import torch
 import zmq
 
+from inference_worker.streams import StreamSessions
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
 from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
 from sensevoice_core.exit_codes import EXIT_MODEL_LOAD_ERROR, EXIT_OK
+from sensevoice_core.long_audio import ProgressCallback
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.protocol import (
@@ -41,15 +43,21 @@ from sensevoice_core.protocol import (
     ModelInfo,
     Ping,
     Pong,
+    Progress,
     ProtocolError,
     Ready,
     Stop,
+    StreamAudio,
+    StreamControl,
+    StreamOpen,
+    StreamResume,
     TranscribeReply,
     TranscribeRequest,
     decode_for_worker,
     encode,
 )
 from sensevoice_core.random_model import random_model, small_dims
+from sensevoice_core.result import Segment
 from sensevoice_core.settings import Settings
 
 logger = logging.getLogger("sensevoice.worker")
@@ -117,6 +125,7 @@ class InferenceWorker:
         self.local = threading.local()
         self.pushers: list[zmq.Socket] = []
         self.pushers_lock = threading.Lock()
+        self.streams = StreamSessions(self)  # live streams, on their own thread
 
     def run(self) -> int:
         self.socket.connect(self.backend)
@@ -126,7 +135,9 @@ class InferenceWorker:
         poller.register(self.results, zmq.POLLIN)
         last_heard = time.monotonic()
         try:
-            while not (self.stop_requested and not self.in_flight):
+            while not (self.stop_requested and not self.in_flight and not self.streams.held()):
+                if self.stop_requested:
+                    self.streams.drain()  # once: each stream moves between two turns
                 ready = dict(poller.poll(HEARTBEAT_INTERVAL_S * 1000))
                 if self.results in ready:
                     self.forward_results()
@@ -142,9 +153,11 @@ class InferenceWorker:
                 if code is not None:
                     return code
                 last_heard = time.monotonic()
+            self.forward_results()  # a stream's last message, pushed just before it was let go
             step_aside()
             return EXIT_OK
         finally:
+            self.streams.close()
             self.compute.shutdown(wait=False, cancel_futures=True)
             for pusher in self.pushers:
                 pusher.close(linger=0)
@@ -164,12 +177,17 @@ class InferenceWorker:
         elif isinstance(message, TranscribeRequest):
             self.in_flight.add(message.request_id)
             self.compute.submit(self.compute_reply, message, payload or b"")
+        elif isinstance(message, (StreamOpen, StreamResume)):
+            self.streams.open(message, payload)
+        elif isinstance(message, (StreamAudio, StreamControl)):
+            self.streams.add(message, payload or b"")
         elif isinstance(message, LoadModel):
             return self.load(message)
         elif isinstance(message, Stop):
             # Requests already here are finished and answered first: that is the drain.
-            logger.info("stopping (%d request%s to finish)", len(self.in_flight),
-                        "" if len(self.in_flight) == 1 else "s")
+            logger.info("stopping (%d request%s to finish, %d stream%s to move)",
+                        len(self.in_flight), "" if len(self.in_flight) == 1 else "s",
+                        self.streams.held(), "" if self.streams.held() == 1 else "s")
             self.stop_requested = True
         return None
 
@@ -242,7 +260,8 @@ class InferenceWorker:
                 request.language, request.use_itn, request.vad_threshold,
                 request.word_timestamps, request.languages)
             result = self.model.transcribe(audio, options, sample_rate=request.sample_rate,
-                                           source_name=request.filename)
+                                           source_name=request.filename,
+                                           progress=self.progress_sender(request))
         except AudioTooLongError as e:
             return ErrorReply(request_id=request.request_id, code="too_long",
                               message=f"{e} (SENSEVOICE_MAX_AUDIO_S)")
@@ -260,6 +279,18 @@ class InferenceWorker:
         return TranscribeReply(**dict(result), request_id=request.request_id,
                                fingerprint=self.fingerprint, worker_pid=os.getpid(),
                                inference_s=time.perf_counter() - start)
+
+    def progress_sender(self, request: TranscribeRequest) -> ProgressCallback | None:
+        """When the request asks for progress: a callback that sends each step as a Progress
+        message (the request stays in flight until its reply)."""
+        if not request.progress:
+            return None
+
+        def send_progress(done: int, total: int, segment: Segment | None) -> None:
+            self.push(encode(Progress(request_id=request.request_id, done=done, total=total,
+                                      segment=segment)))
+
+        return send_progress
 
     def send(self, message: Ready | Hello | LoadFailed | Pong) -> None:
         self.socket.send_multipart(encode(message))

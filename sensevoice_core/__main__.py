@@ -37,8 +37,10 @@ from sensevoice_core.settings import Settings
 def transcribe_with(model: SenseVoice, options: TranscribeOptions, args: argparse.Namespace,
                     settings: Settings) -> int:
     return transcribe_files(
-        args.files, lambda file: model.transcribe(file, options, source_name=file), args.format,
-        subtitle_options(args, settings))
+        args.files,
+        lambda file, progress: model.transcribe(file, options, source_name=file,
+                                                progress=progress),
+        args.format, subtitle_options(args, settings), show_progress=not args.quiet)
 
 
 def command_transcribe(args: argparse.Namespace, settings: Settings) -> int:

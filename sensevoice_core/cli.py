@@ -5,21 +5,25 @@ transcribe`` (through the service) take the same arguments and print the same li
 same audio. With ``--format json`` that is one object per file, in input order:
 ``{"file": ..., **Result}``, or ``{"file": ..., "error": ...}`` for a file that failed; with
 ``--word-timestamps`` each segment carries its words and tokens. srt and vtt ask the model for
-word times themselves: cues are cut from them. No torch here: the supervisor's command line
-imports it.
+word times themselves: cues are cut from them. A file of more than one segment shows its
+progress on stderr (``ProgressLine``) when that is a terminal, unless ``--quiet``; stdout is the
+same either way. No torch here: the supervisor's command line imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 from sensevoice_core.errors import SenseVoiceError, ServiceError
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from sensevoice_core.options import TranscribeOptions
-from sensevoice_core.result import Result
+from sensevoice_core.result import Result, Segment
 from sensevoice_core.segmentation import THRESHOLD_BOUNDS
 from sensevoice_core.settings import Settings, SettingsError, load_settings
 from sensevoice_core.subtitles import (
@@ -31,8 +35,12 @@ from sensevoice_core.subtitles import (
 )
 from sensevoice_core.vocab import language_choices_text, language_of, languages_of
 
+if TYPE_CHECKING:  # long_audio imports torch
+    from sensevoice_core.long_audio import ProgressCallback
+
 FORMATS = ("text", "json", "srt", "vtt")
 AUDIO_FILES = "audio or video files (wav, flac, mp3, ogg, opus, webm, m4a, mp4, mpeg)"
+BAR_WIDTH = 24  # characters of the progress bar itself
 
 
 def settings_or_exit(exit_code: int = EXIT_USAGE,
@@ -125,6 +133,9 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser,
                              "SENSEVOICE_SUBTITLE_MAX_LINE_COUNT)")
     parser.add_argument("--karaoke", action="store_true",
                         help="with --format vtt: each word timed inside its cue")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar on stderr (it is shown only on a terminal, for a "
+                             "file of more than one segment)")
     # The checks that need several arguments at once (after parsing) report through it.
     parser.set_defaults(usage_error=parser.error)
 
@@ -157,14 +168,68 @@ def subtitle_options(args: argparse.Namespace, settings: Settings) -> SubtitleOp
     return settings.subtitle_options(args.max_line_width, args.max_line_count, args.karaoke)
 
 
-def transcribe_files(files: Sequence[str], transcribe: Callable[[str], Result],
-                     output_format: str, subtitles: SubtitleOptions | None = None) -> int:
+class ProgressLine:
+    """One file's progress, rewritten in place on one line of a terminal: a bar, the segments
+    done of the total, and the audio time transcribed so far (the end of the last segment;
+    segments finish in time order). Shown only for a file of more than one segment."""
+
+    def __init__(self, label: str, stream: TextIO):
+        self.label = label
+        self.stream = stream
+        self.seconds = 0.0
+        self.shown = False
+
+    def __call__(self, done: int, total: int, segment: Segment | None) -> None:
+        if total <= 1:
+            return
+        if segment is not None:
+            self.seconds = segment.end
+        filled = BAR_WIDTH * done // total
+        status = (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} segments, "
+                  f"{self.seconds:.1f} s of audio")
+        width = terminal_width(self.stream) - 1  # the cursor stays on this line
+        room = width - len(status) - 1  # a long path loses its start, not the counts
+        label = self.label if len(self.label) <= room else \
+            ("…" + self.label[len(self.label) - room + 1:] if room > 1 else "")
+        line = f"{label} {status}" if label else status
+        self.stream.write(f"\r{line[:max(width, 1)]}\x1b[K")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def terminal_width(stream: TextIO) -> int:
+    """The columns of the terminal stream writes to (stdout may be a pipe meanwhile)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        columns = 0
+    return columns or shutil.get_terminal_size().columns  # 0: a terminal that does not say
+
+
+def transcribe_files(files: Sequence[str],
+                     transcribe: Callable[[str, ProgressCallback | None], Result],
+                     output_format: str, subtitles: SubtitleOptions | None = None,
+                     show_progress: bool = False) -> int:
     """Transcribe each file in input order, printing each as it is done. A file that fails
-    is reported in its place and the others still run; EXIT_FAILED if any failed."""
+    is reported in its place and the others still run; EXIT_FAILED if any failed.
+    show_progress: a ProgressLine on stderr while each file runs, when stderr is a terminal;
+    transcribe gets it (None otherwise)."""
     failed = False
+    show_progress = show_progress and sys.stderr.isatty()
     for file in files:
+        line = ProgressLine(file, sys.stderr) if show_progress else None
         try:
-            result = transcribe(file)
+            try:
+                result = transcribe(file, line)
+            finally:  # before any error line, which would otherwise follow the bar
+                if line is not None:
+                    line.clear()
         except SenseVoiceError as e:
             failed = True
             if output_format == "json":

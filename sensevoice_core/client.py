@@ -5,6 +5,7 @@
     print(reply.text, reply.fingerprint)
     outcome = hot_reload_model()            # the same model, through L2
     outcome = hot_reload_model("/models/b") # another model, for an A/B test
+    reply = SupervisorClient().transcribe("long.flac", on_progress=lambda p: print(p.done))
 
 The address comes from SENSEVOICE_SUPERVISOR_ADDRESS (default ipc://<cache_dir>/supervisor.ipc).
 Safe to share between threads: each request checks a socket out of a small pool and returns
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from sensevoice_core.errors import (  # noqa: F401 - ServiceError: clients catch
 from sensevoice_core.protocol import (
     STATUS_TIMEOUT_S,
     ErrorReply,
+    Progress,
     ProtocolError,
     ReloadOutcome,
     ReloadReply,
@@ -84,7 +86,8 @@ class SupervisorClient:
                    sample_rate: int = 16000, timeout: float | None = None,
                    vad_threshold: float | None = None,
                    filename: str | None = None, word_timestamps: bool = False,
-                   languages: Sequence[str] | None = None) -> TranscribeReply:
+                   languages: Sequence[str] | None = None,
+                   on_progress: Callable[[Progress], None] | None = None) -> TranscribeReply:
         """audio: a path, the bytes of an audio file, or a 1-D float array at sample_rate.
 
         Audio longer than SENSEVOICE_MAX_SEGMENT_S is split at pauses (VAD, vad_threshold or
@@ -92,6 +95,10 @@ class SupervisorClient:
         filename names the audio in error messages (a path's own name by default).
         word_timestamps: each segment's words and tokens, timed. languages: what auto
         language ID may choose (None: SENSEVOICE_LANGUAGES of the service; []: any).
+        on_progress: called on this thread with each Progress before the reply: (0, total)
+        once the service's VAD has found the segments, then each segment as it is decoded,
+        in time order. An exception it raises ends the wait and propagates; the service
+        still finishes the request (there is no cancel), and its reply is never read.
         """
         if filename is None and isinstance(audio, (str, Path)):
             filename = Path(audio).name
@@ -105,12 +112,13 @@ class SupervisorClient:
                                     vad_threshold=vad_threshold,
                                     filename=filename[:255] if filename else None,
                                     word_timestamps=word_timestamps,
-                                    languages=None if languages is None else list(languages))
+                                    languages=None if languages is None else list(languages),
+                                    progress=on_progress is not None)
         # The service may queue a request for request_timeout, run it for as long, and retry
         # it once on another worker if the first one dies: it always answers within 3x.
         limit = timeout if timeout is not None else (
             3 * self.settings.request_timeout + REPLY_MARGIN_S)
-        reply = self.request(request, payload, limit)
+        reply = self.request(request, payload, limit, on_progress)
         assert isinstance(reply, TranscribeReply)
         return reply
 
@@ -133,8 +141,10 @@ class SupervisorClient:
         return reply.outcome
 
     def request(self, message: TranscribeRequest | ReloadRequest | StatusRequest,
-                payload: bytes | None, timeout: float):
+                payload: bytes | None, timeout: float,
+                on_progress: Callable[[Progress], None] | None = None):
         """Send one request and wait for its reply; ServiceError for an error reply.
+        on_progress gets the request's Progress messages that come before it.
 
         Fails with "unavailable" within CONNECT_TIMEOUT_S when no supervisor completes the
         ZeroMQ handshake (none started, or a stale ipc file of a killed one), and as soon as
@@ -147,7 +157,7 @@ class SupervisorClient:
         connection, generation = self._checkout()
         try:
             connection.socket.send_multipart(encode(message, payload), copy=False)
-            reply = self._wait_for_reply(connection, message.request_id, timeout)
+            reply = self._wait_for_reply(connection, message.request_id, timeout, on_progress)
             self._checkin(connection, generation)
             connection = None
         finally:
@@ -157,7 +167,8 @@ class SupervisorClient:
             raise ServiceError(reply.code, reply.message)
         return reply
 
-    def _wait_for_reply(self, connection: _Connection, request_id: str, timeout: float):
+    def _wait_for_reply(self, connection: _Connection, request_id: str, timeout: float,
+                        on_progress: Callable[[Progress], None] | None = None):
         poller = zmq.Poller()
         poller.register(connection.socket, zmq.POLLIN)
         poller.register(connection.monitor, zmq.POLLIN)
@@ -173,7 +184,7 @@ class SupervisorClient:
             poller.poll(max(0.0, limit - now) * 1000)
             # The socket first: a reply that arrived just before the connection closed (a
             # supervisor that answered, then stopped) is still this request's answer.
-            if (reply := self._read_reply(connection, request_id)) is not None:
+            if (reply := self._read_reply(connection, request_id, on_progress)) is not None:
                 return reply
             connection.update()
             if connection.lost:
@@ -185,8 +196,10 @@ class SupervisorClient:
                                       f"{timeout:g} s")
 
     @staticmethod
-    def _read_reply(connection: _Connection, request_id: str):
-        """This request's reply if one is waiting; replies to older requests are dropped."""
+    def _read_reply(connection: _Connection, request_id: str,
+                    on_progress: Callable[[Progress], None] | None = None):
+        """This request's reply if one is waiting; replies to older requests are dropped, and
+        its Progress messages go to on_progress on the way."""
         while True:
             try:
                 frames = connection.socket.recv_multipart(zmq.NOBLOCK)
@@ -197,7 +210,10 @@ class SupervisorClient:
             except ProtocolError as e:
                 raise ServiceError("internal", f"the supervisor's reply could not be read "
                                                f"({e})") from None
-            if reply.request_id in (request_id, None):
+            if isinstance(reply, Progress):
+                if reply.request_id == request_id and on_progress is not None:
+                    on_progress(reply)
+            elif reply.request_id in (request_id, None):
                 return reply
 
     def __enter__(self) -> SupervisorClient:

@@ -12,7 +12,7 @@ from sensevoice_core.audio import SAMPLE_RATE, AudioInput
 from sensevoice_core.config import FrontendConfig
 from sensevoice_core.decoding import decode_logits, language_answers
 from sensevoice_core.frontend import CMVN, compute_features, pad_features
-from sensevoice_core.long_audio import transcribe_audio
+from sensevoice_core.long_audio import ProgressCallback, transcribe_audio
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.result import Result, Segment
@@ -46,7 +46,8 @@ class SenseVoice:
         return self._vad
 
     def transcribe(self, audio: AudioInput, options: TranscribeOptions | None = None, *,
-                   sample_rate: int = SAMPLE_RATE, source_name: str | None = None) -> Result:
+                   sample_rate: int = SAMPLE_RATE, source_name: str | None = None,
+                   progress: ProgressCallback | None = None) -> Result:
         """Transcribe audio of any length into timed segments (none when there is no speech).
 
         Args:
@@ -55,15 +56,19 @@ class SenseVoice:
             sample_rate: the rate of an array input; files and bytes carry their own.
             source_name: how errors name the audio (an upload's file name); default: its
                 path, or "the request's audio".
+            progress: called with (0, total, None) once the VAD has found the speech
+                segments, then (done, total, segment) as each is decoded, in time order
+                (long_audio.ProgressCallback); an exception it raises aborts the call.
 
         The VAD runs on every call: silence or noise gives an empty Result without reaching
         the model. Audio no longer than ``options.vad.max_segment_s`` is transcribed whole,
         in one pass; longer audio is streamed, split at pauses and decoded in length-sorted
         batches of at most ``options.batch_s`` padded seconds, so memory does not grow with
-        its length. Longer than ``options.max_audio_s``: AudioTooLongError.
+        its length (in time order instead, with progress). Longer than
+        ``options.max_audio_s``: AudioTooLongError.
         """
         return transcribe_audio(self, [audio], options or TranscribeOptions(), sample_rate,
-                                [source_name])[0]
+                                [source_name], progress)[0]
 
     def transcribe_batch(self, audios: Sequence[AudioInput],
                          options: TranscribeOptions | None = None, *,

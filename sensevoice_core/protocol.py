@@ -15,12 +15,15 @@ whatever it was doing.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from sensevoice_core.result import Result, Segment
-from sensevoice_core.stream_types import StreamEvent, StreamOptions
+from sensevoice_core.stream_types import BYTES_PER_SAMPLE, G711_RATE, StreamEvent, StreamOptions
+
+if TYPE_CHECKING:
+    from sensevoice_core.settings import Settings
 
 PROTOCOL_VERSION = 1
 MiB = 1024 * 1024
@@ -168,6 +171,7 @@ class WorkerStatus(BaseModel):
     requests_served: int
     busy: bool
     fingerprint: str | None
+    streams: int = 0  # live streams it holds
 
 
 class ServiceStatus(BaseModel):
@@ -185,6 +189,10 @@ class ServiceStatus(BaseModel):
     reload_counts: dict[str, int] = {}  # outcome (ok, failed, refused) -> reloads since start
     watching: str | None  # the directory watched for changes, None when watching is off
     watch_counts: dict[str, int] = {}  # the watcher's decisions: unchanged, code_changed, reloads
+    streams: int = 0  # live streams open now (SENSEVOICE_MAX_STREAMS at most)
+    # since start: opened, refused, moved (to another worker), closed, aborted, failed
+    stream_counts: dict[str, int] = {}
+    stream_failures: dict[str, int] = {}  # failed streams by ErrorCode
 
 
 class StatusReply(_Message):
@@ -202,7 +210,8 @@ class Progress(_Message):
     request_id: str
     done: int = Field(ge=0)
     total: int = Field(ge=0)  # speech segments the VAD found (0: no speech at all)
-    segment: Segment | None = None  # None on the first message (done=0)
+    # None on the first message (done=0), and for a segment the model heard no speech in
+    segment: Segment | None = None
 
 
 class ErrorReply(_Message):
@@ -214,7 +223,10 @@ class ErrorReply(_Message):
 
 # Live streams (stream_types.py has the options and events). A client opens a stream, sends
 # its audio in order (seq counts from 0) and controls it; the supervisor holds the stream on one
-# worker and passes events back. One client connection (DEALER) may hold several streams.
+# worker and passes events back. One client connection (DEALER) may hold several streams, and
+# only that connection may send to them. An ErrorReply about a stream message (unknown stream,
+# another connection's stream, seq out of order, bad update) carries the stream id as its
+# request_id and leaves the stream as it was; what ends a stream is a StreamFailed event.
 
 class StreamOpen(_Message):
     kind: Literal["stream_open"] = "stream_open"
@@ -266,11 +278,14 @@ class StreamEvents(_Message):
 
 class StreamMoved(_Message):
     """Worker -> supervisor, while draining: the stream was between turns after audio seq - 1
-    and its state (the payload frame) can go on on another worker."""
+    and its state (the payload frame) can go on on another worker. ``messages`` counts the
+    stream's audio and control messages the worker had handled (those it was sent after a
+    StreamOpen or StreamResume, in order): the supervisor sends the new worker the ones after."""
 
     kind: Literal["stream_moved"] = "stream_moved"
     stream_id: str
     seq: int = Field(ge=0)  # the next audio seq the stream expects
+    messages: int = Field(ge=0)
 
 
 class StreamResume(_Message):
@@ -279,7 +294,34 @@ class StreamResume(_Message):
     kind: Literal["stream_resume"] = "stream_resume"
     stream_id: str
     seq: int = Field(ge=0)
+    messages: int = Field(ge=0)  # the StreamMoved's: the worker counts on from there
     options: StreamOptions
+
+
+def stream_audio_s(options: StreamOptions, n_bytes: int) -> float:
+    """Seconds of audio in n_bytes of a stream's encoding."""
+    rate = G711_RATE if options.encoding in ("pcmu", "pcma") else options.sample_rate
+    return n_bytes / (BYTES_PER_SAMPLE[options.encoding] * rate)
+
+
+def stream_options_problem(settings: Settings, options: StreamOptions,
+                           current: StreamOptions | None = None,
+                           audio_sent: bool = False) -> str | None:
+    """What is wrong with a stream's options, at open (current None) or as an update of
+    current after audio_sent, in words naming the field; None when they can run."""
+    if options.encoding in ("pcmu", "pcma") and options.sample_rate != G711_RATE:
+        return (f"encoding {options.encoding} is {G711_RATE} Hz audio: sample_rate must be "
+                f"{G711_RATE}, found {options.sample_rate}")
+    if current is not None and audio_sent and (options.encoding, options.sample_rate) != (
+            current.encoding, current.sample_rate):
+        return (f"encoding and sample_rate can change only before the stream's first audio: "
+                f"they are {current.encoding} at {current.sample_rate} Hz, the update asks "
+                f"{options.encoding} at {options.sample_rate} Hz")
+    try:
+        settings.stream_config(options)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # Supervisor <-> worker

@@ -104,29 +104,62 @@ def speech_regions(probabilities: np.ndarray, options: VadOptions,
     speech = probabilities >= options.threshold
     # Close pauses shorter than min_silence, then drop bursts shorter than min_speech.
     runs = list(_runs(speech))
-    min_gap = round(options.min_silence_s / WINDOW_S)
+    min_gap = windows_in(options.min_silence_s)
     merged: list[list[int]] = []
     for start, end in runs:
         if merged and start - merged[-1][1] < min_gap:
             merged[-1][1] = end
         else:
             merged.append([start, end])
-    min_len = round(options.min_speech_s / WINDOW_S)
+    min_len = windows_in(options.min_speech_s)
     kept = [(start, end) for start, end in merged if end - start >= min_len]
-    pad_windows = options.speech_pad_s / WINDOW_S
-    max_len = max(1, math.floor(options.max_segment_s / WINDOW_S - 2 * pad_windows))
+    max_len = max_piece_windows(options)
     pieces = [piece for start, end in kept
               for piece in _split_long(probabilities, start, end, max_len)]
     regions: list[Region] = []
     for start, end in pieces:
-        begin = round(max(0.0, start * WINDOW_S - options.speech_pad_s), 3)
-        finish = round(min(duration, end * WINDOW_S + options.speech_pad_s), 3)
+        region = padded_region(start, end, options, duration)
+        begin, finish = region.start, region.end
         if regions and begin < regions[-1].end:  # padding of neighbours overlaps: meet halfway
-            middle = round((regions[-1].end + begin) / 2, 3)
+            middle = meeting_point(regions[-1].end, begin)
             regions[-1] = Region(regions[-1].start, middle)
             begin = middle
         regions.append(Region(begin, finish))
     return regions
+
+
+def windows_in(seconds: float) -> int:
+    """How many 32 ms windows min_silence_s or min_speech_s stands for."""
+    return round(seconds / WINDOW_S)
+
+
+def max_piece_windows(options: VadOptions) -> int:
+    """The most windows of speech one piece holds: max_segment_s less its padding."""
+    pad_windows = options.speech_pad_s / WINDOW_S
+    return max(1, math.floor(options.max_segment_s / WINDOW_S - 2 * pad_windows))
+
+
+def padded_region(start: int, end: int, options: VadOptions, duration: float) -> Region:
+    """Windows [start, end) of speech in seconds, with speech_pad_s on each side, inside the
+    audio (before neighbours' overlaps are settled with meeting_point)."""
+    return Region(round(max(0.0, start * WINDOW_S - options.speech_pad_s), 3),
+                  round(min(duration, end * WINDOW_S + options.speech_pad_s), 3))
+
+
+def meeting_point(previous_end: float, begin: float) -> float:
+    """Where two neighbours whose padding overlaps (begin < previous_end) meet: halfway."""
+    return round((previous_end + begin) / 2, 3)
+
+
+def cut_point(probabilities: np.ndarray, position: int, end: int, max_len: int) -> int:
+    """Where a piece of speech from window position, in a region ending at end (more than
+    max_len windows on), is cut: the quietest window of its second half, leaving what follows
+    in one piece when that fits (so no piece is tiny). Once end - position > 2 * max_len, the
+    cut no longer depends on end: a live stream can cut before its region ends."""
+    low, high = position + max(1, max_len // 2), position + max_len
+    if end - position <= 2 * max_len:
+        low = max(low, end - max_len)  # what is left after this cut must fit in one piece
+    return low + int(np.argmin(probabilities[low:high + 1]))
 
 
 def _runs(mask: np.ndarray) -> Iterator[tuple[int, int]]:
@@ -141,10 +174,7 @@ def _split_long(probabilities: np.ndarray, start: int, end: int,
     (lowest probability) of the second half of the piece it ends, so no piece is tiny."""
     position = start
     while end - position > max_len:
-        low, high = position + max(1, max_len // 2), position + max_len
-        if end - position <= 2 * max_len:
-            low = max(low, end - max_len)  # what is left after this cut must fit in one piece
-        cut = low + int(np.argmin(probabilities[low:high + 1]))
+        cut = cut_point(probabilities, position, end, max_len)
         yield position, cut
         position = cut
     yield position, end

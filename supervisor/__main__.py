@@ -1,8 +1,10 @@
-"""python -m supervisor [serve | status | transcribe FILE... | reload [PATH] [--force-fresh] | keygen DIR]
+"""python -m supervisor [serve | status | transcribe FILE... | stream FILE | reload [PATH]
+                      [--force-fresh] | keygen DIR]
 
 serve (the default) runs the service: the supervisor and its inference workers, on the model
 in SENSEVOICE_MODEL_DIR (or ./model). status, transcribe and reload talk to a running one;
 transcribe prints what `python -m sensevoice_core transcribe` prints (sensevoice_core.cli).
+stream plays a file through the UI's /v1/realtime WebSocket (supervisor.stream_cli).
 Exit codes (sensevoice_core.exit_codes): 0 stopped cleanly, 1 could not start, 2 invalid
 settings, 4 the model did not load.
 """
@@ -15,6 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sensevoice_core.cli import (
     add_transcribe_arguments,
@@ -28,6 +31,10 @@ from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 from sensevoice_core.logs import configure_logging
 from sensevoice_core.result import Result
 from sensevoice_core.settings import SettingsError
+from supervisor.stream_cli import add_stream_arguments, run_stream
+
+if TYPE_CHECKING:  # long_audio imports torch, which the supervisor never does
+    from sensevoice_core.long_audio import ProgressCallback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("directory", type=Path)
     keygen.add_argument("--force", action="store_true",
                         help="replace existing keys (every client needs the new ones)")
+    add_stream_arguments(commands.add_parser(
+        "stream", help="play an audio file through the UI's realtime WebSocket as if live, "
+                       "printing partial and final transcripts"))
     args = parser.parse_args(argv)
     if args.command == "transcribe":
         check_transcribe_arguments(args)
@@ -63,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return EXIT_OK
     settings = settings_or_exit()
+    if args.command == "stream":
+        return run_stream(args, settings)
     if args.command in ("status", "reload", "transcribe"):
         return run_client_command(args, settings)
     configure_logging("supervisor", settings.log_level)
@@ -90,16 +102,19 @@ def run_client_command(args: argparse.Namespace, settings) -> int:
         if args.command == "transcribe":
             options = transcribe_options_or_exit(args, settings)
 
-            def through_service(file: str) -> Result:
+            def through_service(file: str, progress: ProgressCallback | None) -> Result:
                 # Named as given, so that errors read as the in-process command line's do.
                 # languages: None leaves the service's own SENSEVOICE_LANGUAGES in force.
-                return client.transcribe(file, args.language, args.itn,
-                                         vad_threshold=args.vad_threshold, filename=file,
-                                         word_timestamps=options.word_timestamps,
-                                         languages=args.languages).result()
+                return client.transcribe(
+                    file, args.language, args.itn, vad_threshold=args.vad_threshold,
+                    filename=file, word_timestamps=options.word_timestamps,
+                    languages=args.languages,
+                    on_progress=None if progress is None else
+                    lambda step: progress(step.done, step.total, step.segment)).result()
 
             return transcribe_files(args.files, through_service, args.format,
-                                    subtitle_options(args, settings))
+                                    subtitle_options(args, settings),
+                                    show_progress=not args.quiet)
         outcome = client.hot_reload_model(args.path, args.force_fresh)
         print(json.dumps(outcome.model_dump(), indent=2))
         return EXIT_OK if outcome.ok else EXIT_FAILED

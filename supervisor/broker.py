@@ -1,5 +1,6 @@
 """The request broker: transcription jobs in a bounded queue, dispatched to serving workers,
-answered, retried once when their worker dies, failed when they wait or run too long.
+answered, retried once when their worker dies, failed when they wait or run too long. A job
+asked with progress has its Progress steps passed to its client before the reply.
 
 It owns every job and every reply to a client; the supervisor decides which workers exist.
 """
@@ -22,6 +23,7 @@ from sensevoice_core.protocol import (
     ErrorCode,
     ErrorReply,
     MiB,
+    Progress,
     ProtocolError,
     TranscribeReply,
     TranscribeRequest,
@@ -48,6 +50,9 @@ class Job:
     # request slowed by a neighbour is not timed out for that.
     charged_s: float = 0.0
     charged_at: float = 0.0
+    # The last Progress.done passed to the client (-1: none): a retry on another worker starts
+    # over, and only the steps beyond what the client has seen are passed on.
+    progress_done: int = -1
 
 
 class Broker:
@@ -151,6 +156,18 @@ class Broker:
             worker.requests_served += 1
             self.requests_served += 1
         self.send_client(job.client, reply.model_copy(update={"request_id": job.request.request_id}))
+
+    def progress(self, worker: WorkerHandle, message: Progress) -> None:
+        """A step of a request the worker still holds, to its client under the client's own
+        request id; steps of a request that timed out or moved on are dropped."""
+        if message.request_id not in worker.jobs:
+            return
+        job = self.jobs[message.request_id]
+        if message.done <= job.progress_done:
+            return  # a retry going over segments the client already has
+        job.progress_done = message.done
+        self.send_client(job.client, message.model_copy(
+            update={"request_id": job.request.request_id}))
 
     def unreadable_reply(self, worker: WorkerHandle, job_id: str | None, problem: str) -> None:
         """A reply that failed validation fails its request alone; the worker goes on."""

@@ -1,5 +1,6 @@
-"""What the supervisor answers a client: its status, a reload (``reload.py``), or a transcription
-queued for a worker (``broker.py``); or, while nothing can serve, a refusal."""
+"""What the supervisor answers a client: its status, a reload (``reload.py``), a transcription
+queued for a worker (``broker.py``) or a live stream's messages (``streams.py``); or, while
+nothing can serve, a refusal."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from sensevoice_core.protocol import (
     ServiceStatus,
     StatusReply,
     StatusRequest,
+    StreamAudio,
+    StreamControl,
+    StreamOpen,
     WorkerStatus,
 )
 from supervisor.reload import Waiter
@@ -31,7 +35,9 @@ class ClientDesk:
         if received is None:
             return
         client, message, payload = received
-        if isinstance(message, StatusRequest):
+        if isinstance(message, (StreamOpen, StreamAudio, StreamControl)):
+            supervisor.streams.from_client(client, message, payload)
+        elif isinstance(message, StatusRequest):
             broker.send_client(client, StatusReply(request_id=message.request_id,
                                                    status=self.status()))
         elif supervisor.shutting_down:
@@ -57,10 +63,12 @@ class ClientDesk:
     def status(self) -> ServiceStatus:
         supervisor = self.supervisor
         now = time.monotonic()
+        streams = supervisor.streams
         workers = [WorkerStatus(worker_id=w.worker_id, pid=w.pid, role=w.role,
                                 age_s=round(now - w.spawned_at, 3),
                                 requests_served=w.requests_served, busy=w.busy,
-                                fingerprint=w.model.fingerprint if w.model else None)
+                                fingerprint=w.model.fingerprint if w.model else None,
+                                streams=len(streams.held_by(w)))
                    for w in sorted(supervisor.pool, key=lambda w: w.age)]
         watcher = supervisor.watcher
         return ServiceStatus(
@@ -71,4 +79,6 @@ class ClientDesk:
             worker_restarts=supervisor.restarts, reloading=supervisor.reloads.job is not None,
             last_reload=supervisor.reloads.last, reload_counts=dict(supervisor.reloads.counts),
             watching=str(watcher.directory) if watcher and watcher.directory else None,
-            watch_counts=dict(watcher.counts) if watcher else {})
+            watch_counts=dict(watcher.counts) if watcher else {},
+            streams=len(streams.streams), stream_counts=dict(streams.counts),
+            stream_failures=dict(streams.failures))

@@ -37,10 +37,13 @@ from sensevoice_core.protocol import (
     LoadModel,
     ModelInfo,
     Pong,
+    Progress,
     ProtocolError,
     Ready,
     ReloadRequest,
     Stop,
+    StreamEvents,
+    StreamMoved,
     decode_from_worker,
     request_id_of,
 )
@@ -54,6 +57,7 @@ from supervisor.sockets import (
     bind_owner_only,
     make_runtime_dir,
 )
+from supervisor.streams import StreamRouter
 from supervisor.watcher import ModelWatcher
 from supervisor.workers import (
     Assignment,
@@ -87,6 +91,7 @@ class Supervisor:
         self.pool = WorkerPool(self.backend, self.backend_address)
         self.reloads = BlueGreen(self)
         self.clients = ClientDesk(self)
+        self.streams = StreamRouter(self)  # live streams (streams.py)
         self.model: ModelInfo | None = None  # what the serving workers run
         self.signals: deque[int] = deque()
         self.watcher: ModelWatcher | None = None
@@ -122,6 +127,7 @@ class Supervisor:
                 now = time.monotonic()
                 self.pool.check_liveness(now)
                 self.expire_requests(now)
+                self.streams.tick(now)
                 self.reloads.check_deadline(now)
                 self.manage_workers()
                 self.broker.dispatch(self.pool)
@@ -177,6 +183,7 @@ class Supervisor:
         """Queued requests fail, workers finish the ones they hold, then everything closes."""
         self.shutting_down = True
         self.broker.fail_queued("shutting_down", "the service is stopping")
+        self.streams.shutdown()
         self.reloads.stop()
         if self.watcher is not None:  # after the reload it may be waiting for is answered
             self.watcher.stop()
@@ -240,6 +247,10 @@ class Supervisor:
                 self.worker_checked(worker)
         elif isinstance(message, LoadFailed):
             worker.load_error = message.error  # it exits next; reap_workers reports it
+        elif isinstance(message, Progress):
+            self.broker.progress(worker, message)
+        elif isinstance(message, (StreamEvents, StreamMoved)):
+            self.streams.from_worker(worker, message, payload)
         else:
             self.broker.finish(worker, message)
 
@@ -287,6 +298,7 @@ class Supervisor:
         worker.role = "draining"
         worker.deadline = time.monotonic() + self.settings.drain_timeout
         self.pool.send(worker, Stop())
+        self.streams.worker_draining(worker)
 
     def reap_workers(self) -> None:
         for worker, code in self.pool.reap():
@@ -307,6 +319,7 @@ class Supervisor:
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
         how = f"was killed: {worker.kill_reason}" if worker.killed else describe_exit(code)
         cause = worker.load_error or how
+        self.streams.worker_lost(worker, how)
         self.broker.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how}",
                             retry=not self.shutting_down)
         if worker.role == "draining" or self.shutting_down or self.should_exit:

@@ -115,3 +115,81 @@ def test_processes_without_a_model_never_import_torch():
     code = ("import sys, sensevoice_core.client, sensevoice_core.protocol, supervisor.supervisor, "
             "supervisor.watcher; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_stream_messages_round_trip_with_their_payloads():
+    from sensevoice_core.protocol import (
+        StreamAudio,
+        StreamControl,
+        StreamEvents,
+        StreamMoved,
+        StreamOpen,
+        StreamOpened,
+        StreamResume,
+    )
+    from sensevoice_core.stream_types import Final, StreamFailed, StreamOptions
+
+    options = StreamOptions(language="en", encoding="pcmu", sample_rate=8000)
+    opening = StreamOpen(options=options)
+    assert decode_client(encode(opening)) == (opening, None)
+    audio = StreamAudio(stream_id="s1", seq=4)
+    assert decode_client(encode(audio, b"\x01\x02")) == (audio, b"\x01\x02")
+    assert decode_client(encode(audio, b"")) == (audio, b"")  # an empty chunk is a chunk
+    update = StreamControl(stream_id="s1", action="update", seq=5, options=options)
+    assert decode_client(encode(update)) == (update, None)
+    assert decode_for_worker(encode(update)) == (update, None)
+    moved = StreamMoved(stream_id="s1", seq=5, messages=7)
+    assert decode_from_worker(encode(moved, b"state")) == (moved, b"state")
+    resume = StreamResume(stream_id="s1", seq=5, messages=7, options=options)
+    assert decode_for_worker(encode(resume, b"state")) == (resume, b"state")
+    segment = Segment(start=0.5, end=1.0, text="hi", raw="hi", language="en",
+                      emotion="NEUTRAL", event="Speech", token_ids=(1,))
+    events = StreamEvents(stream_id="s1", events=[
+        Final(item=1, segment=segment, fingerprint="f" * 64),
+        StreamFailed(code="worker_lost", message="gone")])
+    assert decode_reply(encode(events)) == events
+    assert decode_from_worker(encode(events)) == (events, None)
+    opened = StreamOpened(request_id="r", stream_id="s1", fingerprint="f" * 64)
+    assert decode_reply(encode(opened)) == opened
+
+
+@pytest.mark.parametrize("frames, words", [
+    ([b'{"kind": "stream_audio", "stream_id": "s", "seq": 0}'], "expected 2"),
+    ([b'{"kind": "stream_audio", "stream_id": "s", "seq": -1}', b""], "seq"),
+    ([b'{"kind": "stream_control", "stream_id": "s", "seq": 0, "action": "pause"}'], "action"),
+    ([b'{"kind": "stream_open", "options": {"encoding": "mp3"}}'], "encoding"),
+    ([b'{"kind": "stream_open", "options": {"sample_rate": 4000}}'], "sample_rate"),
+    ([b'{"kind": "stream_open", "options": {"min_silence_s": NaN}}'], "min_silence_s"),
+    ([b'{"kind": "stream_audio", "stream_id": "' + b"s" * 65 + b'", "seq": 0}', b""],
+     "stream_id"),
+    ([b'{"kind": "stream_moved", "stream_id": "s", "seq": 0, "messages": 0}', b""], "kind"),
+])
+def test_malformed_stream_frames_are_protocol_errors(frames, words):
+    with pytest.raises(ProtocolError, match=words):
+        decode_client(frames)
+
+
+def test_stream_options_problems_name_the_field():
+    from sensevoice_core.protocol import stream_audio_s, stream_options_problem
+    from sensevoice_core.settings import Settings
+    from sensevoice_core.stream_types import StreamOptions
+
+    settings = Settings()
+    assert stream_options_problem(settings, StreamOptions()) is None
+    assert "unknown language 'xx'" in stream_options_problem(settings,
+                                                             StreamOptions(language="xx"))
+    assert "sample_rate must be 8000, found 16000" in stream_options_problem(
+        settings, StreamOptions(encoding="pcma"))
+    faster = StreamOptions(sample_rate=24000)
+    assert stream_options_problem(settings, faster, StreamOptions(), audio_sent=False) is None
+    assert "only before the stream's first audio" in stream_options_problem(
+        settings, faster, StreamOptions(), audio_sent=True)
+    assert stream_audio_s(StreamOptions(), 32000) == 1.0
+    assert stream_audio_s(StreamOptions(encoding="pcmu", sample_rate=8000), 8000) == 1.0
+    assert stream_audio_s(StreamOptions(encoding="pcm_f32le", sample_rate=48000), 192000) == 1.0
+
+
+def test_the_stream_client_and_router_never_import_torch():
+    code = ("import sys, sensevoice_core.stream_client, supervisor.streams; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

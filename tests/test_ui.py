@@ -363,9 +363,13 @@ def test_models_endpoint_lists_the_served_model(http: httpx.Client):
     openai_error(http.get("/v1/models/whisper-1"), 404, "model")
 
 
-def test_streaming_is_refused_not_silently_ignored(http: httpx.Client):
-    error = openai_error(post_audio(http, HELLO.read_bytes(), stream="true"), 400, "stream")
-    assert "not supported" in error["message"]
+def test_streaming_takes_the_formats_openai_streams_and_a_boolean(http: httpx.Client):
+    for response_format in ("verbose_json", "srt", "vtt"):
+        error = openai_error(post_audio(http, HELLO.read_bytes(), stream="true",
+                                        response_format=response_format), 400, "response_format")
+        assert f"{response_format!r} cannot be streamed" in error["message"]
+    error = openai_error(post_audio(http, HELLO.read_bytes(), stream="sometimes"), 400, "stream")
+    assert "'sometimes'" in error["message"]
 
 
 def test_a_body_without_a_length_is_refused(http: httpx.Client):

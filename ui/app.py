@@ -20,6 +20,7 @@ from ui.gradio_guard import TRANSCRIBE_API, GradioGuard, queued_transcriptions
 from ui.metrics import ServiceMetrics
 from ui.openai_api import build_openai_router
 from ui.ops import build_ops_router
+from ui.realtime import build_realtime_router
 from ui.uploads import EXAMPLES_DIR
 
 SCRAPE_STATUS_TIMEOUT_S = 2.0
@@ -57,6 +58,7 @@ def create_app(settings: Settings, client: SupervisorClient | None = None) -> Fa
     app = FastAPI(title="SenseVoice Serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.include_router(build_ops_router(gateway))
     app.include_router(build_openai_router(gateway))
+    app.include_router(build_realtime_router(gateway))
     page = build_blocks(gateway, subtitles)
     door.count_also(queued_transcriptions(page))
     [transcribe_fn] = [fn for fn in page.fns.values() if fn.api_name == TRANSCRIBE_API]

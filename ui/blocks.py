@@ -1,4 +1,5 @@
-"""The Gradio page: upload or record, transcribe, read the tags, reload the model.
+"""The Gradio page: upload or record, transcribe, read the tags, reload the model; the Live
+tab (ui.live) transcribes the microphone as you speak.
 
 Handlers are plain functions over the ``Gateway``; every failure reaches the user as a
 ``gr.Error`` sentence, never a stack trace. API names are pinned: transcribe, reload, status.
@@ -7,27 +8,23 @@ Handlers are plain functions over the ``Gateway``; every failure reaches the use
 from __future__ import annotations
 
 from collections.abc import Iterator
-from html import escape
 
 import gradio as gr
-import soundfile
 
 from sensevoice_core.vocab import LANGUAGE_CHOICES
 from ui.downloads import KEEP_S, SubtitleFiles
 from ui.gateway import Gateway, RequestFailed
 from ui.gradio_guard import TRANSCRIBE_API, TRANSCRIBE_GROUP
-from ui.uploads import EXAMPLES_DIR, uploaded_file
+from ui.live import build_live_tab
+from ui.transcribe_tab import TranscribeOutputs, transcribe_steps, user_error
+from ui.uploads import EXAMPLES_DIR
 from ui.views import (
     SEGMENT_COLUMNS,
     WHITELIST_CHOICES,
     public_status,
     reload_summary,
-    segment_rows,
     short_fingerprint,
     status_markdown,
-    tags_html,
-    word_rows,
-    words_html,
 )
 
 STATUS_REFRESH_S = 5.0
@@ -48,18 +45,6 @@ def example_rows() -> list[list[object]]:
     return [[str(path), "auto", True] for path in sorted(EXAMPLES_DIR.glob("*.flac"))]
 
 
-def user_error(message: str) -> gr.Error:
-    """A message for the page (shown as HTML, so escaped); expected, so no traceback logged."""
-    return gr.Error(escape(message), print_exception=False)
-
-
-def audio_seconds(path: str) -> float | None:
-    try:
-        return soundfile.info(path).duration
-    except Exception:  # libsndfile cannot tell; the worker will say what is wrong
-        return None
-
-
 class PageHandlers:
     def __init__(self, gateway: Gateway, subtitles: SubtitleFiles):
         self.gateway = gateway
@@ -68,33 +53,12 @@ class PageHandlers:
     def transcribe(self, audio_path: str | None, language: str, use_itn: bool,
                    vad_threshold: float, word_timestamps: bool = True,
                    languages: list[str] | None = None, progress: gr.Progress = gr.Progress()
-                   ) -> tuple[str, str, list[list[object]], str | None, str,
-                              list[dict[str, object]]]:
-        """languages: what auto-detection may choose; none ticked: any (None, from an API
+                   ) -> Iterator[TranscribeOutputs]:
+        """The outputs as segments finish, then the whole result (ui.transcribe_tab).
+        languages: what auto-detection may choose; none ticked: any (None, from an API
         caller who leaves it out: the service's SENSEVOICE_LANGUAGES)."""
-        if not audio_path:
-            raise user_error("Upload or record some audio first.")
-        path = uploaded_file(audio_path)
-        try:
-            audio = path.read_bytes()
-        except OSError as e:
-            raise user_error(f"Cannot read the uploaded file {path.name}: {e.strerror}.") from None
-        seconds = audio_seconds(str(path))
-        progress(0.0, desc=f"Transcribing {seconds:.1f} s of audio…" if seconds else
-                 "Transcribing…")
-        try:
-            with self.gateway.door.hold():
-                reply = self.gateway.transcribe(audio, path.name, language, use_itn, "ui",
-                                                vad_threshold, bool(word_timestamps), languages)
-        except RequestFailed as e:
-            raise user_error(e.message) from None
-        # Cues are cut at words when there are words (SENSEVOICE_SUBTITLE_* limits).
-        subtitles = self.subtitles.write(reply.segments, path.stem,
-                                         self.gateway.settings.subtitle_options()
-                                         ) if reply.segments else None
-        return (reply.text, tags_html(reply, self.gateway.settings.ui_is_loopback()),
-                segment_rows(reply), subtitles, words_html(reply.segments),
-                word_rows(reply.segments))
+        yield from transcribe_steps(self.gateway, self.subtitles, audio_path, language, use_itn,
+                                    vad_threshold, word_timestamps, languages, progress)
 
     def status(self, admin_token: str | None = None) -> tuple[str, dict]:
         internals = self.gateway.shows_internals(admin_token)
@@ -133,45 +97,53 @@ def build_blocks(gateway: Gateway, subtitles: SubtitleFiles) -> gr.Blocks:
     needs_token = gateway.settings.reload_needs_token()
     with gr.Blocks(title="SenseVoice Serve", delete_cache=(3600, KEEP_S)) as page:
         gr.Markdown("## SenseVoice Serve\nSpeech recognition with language, emotion and "
-                    "audio-event tags. Upload or record audio, then Transcribe.")
-        with gr.Row():
-            with gr.Column():
-                audio = gr.Audio(sources=["upload", "microphone"], type="filepath",
-                                 label="Audio", elem_id="audio-input")
-                language = gr.Radio(list(LANGUAGE_CHOICES), value="auto", label="Language",
-                                    elem_id="language")
-                languages = gr.CheckboxGroup(
-                    WHITELIST_CHOICES, value=list(gateway.settings.languages),
-                    label="Auto-detect only among (none ticked: any language)",
-                    elem_id="languages")
-                itn = gr.Checkbox(value=True, label="Punctuation and numerals (ITN)",
-                                  elem_id="itn")
-                word_timestamps = gr.Checkbox(
-                    value=True, label="Word timestamps (timed words; subtitle cues cut at words)",
-                    elem_id="word-timestamps")
-                with gr.Accordion("Long audio", open=False):
-                    vad_threshold = gr.Slider(
-                        0.05, 0.95, value=gateway.settings.vad_threshold, step=0.05,
-                        label="Speech threshold (higher: less counts as speech)",
-                        elem_id="vad-threshold")
-                transcribe_button = gr.Button("Transcribe", variant="primary",
-                                              elem_id="transcribe-btn")
-            with gr.Column():
-                transcript = gr.Textbox(label="Transcript", lines=6, interactive=False,
-                                        elem_id="transcript")
-                tags = gr.HTML(elem_id="tags")
-                with gr.Accordion("Words", open=True):
-                    words = gr.HTML(elem_id="words")
-                    with gr.Accordion("Words as JSON", open=False):
-                        word_data = gr.JSON(elem_id="word-data")
-                with gr.Accordion("Segments", open=True):
-                    segments = gr.Dataframe(headers=list(SEGMENT_COLUMNS), interactive=False,
-                                            wrap=True, elem_id="segments")
-                    subtitle_file = gr.File(label="Subtitles (SRT)", interactive=False,
-                                            elem_id="srt-download")
-        examples = example_rows()
-        if examples:
-            gr.Examples(examples, inputs=[audio, language, itn], label="Examples (demo clips)")
+                    "audio-event tags. Upload or record audio, then Transcribe; or speak in "
+                    "the Live tab.")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Transcribe", id="transcribe", elem_id="tab-transcribe"):
+                with gr.Row():
+                    with gr.Column():
+                        audio = gr.Audio(sources=["upload", "microphone"], type="filepath",
+                                         label="Audio", elem_id="audio-input")
+                        language = gr.Radio(list(LANGUAGE_CHOICES), value="auto",
+                                            label="Language", elem_id="language")
+                        languages = gr.CheckboxGroup(
+                            WHITELIST_CHOICES, value=list(gateway.settings.languages),
+                            label="Auto-detect only among (none ticked: any language)",
+                            elem_id="languages")
+                        itn = gr.Checkbox(value=True, label="Punctuation and numerals (ITN)",
+                                          elem_id="itn")
+                        word_timestamps = gr.Checkbox(
+                            value=True,
+                            label="Word timestamps (timed words; subtitle cues cut at words)",
+                            elem_id="word-timestamps")
+                        with gr.Accordion("Long audio", open=False):
+                            vad_threshold = gr.Slider(
+                                0.05, 0.95, value=gateway.settings.vad_threshold, step=0.05,
+                                label="Speech threshold (higher: less counts as speech)",
+                                elem_id="vad-threshold")
+                        transcribe_button = gr.Button("Transcribe", variant="primary",
+                                                      elem_id="transcribe-btn")
+                    with gr.Column():
+                        transcript = gr.Textbox(label="Transcript", lines=6, interactive=False,
+                                                elem_id="transcript")
+                        tags = gr.HTML(elem_id="tags")
+                        with gr.Accordion("Words", open=True):
+                            words = gr.HTML(elem_id="words")
+                            with gr.Accordion("Words as JSON", open=False):
+                                word_data = gr.JSON(elem_id="word-data")
+                        with gr.Accordion("Segments", open=True):
+                            segments = gr.Dataframe(headers=list(SEGMENT_COLUMNS),
+                                                    interactive=False, wrap=True,
+                                                    elem_id="segments")
+                            subtitle_file = gr.File(label="Subtitles (SRT)", interactive=False,
+                                                    elem_id="srt-download")
+                examples = example_rows()
+                if examples:
+                    gr.Examples(examples, inputs=[audio, language, itn],
+                                label="Examples (demo clips)")
+            with gr.Tab("Live", id="live", elem_id="tab-live"):
+                build_live_tab()
         with gr.Group():
             model_status = gr.Markdown("Loading status…", elem_id="model-status")
             with gr.Row():

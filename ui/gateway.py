@@ -18,7 +18,13 @@ import anyio
 
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.options import TranscribeOptions
-from sensevoice_core.protocol import ReloadOutcome, ReloadRequest, ServiceStatus, TranscribeReply
+from sensevoice_core.protocol import (
+    Progress,
+    ReloadOutcome,
+    ReloadRequest,
+    ServiceStatus,
+    TranscribeReply,
+)
 from sensevoice_core.settings import Settings
 from sensevoice_core.vocab import language_of, languages_of
 from ui.metrics import ServiceMetrics
@@ -60,6 +66,12 @@ class RequestFailed(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ClientGone(Exception):
+    """Raised by a progress callback whose caller went away (a closed event stream, a page
+    that left): it ends the wait for the service. The service has no cancel: the worker still
+    finishes the request, and its reply is dropped."""
 
 
 class FrontDoor:
@@ -139,11 +151,14 @@ class Gateway:
     def transcribe(self, audio: bytes, name: str, language: str, use_itn: bool,
                    endpoint: str, vad_threshold: float | None = None,
                    word_timestamps: bool = False,
-                   languages: Sequence[str] | None = None) -> TranscribeReply:
+                   languages: Sequence[str] | None = None,
+                   on_progress: Callable[[Progress], None] | None = None) -> TranscribeReply:
         """Transcribe through the supervisor, recording the outcome under endpoint.
 
         languages: what auto language ID may choose (None: the service's
-        SENSEVOICE_LANGUAGES; empty: any)."""
+        SENSEVOICE_LANGUAGES; empty: any). on_progress: each Progress before the reply
+        (SupervisorClient.transcribe); raising ClientGone from it ends the wait, counted
+        as the outcome client_gone."""
         start = time.perf_counter()
         try:
             language, allowed = self.check_languages(language, languages)
@@ -152,7 +167,7 @@ class Gateway:
                 reply = self.client.transcribe(audio, language, use_itn,
                                                vad_threshold=vad_threshold, filename=name,
                                                word_timestamps=word_timestamps,
-                                               languages=allowed)
+                                               languages=allowed, on_progress=on_progress)
             except ServiceError as e:
                 internals = self.settings.ui_is_loopback()
                 if not internals and e.code in PUBLIC_MESSAGES:  # the caller is not told why
@@ -161,6 +176,9 @@ class Gateway:
                                    else None) from None
         except RequestFailed as e:
             self.metrics.request_done(endpoint, e.code, time.perf_counter() - start, 0.0)
+            raise
+        except ClientGone:
+            self.metrics.request_done(endpoint, "client_gone", time.perf_counter() - start, 0.0)
             raise
         self.metrics.request_done(endpoint, "ok", time.perf_counter() - start, reply.duration_s)
         return reply

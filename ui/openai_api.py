@@ -11,7 +11,8 @@ language ID may choose: comma-separated or repeated ``languages[]``; default
 SENSEVOICE_LANGUAGES, empty: any), and for srt/vtt ``max_line_width``, ``max_line_count``
 (default SENSEVOICE_SUBTITLE_MAX_LINE_WIDTH / _COUNT) and, for vtt, ``karaoke`` (each word timed
 inside its cue). ``prompt`` and ``temperature`` are accepted and ignored (CTC decoding has
-neither); ``stream=true`` is refused. Errors have OpenAI's shape:
+neither). ``stream=true`` (with response_format json or text, as OpenAI allows) answers with
+server-sent events as segments finish (``ui.openai_stream``). Errors have OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -31,10 +32,12 @@ from sensevoice_core.settings import MiB
 from sensevoice_core.subtitles import LINE_LIMIT_BOUNDS, SubtitleOptions, to_srt, to_vtt
 from sensevoice_core.vocab import LANGUAGE_BY_TAG
 from ui.gateway import RETRY_AFTER_S, Gateway, RequestFailed
+from ui.openai_stream import StreamedTranscription
 
 MODEL_ID = "sensevoice-small"
 MODEL_CARD = {"id": MODEL_ID, "object": "model", "created": 1719792000, "owned_by": "sensevoice-serve"}
 RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+STREAMED_FORMATS = ("json", "text")  # OpenAI streams only these (as events either way)
 SUBTITLE_FORMATS = ("srt", "vtt")
 # Extension fields of subtitle responses -> the formats they apply to.
 SUBTITLE_FIELDS = {"max_line_width": SUBTITLE_FORMATS, "max_line_count": SUBTITLE_FORMATS,
@@ -182,6 +185,12 @@ def build_openai_router(gateway: Gateway) -> APIRouter:
             return openai_error(failure)
         if not gateway.door.try_enter():
             return openai_error(gateway.refused("openai"))
+        if form.stream:
+            return StreamedTranscription(
+                lambda on_progress: gateway.transcribe(
+                    form.audio, form.name, form.language, form.use_itn, "openai",
+                    form.vad_threshold, form.word_timestamps, form.languages, on_progress),
+                openai_error, gateway.door.leave, gateway.transcribe_slots)
         try:
             reply = await anyio.to_thread.run_sync(
                 gateway.transcribe, form.audio, form.name, form.language, form.use_itn,
@@ -207,6 +216,7 @@ class TranscriptionForm:
     granularities: frozenset[str]  # of GRANULARITIES
     languages: list[str] | None  # as given (the gateway checks them); None: not given
     subtitles: SubtitleOptions | None  # srt and vtt only
+    stream: bool  # server-sent events as segments finish
 
     @property
     def word_timestamps(self) -> bool:
@@ -262,13 +272,16 @@ async def read_form(request: Request, gateway: Gateway) -> TranscriptionForm:
              *form.getlist("timestamp_granularities")], response_format)
         languages = parse_languages([*form.getlist("languages[]"), *form.getlist("languages")])
         subtitles = parse_subtitle_options(form, response_format, gateway)
-        if parse_bool(str(form.get("stream") or "false"), "stream"):
-            raise RequestFailed(400, "bad_request", "streaming transcription is not supported; "
-                                                    "send stream=false", "stream")
+        stream = parse_bool(str(form.get("stream") or "false"), "stream")
+        if stream and response_format not in STREAMED_FORMATS:
+            raise RequestFailed(400, "bad_request",
+                                f"response_format {response_format!r} cannot be streamed; with "
+                                f"stream=true use {' or '.join(STREAMED_FORMATS)}",
+                                "response_format")
     finally:
         await form.close()
     return TranscriptionForm(audio, name, language, use_itn, response_format, vad_threshold,
-                             granularities, languages, subtitles)
+                             granularities, languages, subtitles, stream)
 
 
 def parse_granularities(values: list[object], response_format: str) -> frozenset[str]:

@@ -1,5 +1,5 @@
-"""What the page shows: tag badges and timed words for a transcription, and the model status
-panel."""
+"""What the page shows: tag badges and timed words for a transcription (and its progress while
+it runs), and the model status panel."""
 
 from __future__ import annotations
 
@@ -56,6 +56,17 @@ def tags_html(reply: TranscribeReply, show_worker: bool) -> str:
             f'<div class="sv-detail">{escape(detail)}</div>')
 
 
+def progress_html(done: int, total: int, seconds: float) -> str:
+    """While a transcription runs: the segments decoded of all the VAD found, and the audio
+    time they reach."""
+    if total == 0:
+        return f'<div class="sv-tags">{badge("nospeech", "🔇 No speech found")}</div>'
+    label = f"⏳ {done} of {total} segment{'' if total == 1 else 's'}"
+    if done:
+        label += f" · {seconds:.1f} s of audio"
+    return f'<div class="sv-tags">{badge("progress", label)}</div>'
+
+
 def word_span(word: Word) -> str:
     low = word.probability < LOW_CONFIDENCE
     title = f"{word.start:.2f}–{word.end:.2f} s · p={word.probability:.2f}"
@@ -106,10 +117,10 @@ def plain(text: str | None) -> str:
 SEGMENT_COLUMNS = ("start", "end", "text", "language", "emotion", "event")
 
 
-def segment_rows(reply: TranscribeReply) -> list[list[object]]:
+def segment_rows(segments: Sequence[Segment]) -> list[list[object]]:
     """The segment table: one row per segment, times in seconds."""
     return [[f"{s.start:.2f}", f"{s.end:.2f}", s.text, s.language or "", s.emotion or "",
-             s.event or ""] for s in reply.segments]
+             s.event or ""] for s in segments]
 
 
 def short_fingerprint(fingerprint: str | None) -> str:
