@@ -13,8 +13,10 @@ faster than this worker transcribes) fails alone ("busy"); bad audio bytes fail 
 ("bad_audio"). Finals carry the fingerprint of this worker's model.
 
 Draining (after Stop, or SIGTERM): each stream is moved at its next point between turns, once every
-message that reached the worker before the Stop is handled: StreamMoved(seq, messages) with
-its snapshot(), then the worker forgets it. The turn in progress so finishes on this model.
+message that reached the worker before the Stop is handled: StreamMoved(seq, messages,
+options) with its snapshot(), then the worker forgets it (options: those in force after the
+handled messages; an update queued behind them applies on the new worker, in order). The turn
+in progress so finishes on this model.
 A turn still open DRAIN_COMMIT_MARGIN_S before SENSEVOICE_DRAIN_TIMEOUT is committed here,
 then the stream moves. The worker exits once its requests and streams are all gone.
 """
@@ -71,6 +73,7 @@ class StreamError(Exception):
 class Session:
     stream_id: str
     options: StreamOptions  # as of the last queued update (encoding only changes before audio)
+    applied: StreamOptions  # as of the last handled update: what a move hands on
     state: bytes | None = None  # a moved stream's, until the stream thread restores it
     live: LiveTranscriber | None = None  # made on the stream thread
     queue: deque[tuple[StreamAudio | StreamControl, bytes]] = field(default_factory=deque)
@@ -103,7 +106,7 @@ class StreamSessions:
 
     def open(self, message: StreamOpen | StreamResume, state: bytes | None = None) -> None:
         stream_id = message.stream_id
-        session = Session(stream_id or "", message.options, state=state)
+        session = Session(stream_id or "", message.options, message.options, state=state)
         if isinstance(message, StreamResume):
             session.received = session.handled = message.messages
             session.next_seq = message.seq
@@ -249,7 +252,7 @@ class StreamSessions:
         if model is None:
             raise StreamError("unavailable", "this worker has no model loaded")
         try:
-            config = self.settings.stream_config(session.options)
+            config = self.settings.stream_config(session.applied)
         except ValueError as e:
             raise StreamError("bad_request", f"the stream's options: {e}") from None
         if session.state is None:
@@ -271,7 +274,7 @@ class StreamSessions:
         for message, payload in items:
             if isinstance(message, StreamAudio):
                 try:
-                    chunks.append(decode_pcm(payload, session.options.encoding))
+                    chunks.append(decode_pcm(payload, session.applied.encoding))
                 except ValueError as e:
                     raise StreamError("bad_audio", f"audio chunk {message.seq}: {e}") from None
                 session.next_seq = message.seq + 1
@@ -287,6 +290,7 @@ class StreamSessions:
                         live.reconfigure(self.settings.stream_config(message.options))
                     except ValueError as e:
                         raise StreamError("bad_request", f"the update: {e}") from None
+                    session.applied = message.options
                 elif message.action == "close":
                     events += live.finish()
                     return True
@@ -323,7 +327,8 @@ class StreamSessions:
         assert live is not None
         if not session.gone:
             self.worker.push(encode(StreamMoved(stream_id=session.stream_id,
-                                                seq=session.next_seq, messages=session.handled),
+                                                seq=session.next_seq, messages=session.handled,
+                                                options=session.applied),
                                     live.snapshot()))
         logger.info("stream %s handed back to go on on another worker, after %d audio "
                     "chunks", session.stream_id, session.next_seq)

@@ -286,6 +286,8 @@ class StreamMoved(_Message):
     stream_id: str
     seq: int = Field(ge=0)  # the next audio seq the stream expects
     messages: int = Field(ge=0)
+    # In force after those messages (updates forwarded later apply when replayed, in order).
+    options: StreamOptions
 
 
 class StreamResume(_Message):

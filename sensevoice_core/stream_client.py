@@ -13,8 +13,10 @@ run; ServiceUnavailableError when no supervisor answers (the words of client.py,
 connection this uses: ZeroMQ heartbeats, CURVE off loopback). Once open, whatever ends the
 stream arrives as its last event: StreamFailed (worker lost, idle, too long, bad audio, the
 supervisor gone: "unavailable" within a few seconds) or StreamClosed. Sending after the end
-raises ServiceError with the end's code. abort() drops the stream at once and releases the
-socket; a task that stops reading events should call it (``async with`` does).
+raises ServiceError with the end's code; a send the supervisor cannot take for SEND_WAIT_S
+(it is not keeping up) ends the stream: ServiceError "busy". abort() drops the stream at once
+and releases the socket (``async with`` calls it); whatever else gives the stream up here
+(the supervisor lost, events() ended early) also tells the supervisor to drop it.
 
 One connection (DEALER socket) per stream: the supervisor lets only the connection that
 opened a stream send to it.
@@ -50,6 +52,10 @@ from sensevoice_core.stream_types import StreamClosed, StreamEvent, StreamFailed
 OPEN_TIMEOUT_S = CONNECT_TIMEOUT_S + 5.0  # the supervisor answers an open at once
 READ_WAKE_S = 0.1  # events() also looks for messages this often, whatever the poller says
 CLOSE_LINGER_MS = 500  # a closed stream's last message (its abort) may take this to leave
+LOST_LINGER_MS = 2000  # after the supervisor went away: its abort waits this long for it
+SEND_WAIT_S = 5.0  # a message the socket cannot take (high-water mark) waits this long
+SEND_RETRY_S = 0.02
+STREAM_SNDHWM = 10_000  # messages a stream's socket holds while the supervisor is slow
 HEADER_ROOM = 1024  # bytes a StreamAudio header takes, beside the audio, in a message
 
 
@@ -64,6 +70,9 @@ class LiveStream:
         self._seq = 0  # the next audio seq
         self._end: StreamClosed | StreamFailed | None = None  # how it ended, once known
         self._aborted = False
+        self._service_ended = False  # the supervisor sent the stream's end (nothing to abort)
+        self._abort_sent = False
+        self._sending = asyncio.Lock()  # one message at a time, in seq order
         self._reading = False  # events() is iterating (it closes the socket when it ends)
 
     @classmethod
@@ -74,6 +83,7 @@ class LiveStream:
         options = options or StreamOptions()
         client = SupervisorClient(address, settings)
         connection, _ = client._checkout()  # a fresh connection: the stream's own
+        connection.socket.setsockopt(zmq.SNDHWM, STREAM_SNDHWM)  # applies to its pipe too
         request = StreamOpen(options=options)
         connection.socket.send_multipart(encode(request))
         # The waiting is client.py's, on a thread; a cancelled open closes the connection
@@ -106,39 +116,37 @@ class LiveStream:
             raise ServiceError("too_large", f"an audio chunk of {len(data) / MiB:.1f} MiB; at "
                                             f"most {limit / MiB:.1f} MiB per chunk "
                                             f"(SENSEVOICE_MAX_REQUEST_MB)")
-        self._send(StreamAudio(stream_id=self.stream_id, seq=self._seq), bytes(data))
-        self._seq += 1
+        async with self._sending:
+            await self._send(StreamAudio(stream_id=self.stream_id, seq=self._seq), bytes(data))
+            self._seq += 1
 
     async def commit(self) -> None:
         """End the open turn now and decode it."""
-        self._control("commit")
+        await self._control("commit")
 
     async def clear(self) -> None:
         """Drop the open turn and the audio not yet committed."""
-        self._control("clear")
+        await self._control("clear")
 
     async def update(self, options: StreamOptions) -> None:
         """New options from the next audio on (encoding and rate only before any audio);
         ServiceError "bad_request" naming the problem, the stream unchanged, otherwise."""
-        problem = stream_options_problem(self._client.settings, options, self.options,
-                                         audio_sent=self._seq > 0)
-        if problem is not None:
-            raise ServiceError("bad_request", problem)
-        self._control("update", options)
-        self.options = options
+        async with self._sending:
+            problem = stream_options_problem(self._client.settings, options, self.options,
+                                             audio_sent=self._seq > 0)
+            if problem is not None:
+                raise ServiceError("bad_request", problem)
+            await self._send(StreamControl(stream_id=self.stream_id, action="update",
+                                           seq=self._seq, options=options))
+            self.options = options
 
     async def close(self) -> None:
         """End of audio: the open turn is decoded; events() ends after StreamClosed."""
-        self._control("close")
+        await self._control("close")
 
     async def abort(self) -> None:
         """Drop the stream now (no more events) and release the socket."""
-        if self._end is None and self._connection is not None:
-            try:
-                self._connection.socket.send_multipart(encode(StreamControl(
-                    stream_id=self.stream_id, action="abort", seq=self._seq)), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # not connected: the supervisor frees it when idle
+        self._send_abort()
         self._aborted = True
         if self._end is None:
             self._end = StreamFailed(code="bad_request", message="the stream was aborted")
@@ -151,21 +159,42 @@ class LiveStream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.abort()
 
-    def _control(self, action: StreamAction, options: StreamOptions | None = None) -> None:
-        self._send(StreamControl(stream_id=self.stream_id, action=action, seq=self._seq,
-                                 options=options))
+    async def _control(self, action: StreamAction) -> None:
+        async with self._sending:
+            await self._send(StreamControl(stream_id=self.stream_id, action=action,
+                                           seq=self._seq))
 
-    def _send(self, message: StreamAudio | StreamControl, payload: bytes | None = None) -> None:
-        if self._end is not None or self._connection is None:
-            end = self._end
-            raise ServiceError(end.code if isinstance(end, StreamFailed) else "bad_request",
-                               f"stream {self.stream_id} has ended"
-                               + (f": {end.message}" if isinstance(end, StreamFailed) else ""))
-        try:
-            self._connection.socket.send_multipart(encode(message, payload), zmq.NOBLOCK)
-        except zmq.Again:
-            self._end = self._lost()
-            raise ServiceUnavailableError(self._end.message) from None
+    async def _send(self, message: StreamAudio | StreamControl, payload: bytes | None = None
+                    ) -> None:
+        """Under self._sending. A full socket (the supervisor is slow) is waited on for
+        SEND_WAIT_S; only the heartbeat monitor says the supervisor is gone."""
+        frames = encode(message, payload)
+        deadline = asyncio.get_running_loop().time() + SEND_WAIT_S
+        while True:
+            connection = self._connection
+            if self._end is not None or connection is None:
+                end = self._end
+                raise ServiceError(end.code if isinstance(end, StreamFailed) else "bad_request",
+                                   f"stream {self.stream_id} has ended"
+                                   + (f": {end.message}" if isinstance(end, StreamFailed)
+                                      else ""))
+            try:
+                connection.socket.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            connection.update()
+            if connection.lost:
+                self._end = self._lost()
+                raise ServiceUnavailableError(self._end.message)
+            if asyncio.get_running_loop().time() >= deadline:
+                self._end = StreamFailed(code="busy", message=(
+                    f"the service is not keeping up with this stream: {STREAM_SNDHWM} "
+                    f"messages waited to leave and none could for {SEND_WAIT_S:g} s; the "
+                    f"stream has ended; send audio in fewer, larger chunks, no faster than "
+                    f"real time"))
+                raise ServiceError("busy", self._end.message)
+            await asyncio.sleep(SEND_RETRY_S)
 
     # ----------------------------------------------------------------- receiving
 
@@ -187,6 +216,7 @@ class LiveStream:
                             return
                         if isinstance(event, (StreamClosed, StreamFailed)):
                             self._end = event
+                            self._service_ended = True
                             break
                         yield event
                 if self._end is None:
@@ -222,13 +252,20 @@ class LiveStream:
                 return [*events, self._failed(reply.code, reply.message)]
 
     def _failed(self, code: str, message: str) -> StreamFailed:
-        if self._connection is not None:
-            try:
-                self._connection.socket.send_multipart(encode(StreamControl(
-                    stream_id=self.stream_id, action="abort", seq=self._seq)), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+        self._send_abort()
         return StreamFailed(code=code, message=message)
+
+    def _send_abort(self) -> None:
+        """Free the stream on the supervisor, unless it ended there already (once; it may
+        not get out: then the supervisor frees it at its idle timeout)."""
+        if self._service_ended or self._abort_sent or self._connection is None:
+            return
+        self._abort_sent = True
+        try:
+            self._connection.socket.send_multipart(encode(StreamControl(
+                stream_id=self.stream_id, action="abort", seq=self._seq)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def _lost(self) -> StreamFailed:
         return StreamFailed(code="unavailable", message=(
@@ -236,8 +273,12 @@ class LiveStream:
             f"stream has ended; open a new one when the service is back"))
 
     def _release(self) -> None:
+        """Whatever ended it here (the supervisor lost, a failure, the reader gone), the
+        supervisor is told to drop the stream, if it is still open there."""
         if self._connection is not None:
-            _close(self._connection)
+            self._send_abort()
+            lost = self._connection.lost
+            _close(self._connection, LOST_LINGER_MS if lost else CLOSE_LINGER_MS)
             self._connection = None
 
 
@@ -250,11 +291,11 @@ def _discard(connection: _Connection, done: asyncio.Future) -> None:
                 stream_id=reply.stream_id, action="abort", seq=0)), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-    _close(connection)
+    _close(connection, CLOSE_LINGER_MS)
 
 
-def _close(connection: _Connection) -> None:
-    """Like connection.close(), but a last abort still gets out (within CLOSE_LINGER_MS)."""
+def _close(connection: _Connection, linger_ms: int) -> None:
+    """Like connection.close(), but a last abort still gets out (within linger_ms)."""
     connection.socket.disable_monitor()
     connection.monitor.close(linger=0)
-    connection.socket.close(linger=CLOSE_LINGER_MS)
+    connection.socket.close(linger=linger_ms)

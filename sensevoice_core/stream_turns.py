@@ -29,6 +29,7 @@ from sensevoice_core.segmentation import (
 )
 from sensevoice_core.stream_types import SpeechStarted, StreamConfig
 
+EMPTY_BUFFER = "the audio buffer is empty (no audio since the last turn, commit or clear)"
 ROUNDING_MARGIN = 16  # samples: a region's edge is rounded to the millisecond (8 samples)
 
 
@@ -41,6 +42,7 @@ class ClosedTurn:
     end: int
     region: Region
     stopped: bool  # the VAD ended it (SpeechStopped), rather than a commit
+    heard: bool = True  # False: a manual commit of audio the VAD heard no speech in
 
 
 class _Samples:
@@ -138,20 +140,25 @@ class TurnTracker:
             out += self._ready(force=False)
         return out
 
-    def commit(self) -> list[ClosedTurn | SpeechStarted]:
+    def commit(self) -> tuple[list[ClosedTurn | SpeechStarted], str | None]:
+        """The turns the commit closes (and closed ones it no longer waits for), and why
+        the commit closed no turn of its own (None: it did)."""
         out: list[ClosedTurn | SpeechStarted] = list(self._ready(force=True))
         if not self.config.turn_detection:
-            if self.samples > self._manual_start:
-                out.append(self._manual_turn(self.samples))
-            return out
+            if self.samples == self._manual_start:
+                return out, EMPTY_BUFFER
+            heard = self._manual_heard()
+            out.append(self._manual_turn(self.samples, heard))
+            return out, None
         if self._open_item is None:
-            return out
+            return out, (EMPTY_BUFFER if self.samples <= round(self._floor_s * SAMPLE_RATE)
+                         else "no turn is open: the VAD heard no speech since the last turn")
         out += self._cut_to_fit(self._run_end)
         end_s = round(self.samples / SAMPLE_RATE, 3)
         out.append(ClosedTurn(self._open_item, self._turn_start, self.samples,
                               Region(self._turn_begin_s, end_s), stopped=False))
         self._end_turn(end_s)
-        return out
+        return out, None
 
     def clear(self) -> None:
         self._pending.clear()
@@ -162,7 +169,7 @@ class TurnTracker:
         """The stream ended: the open turn (if the VAD heard speech in it) is closed."""
         duration = self.samples / SAMPLE_RATE
         if not self.config.turn_detection:
-            return self.commit() if self._manual_heard() else self._ready(force=True)
+            return self.commit()[0] if self._manual_heard() else self._ready(force=True)
         out: list[ClosedTurn | SpeechStarted] = []
         if self._open_item is not None:
             out += self._close_region(duration)
@@ -327,11 +334,11 @@ class TurnTracker:
         turn = self._manual_turn(cut * WINDOW)
         return [turn] if heard else []
 
-    def _manual_turn(self, end: int) -> ClosedTurn:
+    def _manual_turn(self, end: int, heard: bool = True) -> ClosedTurn:
         self.item += 1
         turn = ClosedTurn(self.item, self._manual_start, end,
                           Region(round(self._manual_start / SAMPLE_RATE, 3),
-                                 round(end / SAMPLE_RATE, 3)), stopped=False)
+                                 round(end / SAMPLE_RATE, 3)), stopped=False, heard=heard)
         self._manual_start = self._partial_mark = end
         return turn
 

@@ -113,6 +113,15 @@ class Final(_Event):
     fingerprint: str | None = None  # the model that decoded it (set by the worker)
 
 
+class CommitEmpty(_Event):
+    """The client's commit found nothing to commit (no audio since the last turn; with
+    turn_detection, no turn open nor a closed one still to send): no Committed follows. Each
+    commit gets an answer, this or Committed, so a client waiting for one does not hang."""
+
+    type: Literal["commit_empty"] = "commit_empty"
+    reason: str  # a sentence: what was missing
+
+
 class Cleared(_Event):
     """The client's clear: the open turn and the audio not yet committed were dropped."""
 
@@ -135,6 +144,6 @@ class StreamClosed(_Event):
 
 
 StreamEvent = Annotated[
-    Union[SpeechStarted, SpeechStopped, Committed, Partial, Final, Cleared, StreamFailed,
-          StreamClosed],
+    Union[SpeechStarted, SpeechStopped, Committed, CommitEmpty, Partial, Final, Cleared,
+          StreamFailed, StreamClosed],
     Field(discriminator="type")]

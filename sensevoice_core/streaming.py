@@ -22,7 +22,10 @@ max_segment_s of it: memory stays O(max_segment_s) however long the stream.
 
 Without turn detection, a turn is the audio since the last commit; one reaching max_segment_s
 is cut at its quietest window, and the part before the cut is decoded only if the VAD heard
-speech in it (uncommitted silence gives no events, and partials wait for speech too).
+speech in it (uncommitted silence gives no events, and partials wait for speech too). A
+commit of audio the VAD heard no speech in gives an empty Final (language "nospeech") without
+asking the model, which would invent words for silence; a commit with nothing to commit gives
+CommitEmpty.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from sensevoice_core.stream_state import pack, unpack
 from sensevoice_core.stream_turns import ClosedTurn, TurnTracker
 from sensevoice_core.stream_types import (
     Cleared,
+    CommitEmpty,
     Committed,
     Final,
     Partial,
@@ -50,10 +54,12 @@ from sensevoice_core.stream_types import (
     StreamEvent,
 )
 from sensevoice_core.vad import SpeechProbabilities
+from sensevoice_core.vocab import Language
 
 if TYPE_CHECKING:
     from sensevoice_core.pipeline import SenseVoice
 
+NOSPEECH = Language.NOSPEECH.value
 BLOCK_S = 10  # a long feed goes through in blocks of this many seconds, so memory stays flat
 
 
@@ -111,10 +117,17 @@ class LiveTranscriber:
         return events
 
     def commit(self) -> list[StreamEvent]:
-        """Close the open turn now (or, with no turn open and turn_detection off, the audio
-        since the last turn) and decode it: Committed, Final. Nothing to commit: []."""
+        """Close the open turn now (or, with turn_detection off, the audio since the last
+        turn) and decode it: Committed, Final; a Final with empty text (language "nospeech")
+        without a decode where the VAD heard no speech in it. Nothing to commit: CommitEmpty.
+        """
         self._check_open("commit")
-        return self._events(self._turns.commit())
+        turns, empty = self._turns.commit()
+        # Closed turns waiting for their padding's audio answer the commit too, so the
+        # worker's own commit before a move (only when not between turns) never answers this.
+        if not turns and empty is not None:
+            return [CommitEmpty(reason=empty)]
+        return self._events(turns)
 
     def clear(self) -> list[StreamEvent]:
         """Drop the open turn and the audio not yet committed: [Cleared]."""
@@ -210,6 +223,9 @@ class LiveTranscriber:
         return events
 
     def _decode_turn(self, turn: ClosedTurn) -> Segment:
+        if not turn.heard:  # the model would be asked to find words in silence
+            return Segment(start=turn.region.start, end=turn.region.end, text="", raw="",
+                           language=NOSPEECH, emotion=None, event=None)
         return self._decode(turn.start, turn.end, turn.region)
 
     def _decode(self, start: int, end: int, region: Region | None = None) -> Segment:

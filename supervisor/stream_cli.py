@@ -34,6 +34,7 @@ from sensevoice_core.audio_stream import audio_file, open_decoder
 from sensevoice_core.cli import language
 from sensevoice_core.errors import AudioError
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
+from sensevoice_core.realtime_limits import MAX_AUDIO_SPEED
 from sensevoice_core.settings import LOOPBACK_HOSTS, Settings
 
 RATE = 24000  # OpenAI's audio/pcm
@@ -52,6 +53,10 @@ def speed(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number above 0 (1: real time), got "
                                          f"{text!r}")
+    if value > MAX_AUDIO_SPEED:
+        raise argparse.ArgumentTypeError(f"at most {MAX_AUDIO_SPEED:g} (the server refuses audio "
+                                         f"sent faster than {MAX_AUDIO_SPEED:g}x real time), got "
+                                         f"{text!r}")
     return value
 
 
@@ -60,8 +65,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="the UI's realtime WebSocket; default: "
                                       "ws://127.0.0.1:SENSEVOICE_UI_PORT/v1/realtime")
     parser.add_argument("--speed", type=speed, default=1.0, metavar="N",
-                        help="play N times faster than real time (default 1; the server "
-                             "refuses audio much faster than real time)")
+                        help=f"play N times faster than real time (default 1, at most "
+                             f"{MAX_AUDIO_SPEED:g}: the server's limit)")
     parser.add_argument("--language", default="auto", type=language,
                         help="the language spoken (default auto)")
 

@@ -8,7 +8,8 @@ worker serves, "bad_request" for options that cannot run. Otherwise the stream g
 lives on the serving worker holding the fewest streams (then the fewest requests); the client
 is answered StreamOpened(stream_id, fingerprint) at once.
 
-Sending. Only the connection (ZeroMQ routing id) that opened a stream may send to it; audio
+Sending. Only the connection (ZeroMQ routing id) that opened a stream may send to it (but
+abort, taken by the stream's id from any connection: see below); audio
 must come in seq order and a control names the next audio seq. Anything else is answered with
 an ErrorReply (request_id = the stream id) and changes nothing. Audio and controls are
 forwarded as they come; the worker queues them per stream and transcribes (worker side:
@@ -24,10 +25,11 @@ instead of StreamClosed. Each message is bounded by SENSEVOICE_MAX_REQUEST_MB (b
 Moving (blue-green reload). When a worker drains, the supervisor keeps every message it
 forwards to that worker's streams from then on. The worker, at each stream's next point
 between turns (at once if it is between turns already; at the drain deadline it commits the
-open turn first), sends StreamMoved(seq, messages) with the stream's state and forgets it: the
-turn in progress finishes on the old model, later turns run on the new one. The supervisor
-sends StreamResume with that state to the serving worker with the fewest streams, then the
-kept messages the old worker had not handled (numbered in forwarding order, so nothing is
+open turn first), sends StreamMoved(seq, messages, options) with the stream's state and
+forgets it: the turn in progress finishes on the old model, later turns run on the new one.
+The supervisor sends StreamResume with that state and those options (in force where it
+moved) to the serving worker with the fewest streams, then the kept messages the old worker
+had not handled (numbered in forwarding order, so nothing is
 lost or repeated), and routes what follows there. With no serving worker (a stop_first
 reload), the stream waits for one, keeping its messages, for
 SENSEVOICE_HOTRELOAD_TIMEOUT + SENSEVOICE_DRAIN_TIMEOUT. The audio kept for a move is bounded
@@ -37,8 +39,14 @@ streams fail "worker_lost".
 
 Ending by failure. A worker that exits, is killed as hung (missed pongs) or for a timeout:
 each of its streams gets StreamFailed "worker_lost" when it is reaped, within a tick; the
-supervisor stopping: StreamFailed "shutting_down" for every stream. A client that vanishes
-without abort (ZeroMQ does not tell a ROUTER) holds its slot until the idle timeout.
+supervisor stopping: each stream is closed on its client's behalf, so its open turn is
+transcribed within SENSEVOICE_DRAIN_TIMEOUT, then StreamFailed "shutting_down" (at once for
+one between workers, and for those still open at the deadline). Before a worker that exited
+is reaped, what it sent is read (a draining worker's StreamMoved is not lost to a race). A
+client that vanishes without abort (ZeroMQ does not tell a ROUTER) holds its slot until the
+idle timeout; the client library sends abort whenever it gives a stream up, and an abort is
+taken from any connection (one that dropped comes back with a new routing id), by the
+stream's id.
 
 Status: ServiceStatus.streams (open now), stream_counts (opened, refused, moved, closed,
 aborted, failed), stream_failures (by code); WorkerStatus.streams (held by that worker).
@@ -85,7 +93,8 @@ WORKER_LOST = ("the worker serving this stream {how}; the stream has ended and i
 class Stream:
     stream_id: str
     client: bytes  # the routing id of the connection that opened it
-    options: StreamOptions  # as updated since
+    options: StreamOptions  # as of the last update forwarded (what the client's next checks
+    # against); the worker may not have applied it yet
     worker_id: str | None  # None while moving between workers
     opened_at: float
     heard_at: float  # the client's last message
@@ -96,12 +105,17 @@ class Stream:
     kept_s: float = 0.0  # seconds of audio in kept
     state: bytes | None = None  # a moved stream's state, until a worker resumes it
     moved_at: float = 0.0
-    resume_seq: int = 0  # the StreamMoved's seq and messages, for the StreamResume
+    # The StreamMoved's seq, messages and options, for the StreamResume (options: those in
+    # force where it moved; later updates are among the kept messages, replayed in order).
+    resume_seq: int = 0
     resume_messages: int = 0
+    resume_options: StreamOptions | None = None
     # Not back to the worker it left (one stopped by a signal still counts as serving).
     moved_from: str | None = None
     closing: bool = False  # the client sent close: only abort may follow
-    too_long: bool = False  # closed by the supervisor at SENSEVOICE_MAX_STREAM_S
+    # Closed by the supervisor on the client's behalf (SENSEVOICE_MAX_STREAM_S, the service
+    # stopping): the open turn is transcribed, then this replaces its StreamClosed.
+    ending: StreamFailed | None = None
 
 
 @dataclass
@@ -135,7 +149,7 @@ class StreamRouter:
             self.end(stream, "aborted")
             self.send_worker(stream, message)
             return
-        if stream.too_long:
+        if stream.ending is not None:
             return  # its close is on the way; the client learns it from StreamFailed
         stream.heard_at = time.monotonic()
         if isinstance(message, StreamAudio):
@@ -151,12 +165,17 @@ class StreamRouter:
                 message: StreamAudio | StreamControl) -> str | None:
         """Why this message may not go to its stream, or None."""
         name = f"stream {message.stream_id}"
+        if (stream is not None and isinstance(message, StreamControl)
+                and message.action == "abort"):
+            # From any connection: a client whose connection dropped and came back has a
+            # new routing id; the id (64 random bits) is known only to the stream's opener.
+            return None
         if stream is None or stream.client != client:
             # Another connection's stream is named as if unknown: ids are not disclosed.
             return (f"no open {name} on this connection (it ended, was never opened, or "
                     f"belongs to another connection; only the connection that opened a stream "
                     f"may send to it)")
-        if stream.too_long or (isinstance(message, StreamControl)
+        if stream.ending is not None or (isinstance(message, StreamControl)
                                and message.action == "abort"):
             return None
         if stream.closing:
@@ -265,8 +284,8 @@ class StreamRouter:
             return
         events = message.events
         last = events[-1] if events else None
-        if stream.too_long and isinstance(last, StreamClosed):
-            events = [*events[:-1], self.too_long_failure()]
+        if stream.ending is not None and isinstance(last, StreamClosed):
+            events = [*events[:-1], stream.ending]
             last = events[-1]
         self.supervisor.broker.send_client(stream.client, StreamEvents(
             stream_id=stream.stream_id, events=events))
@@ -284,6 +303,10 @@ class StreamRouter:
 
     def moved(self, stream: Stream, worker: WorkerHandle, message: StreamMoved,
               state: bytes) -> None:
+        if self.supervisor.shutting_down:  # its turns so far were all transcribed
+            self.fail(stream, "shutting_down", "the service is stopping; the stream has ended "
+                                               "(its turns so far were transcribed)")
+            return
         kept = stream.kept or []
         first_kept = kept[0][0] if kept else stream.forwarded
         if message.messages < first_kept or message.messages > stream.forwarded:
@@ -298,6 +321,7 @@ class StreamRouter:
         stream.worker_id, stream.state = None, state
         stream.moved_at = time.monotonic()
         stream.resume_seq, stream.resume_messages = message.seq, message.messages
+        stream.resume_options = message.options
         stream.moved_from = worker.worker_id
         self.counts["moved"] += 1
         self.place(stream)
@@ -310,7 +334,8 @@ class StreamRouter:
         stream.worker_id = worker.worker_id
         self.send_worker(stream, StreamResume(
             stream_id=stream.stream_id, seq=stream.resume_seq,
-            messages=stream.resume_messages, options=stream.options), stream.state)
+            messages=stream.resume_messages, options=stream.resume_options or stream.options),
+            stream.state)
         for _, frames in stream.kept or []:
             self.supervisor.backend.send_multipart([worker.worker_id.encode(), *frames])
         stream.state, stream.kept, stream.kept_s = None, None, 0.0
@@ -345,19 +370,18 @@ class StreamRouter:
                     self.fail(stream, "unavailable", (
                         "no worker took the stream over after its model was replaced; open "
                         "a new stream to go on"))
-            elif stream.closing or stream.too_long:
+            elif stream.closing or stream.ending is not None:
                 continue
             elif now - stream.heard_at > settings.stream_idle_timeout_s:
                 self.fail(stream, "timeout", (
-                    f"nothing came from the client for {settings.stream_idle_timeout_s:g} s "
-                    f"(SENSEVOICE_STREAM_IDLE_TIMEOUT_S); the stream was closed"),
+                    f"nothing reached the service for this stream for "
+                    f"{settings.stream_idle_timeout_s:g} s (SENSEVOICE_STREAM_IDLE_TIMEOUT_S); "
+                    f"the stream was closed"),
                     tell_worker=True)
             elif now - stream.opened_at > settings.max_stream_s:
                 logger.info("Stream %s reached SENSEVOICE_MAX_STREAM_S=%g; closing it",
                             stream.stream_id, settings.max_stream_s)
-                stream.too_long = True
-                self.forward(stream, StreamControl(stream_id=stream.stream_id, action="close",
-                                                   seq=stream.next_seq), None)
+                self.close_for_client(stream, self.too_long_failure())
 
     def fail(self, stream: Stream, code: ErrorCode, message: str,
              tell_worker: bool = False) -> None:
@@ -375,7 +399,29 @@ class StreamRouter:
         if code is not None:
             self.failures[code] += 1
 
+    def close_for_client(self, stream: Stream, ending: StreamFailed) -> None:
+        stream.ending = ending
+        self.forward(stream, StreamControl(stream_id=stream.stream_id, action="close",
+                                           seq=stream.next_seq), None)
+
     def shutdown(self) -> None:
+        """The service stops: each stream is closed on its client's behalf (before the
+        workers' Stop, so they handle the close first), so its open turn is transcribed like
+        a request in hand; it then ends StreamFailed "shutting_down". A stream between
+        workers fails at once."""
         for stream in list(self.streams.values()):
-            self.fail(stream, "shutting_down", "the service is stopping; the stream has ended",
-                      tell_worker=True)
+            if stream.worker_id is None:
+                self.fail(stream, "shutting_down", "the service is stopping; the stream has "
+                                                   "ended (its turns so far were transcribed)")
+            elif not stream.closing and stream.ending is None:
+                self.close_for_client(stream, StreamFailed(code="shutting_down", message=(
+                    "the service is stopping; the stream's open turn was transcribed and the "
+                    "stream has ended")))
+
+    def stopped(self) -> None:
+        """The workers are gone (or past SENSEVOICE_DRAIN_TIMEOUT): what is left fails."""
+        for stream in list(self.streams.values()):
+            self.fail(stream, "shutting_down", (
+                f"the service stopped before the stream's open turn was transcribed (within "
+                f"SENSEVOICE_DRAIN_TIMEOUT={self.settings.drain_timeout:g} s); the stream has "
+                f"ended"))

@@ -75,6 +75,8 @@ TICK_S = 0.05  # the loop wakes at least this often to check deadlines
 FIRST_LOAD_TIMEOUT_S = 300.0  # a first load may hash and convert a large model
 BACKOFF_MAX_S = 30.0
 BURST = 100  # messages handled per socket per tick, so one side cannot starve the other
+BACKLOG_QUIET_MS = 50  # a worker exited: read its socket until quiet this long, before reaping
+BACKLOG_BURSTS = 10
 
 
 class Supervisor:
@@ -152,6 +154,14 @@ class Supervisor:
                                             "the supervisor hit an unexpected error with this "
                                             "request; see its log")
 
+    def read_backlog(self) -> None:
+        """Read what the workers sent until the backend has been quiet for
+        BACKLOG_QUIET_MS (at most BACKLOG_BURSTS bursts)."""
+        for _ in range(BACKLOG_BURSTS):
+            if not self.backend.poll(BACKLOG_QUIET_MS):
+                return
+            self.read_burst(self.backend, self.handle_worker)
+
     # ----------------------------------------------------------------- start and stop
 
     def start(self) -> None:
@@ -200,6 +210,8 @@ class Supervisor:
                 self.read_burst(self.backend, self.handle_worker)
             if self.frontend.poll(0):
                 self.read_burst(self.frontend, self.clients.handle)
+        self.read_backlog()
+        self.streams.stopped()
         for worker in self.pool:
             self.broker.fail_held(worker, "shutting_down",
                                   "the service stopped before this request finished")
@@ -301,6 +313,8 @@ class Supervisor:
         self.streams.worker_draining(worker)
 
     def reap_workers(self) -> None:
+        if any(w.process.poll() is not None for w in self.pool):
+            self.read_backlog()  # its last words (a StreamMoved, a reply) before its end
         for worker, code in self.pool.reap():
             self.worker_exited(worker, code)
 

@@ -138,7 +138,7 @@ def test_stream_messages_round_trip_with_their_payloads():
     update = StreamControl(stream_id="s1", action="update", seq=5, options=options)
     assert decode_client(encode(update)) == (update, None)
     assert decode_for_worker(encode(update)) == (update, None)
-    moved = StreamMoved(stream_id="s1", seq=5, messages=7)
+    moved = StreamMoved(stream_id="s1", seq=5, messages=7, options=options)
     assert decode_from_worker(encode(moved, b"state")) == (moved, b"state")
     resume = StreamResume(stream_id="s1", seq=5, messages=7, options=options)
     assert decode_for_worker(encode(resume, b"state")) == (resume, b"state")

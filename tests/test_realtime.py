@@ -16,17 +16,17 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from model_factory import copy_demo_model, nudge_weights
 from scipy.signal import resample_poly
+from service import start_service
+from ui_process import start_ui
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from model_factory import copy_demo_model, nudge_weights
 from sensevoice_core.audio import resample_to_16k
 from sensevoice_core.options import TranscribeOptions
-from service import start_service
 from ui.gateway import PUBLIC_MESSAGES
 from ui.realtime import AUDIO_BURST_S, MAX_MESSAGE_BYTES, MESSAGE_BURST
-from ui_process import start_ui
 
 pytestmark = [
     pytest.mark.slow,
@@ -170,6 +170,34 @@ def mu_law(audio: np.ndarray) -> bytes:
     return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
 
 
+def test_tiny_appends_are_merged_in_order_and_logprobs_come_when_included(stack, demo_model):
+    """A client sending 5 ms at a time (merged by the UI before they reach the supervisor)
+    gets the same transcript as the batch path, committed audio complete and in order."""
+    _, ui, _ = stack
+    pcm = utterances("en_02", gap_s=0.3)
+    session = Raw(ui)
+    session.recv()
+    session.send({"type": "session.update", "session": {
+        "type": "transcription", "include": ["item.input_audio_transcription.logprobs"],
+        "audio": {"input": {"turn_detection": None,
+                            "transcription": {"prompt": "a prompt is ignored"}}}}})
+    assert session.recv()["session"]["include"] == ["item.input_audio_transcription.logprobs"]
+    tiny = appends(pcm, chunk_s=0.005)
+    assert len(tiny) < MESSAGE_BURST
+    for audio in tiny:
+        session.send({"type": "input_audio_buffer.append", "audio": audio})
+    session.send({"type": "input_audio_buffer.commit"})
+    completed, _ = session.until("conversation.item.input_audio_transcription.completed")
+    audio16 = resample_to_16k(pcm.astype(np.float32) / 32768, RATE, "clip").numpy()
+    assert completed["start"] == 0 and completed["end"] == pytest.approx(len(pcm) / RATE, abs=0.01)
+    assert completed["transcript"] == \
+        demo_model.transcribe(audio16, TranscribeOptions(use_itn=True)).text
+    logprobs = completed["logprobs"]
+    assert logprobs and all(p["logprob"] <= 0 and p["bytes"] == list(p["token"].encode())
+                            for p in logprobs)
+    session.ws.close()
+
+
 def test_telephone_audio_in_g711_mu_law_is_transcribed(stack):
     service, ui, _ = stack
     session = Raw(ui)
@@ -271,6 +299,17 @@ def test_hostile_messages_get_errors_and_the_session_goes_on(stack):
                              "audio": "A" * (MAX_MESSAGE_BYTES + 4)}))
     code, _, events = session.closed()
     assert events[-1]["error"]["code"] == "message_too_large" and code == 1009
+    # Far over it: the server's WebSocket layer refuses it before reading it all (uvicorn's
+    # ws_max_size), so no error event, only the close.
+    huge = Raw(ui)
+    huge.recv()
+    try:
+        huge.send(json.dumps({"type": "input_audio_buffer.append",
+                              "audio": "A" * (4 * MAX_MESSAGE_BYTES)}))
+    except ConnectionClosed:
+        pass
+    code, _, events = huge.closed()
+    assert code == 1009 and events == []
     service.wait_until(lambda status: status.streams == 0, what="the stream to be freed")
 
 

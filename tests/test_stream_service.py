@@ -25,13 +25,17 @@ from model_factory import copy_demo_model, nudge_weights
 from sensevoice_core.audio import load_audio
 from sensevoice_core.client import ServiceError
 from sensevoice_core.live_audio import decode_pcm
+from sensevoice_core import stream_client
 from sensevoice_core.protocol import (
     ErrorReply,
     ModelInfo,
     StreamAudio,
     StreamControl,
+    StreamMoved,
     StreamOpen,
     StreamOpened,
+    decode_client,
+    decode_for_worker,
     decode_reply,
     encode,
 )
@@ -350,7 +354,7 @@ def test_only_the_opening_connection_may_send_and_only_in_order(service, utteran
         refused = intruder.receive()
         assert isinstance(refused, ErrorReply) and refused.request_id == stream_id
         assert "only the connection that opened a stream may send" in refused.message
-        intruder.send(StreamControl(stream_id=stream_id, action="abort", seq=0))
+        intruder.send(StreamControl(stream_id=stream_id, action="commit", seq=0))
         assert isinstance(intruder.receive(), ErrorReply)
         intruder.send(StreamAudio(stream_id="no-such-stream", seq=0), b"\0\0")
         assert "no open stream no-such-stream" in intruder.receive().message
@@ -551,6 +555,68 @@ def test_a_lost_worker_fails_its_streams_promptly(service, utterances, how):
     service.wait_ready()
 
 
+def test_an_update_sent_while_the_stream_moves_applies_after_the_move(service, model_dirs,
+                                                                     utterances, expected):
+    """The rate changes before any audio, after the old worker was told to stop (it is paused,
+    so the update reaches it only after the Stop): the stream resumes with the options it had
+    where it moved, and the update, replayed on the new worker, applies there."""
+    async def run() -> list[StreamEvent]:
+        stream = await open_stream(service, sample_rate=24000)
+        recorder = Recorder(stream)
+        pid = service.serving_pid()
+        with stopped(pid):
+            reload = asyncio.create_task(asyncio.to_thread(
+                service.client.hot_reload_model, other_model(service, model_dirs)))
+            await asyncio.to_thread(service.wait_until, lambda s: any(
+                w.pid == pid and w.role == "draining" for w in s.workers), 15, "draining")
+            await stream.update(StreamOptions(sample_rate=16000))
+        assert (await reload).ok
+        await send(stream, SILENCE)
+        await say(stream, recorder, utterances[0], 1)
+        await stream.close()
+        await recorder.end()
+        return recorder.events
+
+    events = asyncio.run(run())
+    assert not failed(events) and isinstance(events[-1], StreamClosed), events[-3:]
+    assert [f.segment.text for f in finals(events)] == expected[:1]
+    service.wait_ready()
+
+
+def test_a_reader_that_gives_up_frees_the_stream_at_once(service):
+    """events() cancelled (the task reading it went away) aborts the stream on the service,
+    long before its idle timeout."""
+    async def run() -> None:
+        stream = await open_stream(service)
+        recorder = Recorder(stream)
+        await stream.send_audio(SILENCE[:CHUNK])
+        await asyncio.sleep(0)  # the reader's first step: it now waits inside events()
+        assert stream._reading
+        recorder.task.cancel()
+        await asyncio.gather(recorder.task, return_exceptions=True)
+
+    aborted = service.status().stream_counts.get("aborted", 0)
+    asyncio.run(run())
+    status = service.wait_until(lambda s: s.streams == 0, 3, "the given-up stream freed")
+    assert status.stream_counts["aborted"] == aborted + 1
+
+
+def test_a_burst_while_the_supervisor_is_paused_waits_in_the_socket(service):
+    """3000 chunks sent while the supervisor does not read: they wait to leave (more than
+    ZeroMQ's default 1000 messages), nothing is reported gone, the stream goes on."""
+    async def run() -> StreamEvent:
+        stream = await open_stream(service)
+        recorder = Recorder(stream)
+        with stopped(service.process.pid):
+            for _ in range(3000):
+                await stream.send_audio(b"\0\0")
+        await stream.close()
+        return await recorder.end()
+
+    last = asyncio.run(run())
+    assert isinstance(last, StreamClosed), last
+
+
 def test_beyond_max_streams_the_extra_one_is_refused_and_the_others_go_on(limited, utterances,
                                                                          expected):
     async def run():
@@ -587,6 +653,7 @@ def test_an_idle_stream_times_out_and_a_vanished_client_frees_its_slot(limited):
     timeouts = limited.status().stream_failures.get("timeout", 0)
     last, seconds = asyncio.run(idle())
     assert isinstance(last, StreamFailed) and last.code == "timeout"
+    assert "nothing reached the service for this stream for 3 s" in last.message
     assert "SENSEVOICE_STREAM_IDLE_TIMEOUT_S" in last.message and 2.5 <= seconds < 5
     vanished = RawClient(limited.address)
     vanished.send(StreamOpen())
@@ -645,12 +712,12 @@ def test_a_stop_first_reload_holds_the_stream_until_the_new_model_serves(limited
     assert limited.status().stream_counts["moved"] == 1
 
 
-def test_a_supervisor_that_stops_answering_ends_the_stream_not_a_hang(limited):
+def test_a_supervisor_that_stops_answering_ends_the_stream_not_a_hang(service):
     async def run() -> tuple[StreamEvent, float]:
-        stream = await open_stream(limited)
+        stream = await open_stream(service)
         recorder = Recorder(stream)
         await send(stream, SILENCE)
-        with stopped(limited.process.pid):
+        with stopped(service.process.pid):
             start = time.monotonic()
             last = await recorder.end(timeout=10)
             seconds = time.monotonic() - start
@@ -659,23 +726,35 @@ def test_a_supervisor_that_stops_answering_ends_the_stream_not_a_hang(limited):
         assert after.value.code == "unavailable"
         return last, seconds
 
+    before = service.status()
     last, seconds = asyncio.run(run())
     assert isinstance(last, StreamFailed) and last.code == "unavailable", last
     assert "went away" in last.message and seconds < 6, seconds
-    limited.wait_until(lambda s: s.streams == 0, 10, "the abandoned stream freed")
+    # The client's abort waited in its socket and reached the supervisor once it went on
+    # (this service's idle timeout is the default, far longer than the wait here).
+    status = service.wait_until(lambda s: s.streams == 0, 10, "the abandoned stream freed")
+    assert status.stream_counts["aborted"] == before.stream_counts.get("aborted", 0) + 1
+    assert status.stream_failures == before.stream_failures
 
 
-def test_stopping_the_service_ends_open_streams(limited):
-    """Last in this module: it stops the service."""
-    async def run() -> StreamEvent:
+def test_stopping_the_service_transcribes_each_open_turn_then_ends_the_stream(limited,
+                                                                                utterances):
+    """Last in this module: it stops the service. Like a request in hand, the open turn is
+    transcribed (closed on the client's behalf), then the stream ends "shutting_down"."""
+    async def run() -> list[StreamEvent]:
         stream = await open_stream(limited)
         recorder = Recorder(stream)
         await send(stream, SILENCE)
+        await begin(stream, recorder, utterances[1], 1)
         await asyncio.to_thread(limited.process.send_signal, signal.SIGTERM)
-        return await recorder.end(timeout=10)
+        await recorder.end(timeout=20)
+        return recorder.events
 
-    last = asyncio.run(run())
-    assert isinstance(last, StreamFailed) and last.code == "shutting_down", last
+    events = asyncio.run(run())
+    last_partial = [e for e in events if isinstance(e, Partial)][-1]
+    assert [f.segment.text for f in finals(events)] == [last_partial.segment.text]
+    assert isinstance(events[-1], StreamFailed) and events[-1].code == "shutting_down"
+    assert "open turn was transcribed" in events[-1].message
     assert limited.process.wait(30) == 0
 
 
@@ -721,3 +800,90 @@ def test_a_new_stream_goes_to_the_serving_worker_holding_the_fewest(tmp_path):
         supervisor.close_sockets(frontend_linger=0)
     assert held == [3, 0, 2, 2]  # 7 (the limit) over the serving ones, oldest first on ties
     assert router.counts == {"opened": 7, "refused": 1}
+
+
+def test_a_supervisor_that_does_not_keep_up_makes_a_send_fail_busy(tmp_path, monkeypatch):
+    """A supervisor that answers heartbeats (its I/O thread) but reads nothing: the stream's
+    socket fills, a send waits SEND_WAIT_S (shortened here), then fails "busy", not "gone"."""
+    monkeypatch.setattr(stream_client, "SEND_WAIT_S", 0.5)
+    address = f"ipc://{tmp_path}/slow.ipc"
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.RCVHWM, 10)
+    router.bind(address)
+
+    def answer_open() -> None:
+        assert router.poll(10_000)
+        client, *frames = router.recv_multipart()
+        opened = StreamOpened(request_id=decode_client(frames)[0].request_id, stream_id="s1",
+                              fingerprint="f" * 64)
+        router.send_multipart([client, *encode(opened)])
+
+    async def run() -> tuple[int, ServiceError, StreamEvent]:
+        answering = asyncio.create_task(asyncio.to_thread(answer_open))
+        stream = await LiveStream.open(settings=Settings(supervisor_address=address),
+                                       address=address)
+        await answering
+        sent = 0
+        with pytest.raises(ServiceError) as busy:
+            while True:
+                await stream.send_audio(SILENCE[:CHUNK])
+                sent += 1
+        last = [e async for e in stream.events()][-1]
+        return sent, busy.value, last
+
+    try:
+        sent, busy, last = asyncio.run(run())
+    finally:
+        router.close()
+        context.term()
+    assert sent > 1000  # ZeroMQ's default high-water mark; STREAM_SNDHWM is far above
+    assert busy.code == "busy" and "not keeping up" in busy.message, busy
+    assert isinstance(last, StreamFailed) and last.code == "busy"
+
+
+def test_a_worker_that_moved_its_stream_and_exited_is_read_before_it_is_reaped(tmp_path):
+    """The StreamMoved waits in the backend socket when the worker's exit is seen: it is read
+    first, so the stream moves to the serving worker instead of failing "worker_lost"."""
+    model = ModelInfo(model_dir="/m", layout="hf", fingerprint="f" * 64, short_ids={},
+                      file_sha256={}, file_paths={}, cache_level="fresh", load_s=0.1,
+                      steps_s={}, warmup_s=0.1)
+    supervisor = Supervisor(Settings(supervisor_address=f"ipc://{tmp_path}/s.ipc"))
+    backend = f"{tmp_path}/workers.ipc"
+    supervisor.backend.bind(f"ipc://{backend}")
+    context = zmq.Context()
+    old = context.socket(zmq.DEALER)
+    old.setsockopt(zmq.IDENTITY, b"old")
+    old.setsockopt(zmq.LINGER, 1000)
+    old.connect(f"ipc://{backend}")
+    old.send(b"connected")  # read here: the connection is up before the stream opens
+    assert supervisor.backend.poll(10_000)
+    supervisor.backend.recv_multipart()
+    exited = subprocess.Popen(["true"])
+    serving = subprocess.Popen(["sleep", "30"])
+    try:
+        router = supervisor.streams
+        draining = WorkerHandle("old", exited, 0, role="serving", model=model)
+        supervisor.pool.workers["old"] = draining
+        router.from_client(b"client", StreamOpen(request_id="r"), b"")
+        (stream,) = router.streams.values()
+        assert old.poll(10_000)
+        assert isinstance(decode_for_worker(old.recv_multipart())[0], StreamOpen)
+        draining.role = "draining"
+        router.worker_draining(draining)
+        supervisor.pool.workers["new"] = WorkerHandle("new", serving, 1, role="serving",
+                                                      model=model)
+        old.send_multipart(encode(StreamMoved(stream_id=stream.stream_id, seq=0, messages=0,
+                                              options=StreamOptions()), b"state"))
+        exited.wait()
+        supervisor.reap_workers()
+    finally:
+        serving.kill()
+        serving.wait()
+        old.close()
+        context.term()
+        supervisor.close_sockets(frontend_linger=0)
+    assert "old" not in supervisor.pool.workers
+    assert router.streams[stream.stream_id].worker_id == "new"
+    assert router.counts == {"opened": 1, "moved": 1} and not router.failures

@@ -281,7 +281,7 @@ def test_finish_closes_the_turn_the_audio_ends_in(demo_model, stream, reference)
 
 def test_manual_turns_commit_what_came_since_the_last(demo_model, stream):
     live = LiveTranscriber(demo_model, config(turn_detection=False))
-    assert live.commit() == []
+    assert kinds(live.commit()) == ["commit_empty"]
     first = live.feed(stream[:2 * RATE])
     assert first == []  # no turn detection: no speech events
     events = live.commit()
@@ -290,7 +290,7 @@ def test_manual_turns_commit_what_came_since_the_last(demo_model, stream):
     assert (events[0].start_s, events[0].end_s) == (0.0, 2.0)
     live.feed(stream[2 * RATE:3 * RATE])
     assert live.clear()[0].type == "cleared"
-    assert live.commit() == []  # the cleared audio is gone
+    assert kinds(live.commit()) == ["commit_empty"]  # the cleared audio is gone
 
 
 def test_commit_closes_the_open_turn_now(demo_model, stream, reference):
@@ -301,7 +301,91 @@ def test_commit_closes_the_open_turn_now(demo_model, stream, reference):
     assert not live.between_turns
     committed = live.commit()
     assert kinds(committed) == ["committed", "final"] and committed[0].item == 1
-    assert live.between_turns and live.commit() == []
+    assert live.between_turns and kinds(live.commit()) == ["commit_empty"]
+
+
+@pytest.mark.parametrize("turn_detection", [True, False])
+def test_every_commit_gets_an_answer(demo_model, stream, reference, turn_detection):
+    """A commit with nothing to commit answers CommitEmpty (a client waiting for committed
+    must not hang); one with something answers the Committed of the turn it closed."""
+    live = LiveTranscriber(demo_model, config(turn_detection=turn_detection))
+    empty = live.commit()
+    assert kinds(empty) == ["commit_empty"] and "buffer is empty" in empty[0].reason
+    assert kinds(live.commit()) == ["commit_empty"]  # twice in a row
+    first = next(e for e in reference if e.type == "speech_started")
+    live.feed(stream[:round((first.start_s + 0.6) * RATE)])
+    answers = live.commit()
+    assert kinds(answers)[-2:] == ["committed", "final"] and answers[-1].segment.text
+    again = live.commit()  # the double commit: the turn is already closed
+    assert kinds(again) == ["commit_empty"]
+    assert live.between_turns
+    live.feed(stream[round((first.start_s + 0.6) * RATE):round((first.start_s + 0.7) * RATE)])
+    live.finish()
+
+
+def test_a_commit_sends_a_closed_turn_waiting_for_its_padding(demo_model, stream):
+    """speech_pad_s longer than min_silence_s: a closed turn waits for its padding's audio.
+    A commit then sends it (and is answered by it, no CommitEmpty): the worker's own commit
+    before a move, made whenever the stream is not between turns, never sends an error."""
+    options = {"min_silence_s": 0.1, "speech_pad_s": 0.5}
+    stopped = next(e for e in play(LiveTranscriber(demo_model, config(**options)), stream, RATE)
+                   if e.type == "speech_stopped")
+    live = LiveTranscriber(demo_model, config(**options))
+    assert kinds(live.feed(stream[:round((stopped.end_s - 0.2) * RATE)])) == ["speech_started"]
+    assert not live.between_turns
+    events = live.commit()
+    assert kinds(events) == ["speech_stopped", "committed", "final"] and events[2].segment.text
+    assert live.between_turns
+
+
+def test_silence_commits_give_no_invented_text(demo_model):
+    """1 s of digital zeros: the demo model would invent text for it. A manual commit gives
+    an empty Final (language "nospeech") without a decode; with turn detection no turn opened,
+    so the commit is empty."""
+    zeros = np.zeros(RATE, np.float32)
+    assert demo_model.decode([torch.from_numpy(zeros)], config().transcribe)[0].text
+    manual = LiveTranscriber(demo_model, config(turn_detection=False, partial_ms=500))
+    assert manual.feed(zeros) == []
+    events = manual.commit()
+    assert kinds(events) == ["committed", "final"]
+    final = events[1]
+    assert (final.segment.text, final.segment.language) == ("", "nospeech")
+    assert (final.segment.start, final.segment.end) == (0.0, 1.0)
+    assert (events[0].start_s, events[0].end_s) == (0.0, 1.0)
+    assert kinds(manual.commit()) == ["commit_empty"]
+    manual.feed(np.full(160, 0.5, np.float32))  # 10 ms: not one VAD window
+    short = manual.commit()
+    assert kinds(short) == ["committed", "final"] and short[1].segment.language == "nospeech"
+    vad = LiveTranscriber(demo_model, config(partial_ms=500))
+    assert vad.feed(zeros) == []
+    empty = vad.commit()
+    assert kinds(empty) == ["commit_empty"] and "no turn is open" in empty[0].reason
+    assert vad.finish() == []
+
+
+def test_an_empty_commit_is_openai_s_error(demo_model):
+    from openai.types.realtime import RealtimeErrorEvent
+
+    from ui.realtime_events import EventTranslator, commit_empty_event
+
+    empty = LiveTranscriber(demo_model, config()).commit()[0]
+    [event] = EventTranslator().translate(empty)
+    error = RealtimeErrorEvent.model_validate(event).error
+    assert (error.type, error.code) == ("invalid_request_error",
+                                        "input_audio_buffer_commit_empty")
+    assert error.message == ("Nothing to commit: the audio buffer is empty (no audio since "
+                             "the last turn, commit or clear).")
+    assert error.event_id is None
+    assert commit_empty_event(empty, "evt_mine")["error"]["event_id"] == "evt_mine"
+
+
+def test_a_feed_that_closes_a_turn_gives_no_partial_of_it(demo_model, stream, reference):
+    """The Final supersedes a partial: one feed bringing a whole turn and the silence that
+    closes it decodes the turn once, as its Final."""
+    stopped = next(e for e in reference if e.type == "speech_stopped")
+    live = LiveTranscriber(demo_model, config(partial_ms=500))
+    events = live.feed(stream[:round((stopped.end_s + 0.5) * RATE)])
+    assert kinds(events) == ["speech_started", "speech_stopped", "committed", "final"]
 
 
 def test_clear_drops_the_open_turn(demo_model, stream, reference):

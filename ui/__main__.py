@@ -17,6 +17,7 @@ import sys
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
 
 logger = logging.getLogger("sensevoice.ui")
+WS_FRAME_SLACK = 64 * 1024  # over the realtime limit: such a message still gets its error event
 
 
 def bind_problem(host: str, port: int) -> str | None:
@@ -61,6 +62,7 @@ def main() -> int:
 
     from sensevoice_core.client import ServiceError
     from ui.app import create_app
+    from ui.realtime import MAX_MESSAGE_BYTES
 
     try:
         app = create_app(settings)
@@ -71,7 +73,10 @@ def main() -> int:
     logger.info("Serving the UI on http://%s:%d (supervisor at %s)", host, settings.ui_port,
                 settings.client_address())
     uvicorn.run(app, host=settings.ui_host.strip("[]"), port=settings.ui_port,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                # uvicorn's default is 16 MiB: a connection could make it buffer that much
+                # before the realtime session's own check sees the message.
+                ws_max_size=MAX_MESSAGE_BYTES + WS_FRAME_SLACK)
     return EXIT_OK
 
 

@@ -56,18 +56,68 @@ function toBase64(int16) {
   return btoa(binary);
 }
 
-// Float samples at `from` Hz to 16-bit at RATE (linear; only when the browser would not give
-// an AudioContext at RATE itself).
-function toPcm16(samples, from) {
-  const count = from === RATE ? samples.length : Math.floor(samples.length * RATE / from);
-  const out = new Int16Array(count);
-  for (let i = 0; i < count; i++) {
-    const at = from === RATE ? i : i * from / RATE;
-    const j = Math.floor(at), f = at - j;
-    const value = j + 1 < samples.length ? samples[j] * (1 - f) + samples[j + 1] * f : samples[j];
-    out[i] = Math.max(-32768, Math.min(32767, Math.round(value * 32767)));
+function toInt16(value) {
+  return Math.max(-32768, Math.min(32767, Math.round(value * 32767)));
+}
+
+// A windowed-sinc low-pass (Hamming, TAPS taps) at `cutoff` cycles per input sample, gain 1.
+const TAPS = 31;
+function lowPass(cutoff) {
+  const middle = (TAPS - 1) / 2, taps = new Float32Array(TAPS);
+  let sum = 0;
+  for (let k = 0; k < TAPS; k++) {
+    const x = k - middle;
+    const sinc = x === 0 ? 2 * cutoff : Math.sin(2 * Math.PI * cutoff * x) / (Math.PI * x);
+    taps[k] = sinc * (0.54 - 0.46 * Math.cos(2 * Math.PI * k / (TAPS - 1)));
+    sum += taps[k];
   }
-  return out;
+  return taps.map((t) => t / sum);
+}
+
+// Float samples at `from` Hz to 16-bit at RATE, one block after another (only where the
+// browser would not capture at RATE itself). The position between input samples carries over
+// from block to block, so no time is lost at a block's end; when downsampling, a low-pass
+// below RATE's Nyquist first, so what lies above it does not fold down into speech.
+class Resampler {
+  constructor(from) {
+    this.from = from;
+    this.step = from / RATE;  // input samples per output sample
+    this.taps = from > RATE ? lowPass(0.45 * RATE / from) : null;
+    this.history = new Float32Array(TAPS - 1);  // the filter's last inputs
+    this.position = 0;  // the next output's place, in input samples from this block's start
+    this.previous = 0;  // the last (filtered) input sample of the block before
+  }
+
+  filter(samples) {
+    if (!this.taps) return samples;
+    const input = new Float32Array(this.history.length + samples.length);
+    input.set(this.history);
+    input.set(samples, this.history.length);
+    const out = new Float32Array(samples.length);
+    for (let i = 0; i < samples.length; i++) {
+      let value = 0;
+      for (let k = 0; k < TAPS; k++) value += this.taps[k] * input[i + TAPS - 1 - k];
+      out[i] = value;
+    }
+    this.history = input.slice(input.length - this.history.length);
+    return out;
+  }
+
+  push(samples) {
+    if (this.from === RATE) return Int16Array.from(samples, toInt16);
+    const x = this.filter(samples), out = [];
+    // Outputs between the block before's last sample (index -1) and this block's last.
+    let at = this.position;
+    for (; at <= x.length - 1; at += this.step) {
+      const j = Math.floor(at), f = at - j;
+      const left = j < 0 ? this.previous : x[j];
+      const right = j + 1 < x.length ? x[j + 1] : left;
+      out.push(toInt16(left * (1 - f) + right * f));
+    }
+    this.position = at - x.length;
+    if (x.length) this.previous = x[x.length - 1];
+    return Int16Array.from(out);
+  }
 }
 
 const WORKLET = `class Tap extends AudioWorkletProcessor {
@@ -78,21 +128,41 @@ const WORKLET = `class Tap extends AudioWorkletProcessor {
 }
 registerProcessor("sv-tap", Tap);`;
 
+// The microphone in an AudioContext at RATE where the browser allows it; else (Firefox will
+// not connect a microphone to a context of another rate than its own) at the browser's rate,
+// resampled here.
+async function connectMicrophone(media) {
+  try {
+    const context = new AudioContext({sampleRate: RATE});
+    try {
+      return [context, context.createMediaStreamSource(media)];
+    } catch (e) {
+      context.close();
+    }
+  } catch (e) {
+    // no context at RATE at all
+  }
+  const context = new AudioContext();
+  return [context, context.createMediaStreamSource(media)];
+}
+
 async function openAudio(onSamples) {
   const media = await navigator.mediaDevices.getUserMedia({audio: {
     channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false}});
-  let context;
+  let context, source;
   try {
-    context = new AudioContext({sampleRate: RATE});
+    [context, source] = await connectMicrophone(media);
   } catch (e) {
-    context = new AudioContext();
+    media.getTracks().forEach((t) => t.stop());
+    throw e;
   }
   const url = URL.createObjectURL(new Blob([WORKLET], {type: "application/javascript"}));
   await context.audioWorklet.addModule(url);
   URL.revokeObjectURL(url);
-  const source = context.createMediaStreamSource(media);
   const tap = new AudioWorkletNode(context, "sv-tap");
-  tap.port.onmessage = (message) => onSamples(message.data, context.sampleRate);
+  const resampler = new Resampler(context.sampleRate);
+  element.dataset.captureRate = String(context.sampleRate);
+  tap.port.onmessage = (message) => onSamples(resampler.push(message.data));
   source.connect(tap);
   let stopped = false;
   return () => {
@@ -128,7 +198,7 @@ class LiveSession {
       audio: {input: {format: {type: "audio/pcm", rate: RATE},
                       transcription: {language: language === "auto" ? null : language}}}}}));
     try {
-      this.stopAudio = await openAudio((samples, rate) => this.capture(samples, rate));
+      this.stopAudio = await openAudio((pcm) => this.capture(pcm));
       if (this.closing) this.stopAudio();  // stopped while the microphone opened
     } catch (e) {
       setState(`The microphone is not available: ${e.message || e}`, "error");
@@ -138,8 +208,8 @@ class LiveSession {
     setState("Listening…", "listening");
   }
 
-  capture(samples, rate) {
-    this.pending.push(toPcm16(samples, rate));
+  capture(pcm) {
+    this.pending.push(pcm);
     this.pendingCount += this.pending[this.pending.length - 1].length;
     if (this.pendingCount < RATE * CHUNK_MS / 1000 || this.ws.readyState !== WebSocket.OPEN) {
       return;

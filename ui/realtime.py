@@ -19,6 +19,9 @@ type, bad base64, a part of a sample) is refused and the session goes on. A stre
 refuses (beyond SENSEVOICE_MAX_STREAMS, no supervisor) gets the error and a close code saying
 whether to retry (1013); a stream that fails (worker lost, idle, too long) fails its open item,
 then the error, then the close. A client that goes away aborts its stream at once.
+Small appends are merged before they go to the stream (``realtime_flow.AppendMerger``): at
+least 100 ms at once, or 50 ms after the first held byte, and always before a commit, clear,
+update or close.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ import base64
 import binascii
 import json
 import logging
-import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import anyio
@@ -38,25 +40,32 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from sensevoice_core.client import ServiceError
+from sensevoice_core.realtime_limits import AUDIO_BURST_S, MAX_AUDIO_SPEED
 from sensevoice_core.settings import MiB
 from sensevoice_core.stream_client import LiveStream
 from sensevoice_core.stream_types import (
     BYTES_PER_SAMPLE,
+    Final,
     StreamClosed,
     StreamFailed,
     StreamOptions,
 )
 from ui.gateway import PUBLIC_MESSAGES, Gateway, RequestFailed
 from ui.ops import bearer_token
-from ui.realtime_events import EventTranslator, error_event, new_id, server_event
-from ui.realtime_session import ENCODINGS, SessionConfig, updated
+from ui.realtime_events import (
+    COMPLETED,
+    EventTranslator,
+    error_event,
+    new_id,
+    server_event,
+)
+from ui.realtime_flow import AppendMerger, TokenBucket, merge_bytes
+from ui.realtime_session import ENCODINGS, SessionConfig, token_logprobs, updated
 
 logger = logging.getLogger("sensevoice.ui")
 
 PATH = "/v1/realtime"
 MAX_MESSAGE_BYTES = MiB  # about 21 s of 24 kHz audio/pcm as base64
-MAX_AUDIO_SPEED = 20.0  # audio seconds per second, sustained
-AUDIO_BURST_S = 30.0  # audio sent at once beyond that pace
 MAX_MESSAGES_PER_S = 250.0  # a browser sending every 5 ms render quantum stays under it
 MESSAGE_BURST = 1000.0
 REASON_BYTES = 123  # the most a WebSocket close reason may hold
@@ -93,28 +102,6 @@ class Fatal(Exception):
 
 class ClientGone(Exception):
     """Sending failed: the client has disconnected."""
-
-
-@dataclass
-class TokenBucket:
-    """At most `rate` a second on average, and `capacity` at once."""
-
-    rate: float
-    capacity: float
-    level: float = field(init=False)
-    updated: float = field(init=False, default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.level = self.capacity
-
-    def take(self, amount: float) -> bool:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-        if amount > self.level:
-            return False
-        self.level -= amount
-        return True
 
 
 def failure_of(code: str, message: str, gateway: Gateway, internals: bool) -> RequestFailed:
@@ -198,6 +185,9 @@ class RealtimeSession:
         self.audio_budget = TokenBucket(MAX_AUDIO_SPEED, AUDIO_BURST_S)
         self.message_budget = TokenBucket(MAX_MESSAGES_PER_S, MESSAGE_BURST)
         self.send_lock = anyio.Lock()
+        self.merger = AppendMerger()
+        self.audio_held = anyio.Event()  # set when the merger starts holding audio
+        self.stream_lock = anyio.Lock()  # what goes to the stream goes in the order it came
 
     async def send(self, *events: dict) -> None:
         async with self.send_lock:
@@ -220,7 +210,13 @@ class RealtimeSession:
                     over = await self.pump()
                     tasks.cancel_scope.cancel()
 
+                async def flusher() -> None:
+                    nonlocal over
+                    over = await self.flush_held()
+                    tasks.cancel_scope.cancel()
+
                 tasks.start_soon(pump)
+                tasks.start_soon(flusher)
                 try:
                     over = await self.read() or over
                 finally:
@@ -260,7 +256,12 @@ class RealtimeSession:
                     await self.send(*self.translator.failed(failure))
                     return SessionOver(CLOSE_CODES.get(event.code, SERVER_ERROR),
                                        close_reason(failure))
-                await self.send(*self.translator.translate(event))
+                events = self.translator.translate(event)
+                if isinstance(event, Final) and self.config.logprobs:
+                    for completed in events:
+                        if completed["type"] == COMPLETED:
+                            completed["logprobs"] = token_logprobs(event.segment)
+                await self.send(*events)
                 if isinstance(event, StreamClosed):
                     self.ended = True
                     return SessionOver(NORMAL, "session closed")
@@ -269,6 +270,48 @@ class RealtimeSession:
             return SessionOver(SERVER_ERROR, close_reason(failure))
         except ClientGone:
             return None
+
+    async def flush_held(self) -> SessionOver | None:
+        """Send held audio when it is due (the merger's timer), until a failure ends the
+        session (None: the client is gone)."""
+        try:
+            while True:
+                await self.audio_held.wait()
+                self.audio_held = anyio.Event()
+                while (due := self.merger.due_in()) is not None:
+                    if due > 0:
+                        await anyio.sleep(due)
+                        continue
+                    try:
+                        await self.forward()
+                    except Fatal as fatal:
+                        await self.send(error_event(fatal.failure))
+                        return SessionOver(fatal.close_code, close_reason(fatal.failure))
+                    except RequestFailed as failure:
+                        await self.send(error_event(failure))
+        except ClientGone:
+            return None
+
+    async def forward(self, operation: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The held audio, then the operation (if any), to the stream, in order."""
+        async with self.stream_lock:
+            held = self.merger.take()
+            if held:
+                await self.call(self.stream.send_audio(held))
+            if operation is not None:
+                await self.call(operation())
+
+    async def append(self, data: bytes) -> None:
+        width = BYTES_PER_SAMPLE[ENCODINGS[self.config.audio_format]]
+        full = merge_bytes(self.config.sample_rate, width)
+        if len(data) >= full:  # large enough alone: sent as it came, after what is held
+            await self.forward(lambda: self.stream.send_audio(data))
+            return
+        holding = bool(self.merger.held)
+        if self.merger.add(data, full):
+            await self.forward()
+        elif not holding:
+            self.audio_held.set()
 
     async def read(self) -> SessionOver | None:
         """Client events until the client leaves (None) or the session must end."""
@@ -323,20 +366,22 @@ class RealtimeSession:
                     f"{AUDIO_BURST_S:g} s); send it as it is recorded, or at most that fast"),
                     POLICY)
             self.audio_sent = True
-            await self.call(self.stream.send_audio(data))
+            await self.append(data)
         elif kind == "input_audio_buffer.commit":
-            await self.call(self.stream.commit())
+            await self.forward(self.stream.commit)
         elif kind == "input_audio_buffer.clear":
-            await self.call(self.stream.clear())
+            await self.forward(self.stream.clear)
         elif kind == "session.update":
             config = updated(self.config, payload.get("session"), self.gateway, self.audio_sent)
-            if config != self.config:
-                await self.call(self.stream.update(config.stream_options()))
-                self.config = config
+            options = config.stream_options()
+            # Held audio is of the format in force until now: it goes first.
+            await self.forward(None if options == self.config.stream_options()
+                               else lambda: self.stream.update(options))
+            self.config = config
             await self.send(server_event("session.updated", session=self.session_object()))
         elif kind == "session.close":
             self.closing = True
-            await self.call(self.stream.close())
+            await self.forward(self.stream.close)
         elif kind in UNSUPPORTED:
             raise RequestFailed(400, "invalid_value", f"{kind} is not supported: this is a "
                                                       f"transcription session", "type")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from sensevoice_core.stream_types import (
     Cleared,
+    CommitEmpty,
     Committed,
     Final,
     Partial,
@@ -63,6 +64,15 @@ def error_body(failure: RequestFailed, client_event_id: str | None = None) -> di
 
 def error_event(failure: RequestFailed, client_event_id: str | None = None) -> dict:
     return server_event("error", error=error_body(failure, client_event_id))
+
+
+def commit_empty_event(event: CommitEmpty, client_event_id: str | None = None) -> dict:
+    """OpenAI's answer to a commit of an empty buffer. The stream's events do not carry the
+    client's event id, so the error's event_id is null unless a caller supplies it."""
+    return server_event("error", error={
+        "type": "invalid_request_error", "code": "input_audio_buffer_commit_empty",
+        "message": f"Nothing to commit: {event.reason}.", "param": None,
+        "event_id": client_event_id})
 
 
 def milliseconds(seconds: float) -> int:
@@ -106,6 +116,8 @@ class EventTranslator:
             previous, self.last_committed = self.last_committed, item_id
             return [server_event("input_audio_buffer.committed", item_id=item_id,
                                  previous_item_id=previous)]
+        if isinstance(event, CommitEmpty):
+            return [commit_empty_event(event)]
         if isinstance(event, Partial):
             return self.partial(event)
         if isinstance(event, Final):

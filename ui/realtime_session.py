@@ -5,22 +5,29 @@ What a SenseVoice session supports, by OpenAI's field names (session.audio.input
   format: audio/pcm at 24000 Hz (16-bit little-endian mono), audio/pcmu or audio/pcma (8 kHz)
   transcription: model (any name is accepted; the one served is reported), language (auto when
       null or ""), languages (what auto language ID may choose; an extension for SenseVoice of
-      OpenAI's gpt-transcribe field), prompt (only empty: CTC decoding takes no prompt)
+      OpenAI's gpt-transcribe field), prompt (accepted and ignored, as the HTTP API does: CTC
+      decoding takes no prompt)
   turn_detection: server_vad with threshold, prefix_padding_ms, silence_duration_ms
-      (create_response and interrupt_response are accepted: a transcription session creates no
-      responses), or null: a turn ends only when the client commits it
-  noise_reduction: null only; include: null or [] only
+      (create_response, interrupt_response and idle_timeout_ms are accepted and ignored: a
+      transcription session creates no responses), or null: a turn ends only when the client
+      commits it
+  noise_reduction: null only
+  include: null, [] or ["item.input_audio_transcription.logprobs"]: each completed event then
+      carries logprobs, one {token, logprob, bytes} per text token of the final
 Anything else is refused with the field's name and what is supported, and the update is not
 applied: a session is never left half updated.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from pydantic import ValidationError
 
+from sensevoice_core.result import Segment
 from sensevoice_core.settings import Settings
 from sensevoice_core.stream_types import G711_RATE, StreamEncoding, StreamOptions
 from ui.gateway import Gateway, RequestFailed
@@ -40,6 +47,8 @@ PARAMS = {"vad_threshold": f"{INPUT}.turn_detection.threshold",
 SERVER_VAD_FIELDS = {"type", "threshold", "prefix_padding_ms", "silence_duration_ms",
                      "create_response", "interrupt_response", "idle_timeout_ms"}
 TRANSCRIPTION_FIELDS = {"model", "language", "languages", "prompt", "delay", "keywords"}
+LOGPROBS = "item.input_audio_transcription.logprobs"  # the one `include` value
+WORD_START = "\u2581"  # sentencepiece's mark of a piece that starts a word
 
 
 def invalid(param: str, message: str) -> RequestFailed:
@@ -61,6 +70,7 @@ class SessionConfig:
     language: str = "auto"  # a code, as Gateway.check_languages gives it
     languages: tuple[str, ...] | None = None  # None: SENSEVOICE_LANGUAGES
     turn_detection: TurnDetection | None = TurnDetection()  # None: manual commits
+    logprobs: bool = False  # include: completed events carry the final's token logprobs
 
     @property
     def sample_rate(self) -> int:
@@ -108,7 +118,7 @@ class SessionConfig:
                 "audio": {"input": {"format": audio_format, "noise_reduction": None,
                                     "transcription": transcription,
                                     "turn_detection": turn_detection}},
-                "include": None}
+                "include": [LOGPROBS] if self.logprobs else None}
 
 
 def updated(config: SessionConfig, session: object, gateway: Gateway,
@@ -122,8 +132,8 @@ def updated(config: SessionConfig, session: object, gateway: Gateway,
                                       f"transcribes; it has no conversation sessions), got "
                                       f"{session.get('type')!r}")
     unknown(session, {"type", "audio", "include"}, "session")
-    if session.get("include") not in (None, []):
-        raise invalid("session.include", "include is not supported: send null or []")
+    if "include" in session:
+        config = replace(config, logprobs=parse_include(session["include"]))
     audio = section(session, "audio", "session")
     unknown(audio, {"input"}, "session.audio")
     given = section(audio, "input", "session.audio")
@@ -192,9 +202,9 @@ def with_transcription(config: SessionConfig, given: dict, gateway: Gateway) -> 
     for field in ("delay", "keywords"):
         if given.get(field) not in (None, []):
             raise invalid(f"{where}.{field}", f"{field} is not supported by SenseVoice: send null")
-    if given.get("prompt") not in (None, ""):
-        raise invalid(f"{where}.prompt", "prompt is not supported: SenseVoice's CTC decoding "
-                                         "takes no prompt; send null or \"\"")
+    if not isinstance(given.get("prompt"), (str, type(None))):
+        raise invalid(f"{where}.prompt", f"prompt must be a string or null, got "
+                                         f"{type(given['prompt']).__name__}")
     model = given.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid(f"{where}.model", f"model must be a string, got {type(model).__name__}")
@@ -226,18 +236,52 @@ def parse_turn_detection(value: object) -> TurnDetection | None:
                                        f"supported; supported: server_vad, or null (manual "
                                        f"commits)")
     unknown(value, SERVER_VAD_FIELDS, where)
-    if value.get("idle_timeout_ms") is not None:
-        raise invalid(f"{where}.idle_timeout_ms", "idle_timeout_ms is not supported (it "
-                                                  "triggers responses; a transcription session "
-                                                  "has none): send null")
     numbers: dict[str, float | int | None] = {}
     for field, kind in (("threshold", float), ("prefix_padding_ms", int),
-                        ("silence_duration_ms", int)):
+                        ("silence_duration_ms", int), ("idle_timeout_ms", int)):
         number = value.get(field)
         if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))
+                                   or not finite(number)
                                    or (kind is int and number != int(number))):
             raise invalid(f"{where}.{field}", f"{field} must be a "
                                               f"{'number' if kind is float else 'whole number'}, "
                                               f"got {number!r}")
         numbers[field] = None if number is None else kind(number)
+    del numbers["idle_timeout_ms"]  # checked, then ignored: it would trigger responses
     return TurnDetection(**numbers)  # type: ignore[arg-type]
+
+
+def finite(number: float) -> bool:
+    """Neither infinite (json reads 1e999 so) nor beyond a float (an int of 400 digits)."""
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False
+
+
+def parse_include(value: object) -> bool:
+    """Whether `include` asks for logprobs; RequestFailed for anything else it names."""
+    if value is None:
+        return False
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise invalid("session.include", f"include must be a list of strings such as "
+                                         f"[\"{LOGPROBS}\"], or null")
+    other = sorted(set(value) - {LOGPROBS})
+    if other:
+        raise invalid("session.include", f"include {other[0]!r} is not supported; supported: "
+                                         f"{LOGPROBS}")
+    return bool(value)
+
+
+def token_logprobs(segment: Segment) -> list[dict]:
+    """OpenAI's logprobs of a transcript: each text token as text, ln of the model's probability
+    of it, and its UTF-8 bytes."""
+    entries = []
+    for index, token in enumerate(segment.tokens):
+        text = token.piece.replace(WORD_START, " ")
+        if index == 0:
+            text = text.lstrip(" ")  # the transcript starts with no space
+        entries.append({"token": text,
+                        "logprob": math.log(max(token.probability, sys.float_info.min)),
+                        "bytes": list(text.encode())})
+    return entries
