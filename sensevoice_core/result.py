@@ -127,11 +127,17 @@ def join_text(segments: Sequence[Segment]) -> str:
     return text
 
 
-def dominant(segments: Sequence[Segment], tag: str) -> str | None:
-    """The language / emotion / event covering the most time, over segments that have it."""
+def seconds_by(segments: Sequence[Segment], tag: str) -> dict[str, float]:
+    """Seconds of speech per language / emotion / event, over segments that have it."""
     seconds: dict[str, float] = {}
     for segment in segments:
         value = getattr(segment, tag)
         if value is not None:
             seconds[value] = seconds.get(value, 0.0) + segment.end - segment.start
+    return seconds
+
+
+def dominant(segments: Sequence[Segment], tag: str) -> str | None:
+    """The language / emotion / event covering the most time, over segments that have it."""
+    seconds = seconds_by(segments, tag)
     return max(seconds, key=seconds.__getitem__) if seconds else None

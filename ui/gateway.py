@@ -67,6 +67,13 @@ class RequestFailed(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def openai_error(self) -> dict[str, str | None]:
+        """The body of OpenAI's error object: message, type (as OpenAI names its errors),
+        param, code. The HTTP API, its event stream and the Realtime WebSocket all send it."""
+        kind = ("rate_limit_error" if self.status == 429 else
+                "invalid_request_error" if self.status < 500 else "server_error")
+        return {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+
 
 class ClientGone(Exception):
     """Raised by a progress callback whose caller went away (a closed event stream, a page

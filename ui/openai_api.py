@@ -62,13 +62,8 @@ def retry_headers(failure: RequestFailed) -> dict[str, str]:
 
 
 def openai_error(failure: RequestFailed) -> JSONResponse:
-    kind = "invalid_request_error" if failure.status < 500 else "server_error"
-    if failure.status == 429:
-        kind = "rate_limit_error"
-    headers = retry_headers(failure)
-    return JSONResponse({"error": {"message": failure.message, "type": kind,
-                                   "param": failure.param, "code": failure.code}},
-                        status_code=failure.status, headers=headers)
+    return JSONResponse({"error": failure.openai_error()}, status_code=failure.status,
+                        headers=retry_headers(failure))
 
 
 def parse_bool(value: str, field: str) -> bool:

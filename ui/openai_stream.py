@@ -38,7 +38,7 @@ from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from sensevoice_core.protocol import Progress, TranscribeReply
-from sensevoice_core.result import Segment, join_text
+from sensevoice_core.result import Segment, join_text, seconds_by
 from ui.gateway import ClientGone, RequestFailed
 
 Step = Progress | TranscribeReply | RequestFailed
@@ -68,11 +68,7 @@ def delta_event(step: Progress, segment: Segment, delta: str) -> bytes:
 
 
 def done_event(reply: TranscribeReply) -> bytes:
-    by_time: dict[str, float] = {}
-    for segment in reply.segments:
-        if segment.language:
-            by_time[segment.language] = by_time.get(segment.language, 0.0) + \
-                segment.end - segment.start
+    by_time = seconds_by(reply.segments, "language")
     languages = sorted(by_time, key=lambda code: (code != reply.language, -by_time[code]))
     return sse({"type": "transcript.text.done", "text": reply.text,
                 "languages": [{"code": code} for code in languages],
@@ -81,9 +77,7 @@ def done_event(reply: TranscribeReply) -> bytes:
 
 
 def error_event(failure: RequestFailed) -> bytes:
-    kind = "invalid_request_error" if failure.status < 500 else "server_error"
-    return sse({"error": {"message": failure.message, "type": kind, "param": failure.param,
-                          "code": failure.code}}, event="error")
+    return sse({"error": failure.openai_error()}, event="error")
 
 
 class StreamedTranscription(Response):

@@ -50,16 +50,8 @@ def server_event(kind: str, **fields: object) -> dict:
     return {"type": kind, "event_id": new_id("event_"), **fields}
 
 
-def error_kind(failure: RequestFailed) -> str:
-    """OpenAI's error type, as the HTTP API gives it."""
-    if failure.status == 429:
-        return "rate_limit_error"
-    return "invalid_request_error" if failure.status < 500 else "server_error"
-
-
 def error_body(failure: RequestFailed, client_event_id: str | None = None) -> dict:
-    return {"type": error_kind(failure), "code": failure.code, "message": failure.message,
-            "param": failure.param, "event_id": client_event_id}
+    return {**failure.openai_error(), "event_id": client_event_id}
 
 
 def error_event(failure: RequestFailed, client_event_id: str | None = None) -> dict:
