@@ -97,7 +97,8 @@ def model_info(report: LoadReport, warmup_s: float) -> ModelInfo:
                      fingerprint=report.fingerprint, short_ids=report.short_ids,
                      file_sha256=report.file_sha256, file_paths=report.file_paths,
                      cache_level=report.level, load_s=report.total_s,
-                     steps_s=report.steps_s, warmup_s=warmup_s, warnings=report.warnings)
+                     steps_s=report.steps_s, warmup_s=warmup_s, warnings=report.warnings,
+                     compute_type=report.compute_type, compute_reason=report.compute_reason)
 
 
 class InferenceWorker:

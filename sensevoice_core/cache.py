@@ -65,6 +65,8 @@ class LoadReport:
     warnings: list[str] = field(default_factory=list)
     file_sha256: dict[str, str] = field(default_factory=dict)  # role -> checksum of its file
     file_paths: dict[str, str] = field(default_factory=dict)  # role -> absolute path
+    compute_type: str = "float32"  # the concrete compute type the model runs in
+    compute_reason: str = ""  # why (see compute.ComputeChoice.reason)
 
     @property
     def total_s(self) -> float:

@@ -141,6 +141,8 @@ class ModelInfo(BaseModel):
     steps_s: dict[str, float]
     warmup_s: float
     warnings: list[str] = []
+    compute_type: str = "float32"  # the concrete type the layers run in (never "auto")
+    compute_reason: str = ""  # why that type: the setting, the CPU/GPU features, a fallback
 
 
 class ReloadOutcome(BaseModel):
@@ -172,6 +174,9 @@ class WorkerStatus(BaseModel):
     busy: bool
     fingerprint: str | None
     streams: int = 0  # live streams it holds
+    threads: int = 0  # torch threads of its compute (0: not reported yet)
+    batches: int = 0  # batched forward passes it ran (cross-request batching)
+    batch_items: int = 0  # items (requests' segments) in those passes
 
 
 class ServiceStatus(BaseModel):
@@ -365,6 +370,9 @@ class Pong(_Message):
 
     kind: Literal["pong"] = "pong"
     nonce: int  # the Ping's
+    threads: int = 0  # the worker's counters, reported with each pong (see WorkerStatus)
+    batches: int = 0
+    batch_items: int = 0
 
 
 class Stop(_Message):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sensevoice_core.compute import ComputeType
 from sensevoice_core.curve import CurveKeys
 from sensevoice_core.errors import SettingsError
 from sensevoice_core.options import (
@@ -53,7 +54,16 @@ class Settings(BaseSettings):
     disable_cache: bool = Field(False, description="bypass the L2 snapshot entirely")
     keep_snapshots: int = Field(2, ge=1, description="L2 snapshots kept; older ones are deleted")
     device: str = Field("cpu", description="torch device for inference")
-    threads: int = Field(0, ge=0, description="torch CPU threads per worker; 0: torch's default")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads per worker; 0: auto (the cores divided among "
+                             "the serving workers, at least 1)")
+    compute_type: ComputeType = Field(
+        "auto", description="numeric type of the model's layers: auto (from what the machine "
+                            "has), float32, bfloat16, float16, int8, int8_bfloat16")
+    compute_check: bool = Field(
+        True, description="check a reduced compute type against float32 on the bundled clip "
+                          "when it is first built (different tokens: fall back to a safer "
+                          "type); false: trust it (benchmarks on random weights)")
 
     # Supervisor and workers
     supervisor_address: str = Field(
@@ -124,6 +134,17 @@ class Settings(BaseSettings):
     batch_s: float = Field(
         _TRANSCRIBE.batch_s, **BATCH_S_BOUNDS.field,
         description="padded seconds of audio transcribed per batch: bounds memory")
+
+    # Cross-request batching in a worker
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="requests arriving within this many ms are decoded "
+                                        "together in one forward pass; 0: no batching")
+    max_batch_s: float = Field(
+        _TRANSCRIBE.batch_s, **BATCH_S_BOUNDS.field,
+        description="padded seconds of audio in one batched forward pass (all requests)")
+    max_batch_requests: int = Field(
+        16, ge=1, le=256, description="requests one worker holds at once when batching is on "
+                                      "(the supervisor sends it up to this many)")
 
     # Language ID and subtitles
     languages: Annotated[list[str], NoDecode] = Field(
