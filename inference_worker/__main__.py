@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BOOT_ERROR
     if args.parent_pid:
         die_with_parent(args.parent_pid)
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
+    threads, why = pick_threads(settings.threads, settings.workers)
+    torch.set_num_threads(threads)
+    logging.getLogger("sensevoice.worker").info("torch threads: %d (%s)", threads, why)
     worker = InferenceWorker(args.worker_id, args.backend, settings)
 
     def on_sigterm(signum: int, frame: object) -> None:
@@ -60,6 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     # socket is closed and the logs are flushed; the OS reclaims the rest at once.
     logging.shutdown()
     os._exit(code)
+
+
+def pick_threads(setting: int, workers: int) -> tuple[int, str]:
+    """Torch's intra-op threads for this worker, and why (SENSEVOICE_THREADS; 0: auto).
+
+    Auto divides the cores this process may run on among the SENSEVOICE_WORKERS serving
+    workers, at least one each, so that they never oversubscribe the cores. The warm standby
+    and a reload's green are not counted: a standby computes nothing until it serves (it then
+    replaces a worker), and a green warms up on one thread (worker.warm_up) and serves only
+    once the worker it replaces drains, so the overlap is that drain's last requests.
+    """
+    if setting > 0:
+        return setting, "SENSEVOICE_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    threads = max(1, cores // workers)
+    return threads, (f"auto: {cores} usable core{'s' if cores != 1 else ''} / {workers} "
+                     f"serving worker{'s' if workers != 1 else ''}; set SENSEVOICE_THREADS "
+                     f"to override")
 
 
 def enter_idle_priority() -> bool:

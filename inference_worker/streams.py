@@ -6,7 +6,8 @@ thread takes the sessions with queued messages in turn (round robin) and handles
 session's queued messages at once: consecutive audio chunks are decoded and go to the engine
 in one feed(), so a stream that fell behind catches up with one partial, not one per chunk.
 One thread serves all of the worker's streams: however many there are, batch requests keep
-their compute threads.
+their compute threads. With batching on, a turn's decode joins the forward passes of the
+worker's requests (sensevoice_core.batching), so it waits at most about one pass for them.
 
 A stream whose audio waits unprocessed for more than twice SENSEVOICE_MAX_SEGMENT_S (it sends
 faster than this worker transcribes) fails alone ("busy"); bad audio bytes fail it alone

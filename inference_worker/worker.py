@@ -4,9 +4,12 @@ Life of a worker: connect to the supervisor's backend and say Hello (torch is al
 imported and its first construction paid: a warm standby), wait for LoadModel, load through
 the cache (L2 first), transcribe the bundled clip as a warm-up (which also loads the VAD),
 announce Ready with the model's fingerprint and load report, then answer Transcribe and Ping
-until Stop. A worker holds at most MAX_REQUESTS_PER_WORKER requests (the supervisor gives it a
-second one only beside a long one); after Stop it finishes and answers the requests it holds,
-then exits: that is the drain.
+until Stop. Without batching (SENSEVOICE_BATCH_WAIT_MS=0) a worker holds at most
+MAX_REQUESTS_PER_WORKER requests (the supervisor gives it a second one only beside a long
+one); with batching, up to SENSEVOICE_MAX_BATCH_REQUESTS: each compute thread reads, VADs and
+post-processes its own request, and their forward passes (and the live streams') run batched
+on the model's one batcher thread (sensevoice_core.batching). After Stop it finishes and
+answers the requests it holds, then exits: that is the drain.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import zmq
 
 from inference_worker.streams import StreamSessions
+from sensevoice_core.batching import ForwardBatcher, max_requests
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
 from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
 from sensevoice_core.exit_codes import EXIT_MODEL_LOAD_ERROR, EXIT_OK
@@ -33,7 +37,6 @@ from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
     MAX_REPLY_HEADER_BYTES,
-    MAX_REQUESTS_PER_WORKER,
     SUPERVISOR_SILENCE_S,
     ErrorReply,
     Hello,
@@ -62,7 +65,7 @@ from sensevoice_core.settings import Settings
 
 logger = logging.getLogger("sensevoice.worker")
 
-WARMUP_CLIP = files("inference_worker") / "warmup.flac"
+WARMUP_CLIP = files("sensevoice_core") / "warmup.flac"  # also the accuracy gate's clip
 
 
 def prewarm() -> None:
@@ -122,7 +125,16 @@ class InferenceWorker:
         self.results_address = f"inproc://results-{worker_id}"
         self.results = self.context.socket(zmq.PULL)
         self.results.bind(self.results_address)
-        self.compute = ThreadPoolExecutor(MAX_REQUESTS_PER_WORKER, thread_name_prefix="compute")
+        self.threads = torch.get_num_threads()  # set by __main__ (pick_threads)
+        # With batching the forward passes run on the batcher thread, with self.threads; the
+        # compute threads' own work (audio decoding, VAD, features, greedy decoding) runs on
+        # one thread each: an OpenMP team of their own would spin beside the passes' and,
+        # on a 2-core box, cost a lone request ~40% of its latency (OMP_WAIT_POLICY=PASSIVE
+        # closes the gap, which shows it is spinning).
+        self.compute = ThreadPoolExecutor(
+            max_requests(settings), thread_name_prefix="compute",
+            initializer=torch.set_num_threads if settings.batch_wait_ms > 0 else None,
+            initargs=(1,) if settings.batch_wait_ms > 0 else ())
         self.local = threading.local()
         self.pushers: list[zmq.Socket] = []
         self.pushers_lock = threading.Lock()
@@ -174,7 +186,10 @@ class InferenceWorker:
             logger.error("ignoring a malformed message from the supervisor: %s", e)
             return None
         if isinstance(message, Ping):
-            self.send(Pong(nonce=message.nonce))
+            batcher = self.model.batcher if self.model is not None else None
+            self.send(Pong(nonce=message.nonce, threads=self.threads,
+                           batches=batcher.batches if batcher else 0,
+                           batch_items=batcher.batch_items if batcher else 0))
         elif isinstance(message, TranscribeRequest):
             self.in_flight.add(message.request_id)
             self.compute.submit(self.compute_reply, message, payload or b"")
@@ -237,6 +252,11 @@ class InferenceWorker:
             logger.error("cannot load model %s: %s", request.path or "(default)", cause)
             self.send(LoadFailed(worker_id=self.worker_id, error=cause))
             return EXIT_MODEL_LOAD_ERROR
+        if self.settings.batch_wait_ms > 0:  # after the warm-up, which runs on one thread
+            model.batcher = ForwardBatcher(
+                model.forward_rows, self.settings.batch_wait_ms / 1000,
+                round(self.settings.max_batch_s / model.frontend.feature_frame_s),
+                threads=self.threads)
         self.model, self.fingerprint = model, report.fingerprint
         logger.info("ready after a %.2f s warm-up", warmup_s)
         self.send(Ready(worker_id=self.worker_id, pid=os.getpid(),

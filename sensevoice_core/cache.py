@@ -11,11 +11,19 @@ files with the checksums L3 holds, and, the first time this process maps that fi
 hashes to the checksum in its header (reading it also pages the weights in). When no snapshot
 confirms L3, the files are hashed while they are loaded, so neither the model nor its label
 ever rests on ``model_path.json`` alone.
+
+Compute types (compute.py): SENSEVOICE_COMPUTE_TYPE is resolved here, in each process, from
+its own machine. The served fingerprint is the model's own for float32 and
+``compute.served_fingerprint(model's, type)`` otherwise; it names the L2 snapshot, which holds
+the converted tensors, so a fresh load converts once (and, with COMPUTE_CHECK, runs the
+accuracy gate, compute_check.py) and an L2 load maps them, then prepacks int8 layers (step
+"prepack"). After a gate fallback the snapshot holds the safer type's tensors and records why.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import threading
@@ -26,9 +34,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 
+from sensevoice_core.compute import (
+    SAFER,
+    ComputeChoice,
+    ComputeType,
+    ConcreteComputeType,
+    choose_compute_type,
+    served_fingerprint,
+)
+from sensevoice_core.compute_check import check_against_float32
+from sensevoice_core.convert import convert_model
 from sensevoice_core.errors import ModelFileError, SnapshotError
+from sensevoice_core.int8 import int8_layers, prepack_all
 from sensevoice_core.layout import ModelFiles, model_files
 from sensevoice_core.loader import load_model_dir
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
@@ -75,7 +95,7 @@ class LoadReport:
     def summary(self) -> str:
         ids = ", ".join(f"{key}: {value}" for key, value in self.short_ids.items())
         return (f"{self.model_dir} ({ids}) in {self.total_s:.2f} s from "
-                f"{CACHE_LEVEL_WORDS[self.level]}")
+                f"{CACHE_LEVEL_WORDS[self.level]}, {self.compute_type} ({self.compute_reason})")
 
 
 class _StepTimer:
@@ -145,7 +165,15 @@ def _remove(path: Path) -> None:
         logger.warning("cannot delete %s (%s); leaving it", path, e.strerror)
 
 
-def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
+def _check_compute(path: Path, metadata: dict[str, str], chosen: ConcreteComputeType) -> None:
+    """The snapshot was built for this compute type (older files: float32)."""
+    served = metadata.get("compute_type", "float32")
+    built_for = metadata.get("compute_requested", served)
+    if built_for != chosen:
+        raise SnapshotError(path, f"it was built for compute type {built_for}, not {chosen}")
+
+
+def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings, choice: ComputeChoice,
                        report: LoadReport, timer: _StepTimer, step: str) -> SenseVoice | None:
     """The snapshot's model if it was built from exactly these files and its data is whole.
 
@@ -157,6 +185,7 @@ def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
         with timer(step):
             mapped = open_snapshot(path)
             check_source(path, mapped.metadata, record.fingerprint, SnapshotSource.of(record))
+            _check_compute(path, mapped.metadata, choice.chosen)
             key = (str(path), mapped.identity)
             hashing = None if key in _verified else pool.submit(mapped.verify)
             model = mapped.build(settings.device)
@@ -176,7 +205,7 @@ def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings,
 
 
 def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings: Settings,
-                    report: LoadReport) -> None:
+                    report: LoadReport, compute: dict[str, str]) -> None:
     """Write L2 under a lock; a second process arriving meanwhile reuses the finished file
     (the data of a file this process did not write is hashed when it is mapped)."""
     source = SnapshotSource.of(record)
@@ -186,9 +215,11 @@ def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings:
             try:
                 _, metadata, _ = read_header(path)
                 check_source(path, metadata, record.fingerprint, source)
+                _check_compute(path, metadata, compute["compute_requested"])
             except SnapshotError:  # absent, broken or not ours: (re)write it
                 write_snapshot(path, model, source, {"fingerprint": record.fingerprint,
-                                                     "code_version": record.code_version})
+                                                     "code_version": record.code_version,
+                                                     **compute})
                 _verified.add((str(path), FileIdentity.of(path)))  # hashed as it was written
         prune_snapshots(path.parent, settings.keep_snapshots, keep=path)
         report.snapshot = path
@@ -216,7 +247,8 @@ def prune_snapshots(directory: Path, keep_count: int, keep: Path) -> list[Path]:
 
 
 def load_model(path: str | Path | None = None, *, device: str | None = None,
-               settings: Settings | None = None, force_fresh: bool = False) -> SenseVoice:
+               compute_type: ComputeType | None = None, settings: Settings | None = None,
+               force_fresh: bool = False) -> SenseVoice:
     """Load a SenseVoice model for ``transcribe``, through the cache (its L2 snapshot when one
     matches the files, else the files, writing the snapshot for next time).
 
@@ -224,6 +256,8 @@ def load_model(path: str | Path | None = None, *, device: str | None = None,
         path: model directory of either layout; None: SENSEVOICE_MODEL_DIR, then ./model and
             the usual places (``python -m sensevoice_core doctor`` lists them).
         device: torch device ("cpu", "cuda"); None: the settings' (SENSEVOICE_DEVICE, cpu).
+        compute_type: auto, float32, bfloat16, float16, int8 or int8_bfloat16 (compute.py);
+            None: the settings' (SENSEVOICE_COMPUTE_TYPE, auto).
         settings: cache directory and switches; None reads SENSEVOICE_* from the environment
             (the cache is ./cache unless SENSEVOICE_CACHE_DIR says otherwise).
         force_fresh: ignore and rebuild this model's cache entries.
@@ -231,6 +265,8 @@ def load_model(path: str | Path | None = None, *, device: str | None = None,
     settings = settings or Settings()
     if device is not None:
         settings = settings.model_copy(update={"device": device})
+    if compute_type is not None:
+        settings = settings.model_copy(update={"compute_type": compute_type})
     return load_sensevoice_cached(path, force_fresh, settings)[0]
 
 
@@ -242,6 +278,7 @@ def load_sensevoice_cached(
     """``load_model``, plus its LoadReport: where the model came from (L2 or a fresh load) and
     how long each step took."""
     settings = settings or Settings()
+    choice = choose_compute_type(settings.compute_type, settings.device)
     steps: dict[str, float] = {}
     timer = _StepTimer(steps)
     with timer("resolve"):
@@ -249,24 +286,28 @@ def load_sensevoice_cached(
     path_cache = PathCache(settings.cache_dir)
     with timer("l3"):
         if force_fresh:
-            _forget(path_cache, files, settings)
+            _forget(path_cache, files, settings, choice.chosen)
         record = path_cache.unchanged_record(files)  # a stat per file, no hashing
     l3_hit, loaded = record is not None, None
     if record is None:
         loaded, record = _hash_and_load(files, path_cache, settings, timer)
     report = LoadReport(level="fresh", model_dir=files.directory.resolve(), layout=files.layout,
-                        fingerprint="", short_ids={}, snapshot=None, steps_s=steps)
+                        fingerprint="", short_ids={}, snapshot=None, steps_s=steps,
+                        compute_type=choice.chosen, compute_reason=choice.reason)
     _label(report, record)
+    if choice.warning:
+        _warn(report, choice.warning)
 
     use_l2 = not settings.disable_cache
-    snapshot = snapshot_path(settings.cache_dir, record.fingerprint, record.model_dir)
+    snapshot = _snapshot_for(settings, record, choice.chosen)
     if force_fresh and use_l2:
         _remove(snapshot)
     model = None
     if use_l2 and snapshot.is_file() and not force_fresh:
-        model = _try_load_snapshot(snapshot, record, settings, report, timer, "l2")
+        model = _try_load_snapshot(snapshot, record, settings, choice, report, timer, "l2")
         if model is not None:
             report.level, report.snapshot = "L2", snapshot
+            _served_from_snapshot(report, model, choice, snapshot)
     if model is None and loaded is None:
         # L3 named a model that no snapshot confirmed: hash the files while loading them.
         claimed = record
@@ -274,29 +315,85 @@ def load_sensevoice_cached(
         if record.fingerprint != claimed.fingerprint:
             _warn(report, _stale_entry_message(path_cache, claimed, record))
         _label(report, record)
-        snapshot = snapshot_path(settings.cache_dir, record.fingerprint, record.model_dir)
+        snapshot = _snapshot_for(settings, record, choice.chosen)
     if model is None:
         assert loaded is not None
         report.bytes_read += sum(rec.size for rec in record.files.values())
-        model = loaded
+        model, gate = _convert(loaded, choice, settings, report, timer)
         if use_l2:
+            compute = {"compute_requested": choice.chosen}
+            if gate:
+                compute["compute_gate"] = gate
             with timer("write_l2"):
-                _write_snapshot(snapshot, model, record, settings, report)
+                _write_snapshot(snapshot, model, record, settings, report, compute)
             if report.snapshot is not None and settings.device == "cpu":
                 # Serve from the mapped snapshot too: its pages are shared page cache, where
                 # the freshly loaded copy is private memory of this process.
-                mapped = _try_load_snapshot(snapshot, record, settings, report, timer, "map_l2")
+                mapped = _try_load_snapshot(snapshot, record, settings, choice, report, timer,
+                                            "map_l2")
                 if mapped is not None:
                     model = mapped
     if loaded is not None and loaded is not model:
-        del loaded  # the fresh copy, replaced by a mapped snapshot
+        del loaded  # the fresh copy, replaced by a converted model or a mapped snapshot
         _return_freed_memory_to_os()
+    if int8_layers(model.model):
+        with timer("prepack"):
+            prepack_all(model.model, torch.get_num_threads())
+    report.fingerprint = served_fingerprint(record.fingerprint, report.compute_type)
     if not (l3_hit and report.level == "L2"):
         with timer("write_l3"):
             _store(path_cache, record, report)
     _finish(report, path_cache)
     logger.info("Loaded model %s", report.summary())
     return model, report
+
+
+def _snapshot_for(settings: Settings, record: PathRecord, chosen: ConcreteComputeType) -> Path:
+    return snapshot_path(settings.cache_dir, served_fingerprint(record.fingerprint, chosen),
+                         record.model_dir)
+
+
+def _convert(loaded: SenseVoice, choice: ComputeChoice, settings: Settings, report: LoadReport,
+             timer: _StepTimer) -> tuple[SenseVoice, str]:
+    """The fresh float32 model converted to the chosen type; with COMPUTE_CHECK, a type that
+    fails the accuracy gate falls back to the next safer one. Returns the model and, after a
+    fallback, what the gate found (recorded in the snapshot and the reason)."""
+    compute_type: ConcreteComputeType = choice.chosen
+    gate = ""
+    while compute_type != "float32":
+        with timer("convert"):
+            converted = convert_model(loaded.model, compute_type)
+        if not settings.compute_check:
+            break
+        with timer("compute_check"):
+            result = check_against_float32(loaded, converted)
+        if result.passed:
+            break
+        safer = SAFER[compute_type]
+        note = f"{compute_type} failed the accuracy check ({result.describe()}) -> {safer}"
+        _warn(report, f"compute type {note}; set SENSEVOICE_COMPUTE_TYPE={safer} to skip the "
+                      f"check, or SENSEVOICE_COMPUTE_CHECK=false to keep {compute_type}")
+        gate = f"{gate}; {note}" if gate else note
+        compute_type = safer
+    report.compute_type = compute_type
+    if gate:
+        report.compute_reason = f"{choice.reason}; {gate}"
+    if compute_type == "float32":
+        return loaded, gate
+    return dataclasses.replace(loaded, model=converted), gate
+
+
+def _served_from_snapshot(report: LoadReport, model: SenseVoice, choice: ComputeChoice,
+                          snapshot: Path) -> None:
+    """An L2 hit serves the type its snapshot holds: the chosen one, or the gate's fallback
+    (recorded when the snapshot was built)."""
+    served = getattr(model.model, "compute_type", "float32")
+    if served != choice.chosen:
+        gate = read_header(snapshot)[1].get("compute_gate", f"{choice.chosen} -> {served}")
+        report.compute_type = served
+        report.compute_reason = f"{choice.reason}; {gate} (recorded in the L2 snapshot)"
+        _warn(report, f"compute type {gate}, when the L2 snapshot was built; rebuild it with "
+                      f"force_fresh to check again")
 
 
 def _hash_and_load(files: ModelFiles, path_cache: PathCache, settings: Settings,
@@ -370,10 +467,11 @@ def _return_freed_memory_to_os() -> None:
         pass  # not glibc: the allocator keeps its own policy
 
 
-def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings) -> None:
+def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings,
+            chosen: ConcreteComputeType) -> None:
     cached = path_cache.read().entries.get(str(files.directory.resolve()))
     if cached is not None:
-        _remove(snapshot_path(settings.cache_dir, cached.fingerprint, cached.model_dir))
+        _remove(_snapshot_for(settings, cached, chosen))
         try:
             path_cache.forget(files.directory)
         except (OSError, Timeout) as e:

@@ -18,6 +18,14 @@ from typing import Any
 import torch
 from filelock import Timeout
 
+from sensevoice_core.compute import (
+    ConcreteComputeType,
+    UnsupportedComputeType,
+    choose_compute_type,
+    choose_for,
+    machine_features,
+    served_fingerprint,
+)
 from sensevoice_core.errors import ModelFileError, SnapshotError
 from sensevoice_core.layout import model_files
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
@@ -116,7 +124,8 @@ def _cache_checks(model_dir: Path | None, settings: Settings, path_cache: PathCa
         checks.append(Check("L2 snapshot", True, "disabled (SENSEVOICE_DISABLE_CACHE=true)"))
         return checks
     record = hashed or unchanged or path_cache.record_for(model_files(model_dir))
-    checks.append(_snapshot_check(cache_dir, record, verify=hashed is not None))
+    checks.append(_snapshot_check(cache_dir, record, verify=hashed is not None,
+                                  chosen=_chosen_type(settings)))
     return checks
 
 
@@ -128,10 +137,37 @@ def _forget_entry(path_cache: PathCache, model_dir: Path) -> str:
         return f"Could not remove the entry ({e}). Fix: delete {path_cache.path}"
 
 
-def _snapshot_check(cache_dir: Path, record: PathRecord, verify: bool) -> Check:
-    """The snapshot for this record, checked as a load checks it; a bad one is removed, as a
-    load would remove it, so that nothing can use it meanwhile."""
-    snapshot = snapshot_path(cache_dir, record.fingerprint, record.model_dir)
+def _chosen_type(settings: Settings) -> ConcreteComputeType:
+    try:
+        return choose_compute_type(settings.compute_type, settings.device).chosen
+    except UnsupportedComputeType:
+        return "float32"  # the compute type check reports the problem
+
+
+def _compute_check(settings: Settings) -> Check:
+    """The machine's features, what auto picks on them and why, and the setting's outcome."""
+    features = machine_features(settings.device)
+    auto = choose_for("auto", settings.device, features)
+    data = {"cpu_flags": sorted(features.cpu_flags), "auto": auto.chosen,
+            "auto_reason": auto.reason, "setting": settings.compute_type}
+    detail = f"CPU features: {features.describe()}; {auto.reason}"
+    try:
+        choice = choose_compute_type(settings.compute_type, settings.device)
+    except UnsupportedComputeType as e:
+        return Check("compute type", False, f"{detail}. {e}", data)
+    if settings.compute_type != "auto":
+        detail += f"; {choice.reason} -> {choice.chosen}"
+    if choice.warning:
+        detail += f" ({choice.warning})"
+    return Check("compute type", True, detail, {**data, "chosen": choice.chosen})
+
+
+def _snapshot_check(cache_dir: Path, record: PathRecord, verify: bool,
+                    chosen: ConcreteComputeType = "float32") -> Check:
+    """The snapshot for this record and compute type, checked as a load checks it; a bad one
+    is removed, as a load would remove it, so that nothing can use it meanwhile."""
+    snapshot = snapshot_path(cache_dir, served_fingerprint(record.fingerprint, chosen),
+                             record.model_dir)
     if not snapshot.is_file():
         return Check("L2 snapshot", True, f"{snapshot}: not built yet (the next load builds it)")
     source = SnapshotSource.of(record)
@@ -181,6 +217,7 @@ def _environment_checks(settings: Settings) -> list[Check]:
     return [
         Check("torch", True, f"{torch.__version__}, CUDA available: {cuda}",
               {"version": torch.__version__, "cuda_available": cuda}),
+        _compute_check(settings),
         Check("offline flags", offline,
               ", ".join(f"{k}={v}" for k, v in flags.items())
               + ("" if offline else ": set both to 1 so nothing reaches for the network"),

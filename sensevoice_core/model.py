@@ -216,6 +216,9 @@ def prompted_logits(
     Returns logits (B, 4 + T, vocab) and their valid lengths (B,).
     """
     batch = features.shape[0]
+    # A converted model (convert.py) runs in its parameters' dtype: features are cast in and
+    # the logits come back as fp32, so the frontend and the log-softmax stay fp32.
+    features = features.to(embed.weight.dtype)
     event_rows = torch.full_like(language_rows, EVENT_QUERY_ROW)
     emotion_rows = torch.full_like(language_rows, EMOTION_QUERY_ROW)
     rows = torch.stack([language_rows, event_rows, emotion_rows, text_norm_rows], dim=1)
@@ -223,13 +226,14 @@ def prompted_logits(
     assert prompt.shape == (batch, NUM_PROMPT_FRAMES, features.shape[2]), prompt.shape
     x = torch.cat([prompt, features], dim=1)
     lengths = lengths + NUM_PROMPT_FRAMES
-    return ctc.ctc_lo(encoder(x, lengths)), lengths
+    return ctc.ctc_lo(encoder(x, lengths)).float(), lengths
 
 
 class SenseVoiceSmall(nn.Module):
     def __init__(self, dims: SenseVoiceDims, device: Device = None):
         super().__init__()
         self.dims = dims
+        self.compute_type = "float32"  # set by convert.py (a ConcreteComputeType)
         self.encoder, self.ctc, self.embed = build_layers(dims, device)
 
     def forward(

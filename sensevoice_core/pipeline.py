@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sensevoice_core.audio import SAMPLE_RATE, AudioInput
+from sensevoice_core.batching import ForwardBatcher
 from sensevoice_core.config import FrontendConfig
 from sensevoice_core.decoding import decode_logits, language_answers
 from sensevoice_core.frontend import CMVN, compute_features, pad_features
@@ -32,6 +33,9 @@ class SenseVoice:
     model_dir: Path
     layout: str  # "official" (FunASR release) or "hf" (config.json + model.safetensors)
     _vad: SileroVAD | None = field(default=None, init=False, repr=False, compare=False)
+    # Set (by the worker): every forward pass joins the passes of concurrent callers.
+    batcher: ForwardBatcher | None = field(default=None, init=False, repr=False,
+                                           compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -121,15 +125,26 @@ class SenseVoice:
     def logits(self, features: list[torch.Tensor], options: TranscribeOptions,
                languages: Sequence[Language] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw CTC logits (B, 4 + T, vocab) for a batch of feature matrices, and their lengths;
-        languages: one language query per item instead of options.language."""
+        languages: one language query per item instead of options.language. With a batcher,
+        the rows come from passes shared with other callers (sensevoice_core.batching), the
+        frames past an item's length are zeros."""
+        language_rows = [LANGUAGE_QUERY_ROW[options.language]] * len(features) \
+            if languages is None else [LANGUAGE_QUERY_ROW[lang] for lang in languages]
+        text_norm_rows = [TEXT_NORM_QUERY_ROW[options.text_norm]] * len(features)
+        if self.batcher is None:
+            return self.forward_rows(features, language_rows, text_norm_rows)
+        rows = self.batcher.run(features, language_rows, text_norm_rows)
+        lengths = torch.tensor([item.shape[0] for item in rows], dtype=torch.long,
+                               device=rows[0].device)
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
+
+    def forward_rows(self, features: list[torch.Tensor], language_rows: Sequence[int],
+                     text_norm_rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded forward pass, each item with its own language and text-norm query rows
+        (vocab.LANGUAGE_QUERY_ROW, TEXT_NORM_QUERY_ROW)."""
         batch, lengths = pad_features(features)
-        count = len(features)
-        if languages is None:
-            language_rows = torch.full((count,), LANGUAGE_QUERY_ROW[options.language])
-        else:
-            language_rows = torch.tensor([LANGUAGE_QUERY_ROW[lang] for lang in languages])
-        text_norm_rows = torch.full((count,), TEXT_NORM_QUERY_ROW[options.text_norm])
         device = self.device
         with torch.inference_mode():
-            return self.model(batch.to(device), lengths.to(device), language_rows.to(device),
-                              text_norm_rows.to(device))
+            return self.model(batch.to(device), lengths.to(device),
+                              torch.tensor(language_rows, dtype=torch.long).to(device),
+                              torch.tensor(text_norm_rows, dtype=torch.long).to(device))

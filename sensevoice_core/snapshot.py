@@ -11,6 +11,12 @@ these files.
 The data checksum is a sha256 over the sha256 of each DATA_CHUNK_BYTES chunk of the data
 section, so that checking it runs on every core; reading the mapped pages to hash them also
 maps the pages the first transcription would fault in anyway.
+
+A model converted to a reduced compute type (convert.py) is stored converted: bf16/f16
+weights (BF16/F16), int8 weights with fp32 scales (I8/F32). The metadata's ``compute_type``
+names the type of the tensors (absent in older files: float32); ``compute_requested`` the
+type the load asked for and ``compute_gate`` the accuracy gate's outcome, when they differ
+(the gate fell back to a safer type, whose tensors the file then holds).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from pathlib import Path
 import torch
 
 from sensevoice_core.atomic import atomic_file
+from sensevoice_core.compute import CONCRETE_TYPES
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
+from sensevoice_core.convert import build_structure
 from sensevoice_core.errors import SnapshotError
 from sensevoice_core.frontend import CMVN
-from sensevoice_core.loader import build_model
+from sensevoice_core.loader import adopt_tensors, check_state_dict
 from sensevoice_core.path_cache import FileIdentity, PathRecord
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.tokenizer import Tokenizer
@@ -41,7 +49,8 @@ MAX_HEADER_BYTES = 64 << 20
 SNAPSHOT_MODE = 0o444
 DATA_CHUNK_BYTES = 16 << 20  # small enough to keep 16 cores busy on a full-size model
 OPEN_ATTEMPTS = 3  # the file was replaced (renamed over) while being opened: open the new one
-_DTYPES = {torch.float32: "F32", torch.uint8: "U8"}
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+           torch.int8: "I8", torch.uint8: "U8"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
@@ -139,11 +148,13 @@ def chunked_sha256(data: memoryview, threads: int) -> str:
 def write_snapshot(path: Path, model: SenseVoice, source: SnapshotSource,
                    metadata: dict[str, str]) -> str:
     """Write atomically (temp + fsync + rename); returns the checksum of the data section."""
-    tensors = {key: value.detach().to("cpu", torch.float32).contiguous()
+    tensors = {key: value.detach().to("cpu").contiguous()
                for key, value in model.model.state_dict().items()}
     tensors[CMVN_SHIFT] = model.cmvn.shift.contiguous()
     tensors[CMVN_SCALE] = model.cmvn.scale.contiguous()
-    # Bytes go last, so every float32 tensor stays 4-byte aligned for zero-copy views.
+    # Widest elements first and the bytes last, so every tensor stays aligned to its element
+    # size for zero-copy views (a stable sort: a float32 model's order is unchanged).
+    tensors = dict(sorted(tensors.items(), key=lambda item: -item[1].element_size()))
     tensors[TOKENIZER_BYTES] = torch.frombuffer(
         bytearray(model.tokenizer.processor.serialized_model_proto()), dtype=torch.uint8)
 
@@ -161,6 +172,7 @@ def write_snapshot(path: Path, model: SenseVoice, source: SnapshotSource,
         "dims": json.dumps(asdict(model.model.dims)),
         "frontend": json.dumps(asdict(model.frontend)),
         "source_layout": model.layout,
+        "compute_type": getattr(model.model, "compute_type", "float32"),
         "data_chunk_bytes": str(DATA_CHUNK_BYTES),
     }
 
@@ -297,7 +309,19 @@ class MappedSnapshot:
             raise SnapshotError(path, f"CMVN size {shift.numel()}, model input "
                                       f"{dims.input_size} and frontend {frontend.feature_size} "
                                       f"disagree")
-        model = build_model(path, dims, tensors)
+        compute_type = metadata.get("compute_type", "float32")
+        if compute_type not in CONCRETE_TYPES:
+            raise SnapshotError(path, f"unknown compute type {compute_type!r}")
+        model = build_structure(dims, compute_type)
+        check_state_dict(path, tensors, model)
+        expected = {key: value.dtype for key, value in model.state_dict().items()}
+        wrong = [f"{key} is {tensors[key].dtype}, not {dtype}"
+                 for key, dtype in expected.items() if tensors[key].dtype != dtype]
+        if wrong:
+            raise SnapshotError(path, f"{compute_type} tensors of the wrong type: "
+                                      f"{'; '.join(wrong[:3])}")
+        adopt_tensors(model, tensors)
+        model.eval()
         if torch.device(device) != torch.device("cpu"):
             model = model.to(device)
         source_dir = Path(metadata.get("source_dir", str(path.parent)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from sensevoice_core.batching import max_requests
 from sensevoice_core.protocol import (
     BESIDE_LONG_MAX_BYTES,
     LONG_REQUEST_S,
@@ -110,7 +111,17 @@ class Broker:
         self.queue.append(job.job_id)
 
     def dispatch(self, workers: Iterable[WorkerHandle]) -> None:
-        """Queued jobs to idle serving workers, oldest-idle first; then, to each worker whose
+        """Queued jobs to serving workers, in arrival order.
+
+        Batching on (SENSEVOICE_BATCH_WAIT_MS > 0): each job goes to the worker with the fewest
+        requests in flight (the longest idle among equals), until every worker holds
+        SENSEVOICE_MAX_BATCH_REQUESTS; the worker batches their forward passes, and a long
+        request's pieces take turns with the short ones there (sensevoice_core.batching).
+        A retry (its first worker died holding it) runs alone on an idle worker, and the
+        queue behind it waits for one: should that request be what killed the worker, it takes
+        no other request with it.
+
+        Batching off: to idle serving workers, oldest-idle first; then, to each worker whose
         requests have all run for LONG_REQUEST_S, the oldest queued job small enough to be
         short (BESIDE_LONG_MAX_BYTES), on its second compute thread. A large one waits for a
         free worker: two long requests sharing one worker would only slow each other."""
@@ -118,6 +129,9 @@ class Broker:
             return
         now = time.monotonic()
         serving = [w for w in workers if w.role == "serving" and not w.killed]
+        if self.settings.batch_wait_ms > 0:
+            self.dispatch_batched(serving, now)
+            return
         for worker in sorted((w for w in serving if not w.busy), key=lambda w: w.idle_since):
             if not self.queue:
                 return
@@ -132,6 +146,22 @@ class Broker:
                 return
             self.queue.remove(small)
             self.send_job(worker, small, now)
+
+    def dispatch_batched(self, serving: list[WorkerHandle], now: float) -> None:
+        limit = max_requests(self.settings)
+        while self.queue:
+            if self.jobs[self.queue[0]].attempts > 0:
+                idle = [w for w in serving if not w.jobs]
+                if not idle:
+                    return
+                self.send_job(min(idle, key=lambda w: w.idle_since), self.queue.popleft(), now)
+                continue
+            open_workers = [w for w in serving if len(w.jobs) < limit and not any(
+                self.jobs[j].attempts > 1 for j in w.jobs)]
+            if not open_workers:
+                return
+            worker = min(open_workers, key=lambda w: (len(w.jobs), w.idle_since))
+            self.send_job(worker, self.queue.popleft(), now)
 
     def send_job(self, worker: WorkerHandle, job_id: str, now: float) -> None:
         job = self.jobs[job_id]

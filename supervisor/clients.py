@@ -68,7 +68,8 @@ class ClientDesk:
                                 age_s=round(now - w.spawned_at, 3),
                                 requests_served=w.requests_served, busy=w.busy,
                                 fingerprint=w.model.fingerprint if w.model else None,
-                                streams=len(streams.held_by(w)))
+                                streams=len(streams.held_by(w)), threads=w.threads,
+                                batches=w.batches, batch_items=w.batch_items)
                    for w in sorted(supervisor.pool, key=lambda w: w.age)]
         watcher = supervisor.watcher
         return ServiceStatus(

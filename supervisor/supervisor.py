@@ -254,6 +254,8 @@ class Supervisor:
             worker.model = message.model
             worker.health_ping = self.pool.ping(worker)  # the check before traffic
         elif isinstance(message, Pong):
+            worker.threads, worker.batches, worker.batch_items = \
+                message.threads, message.batches, message.batch_items
             if message.nonce == worker.health_ping:
                 worker.health_ping = None
                 self.worker_checked(worker)

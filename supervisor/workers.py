@@ -72,6 +72,10 @@ class WorkerHandle:
     jobs: list[str] = field(default_factory=list)  # ids of the requests it is serving
     model: ModelInfo | None = None  # what it said Ready with
     requests_served: int = 0
+    # Its last Pong's counters: torch threads, batched forward passes and their items.
+    threads: int = 0
+    batches: int = 0
+    batch_items: int = 0
     load_error: str | None = None  # what the worker said when its load failed
     kill_reason: str | None = None  # why the supervisor killed it (set: awaiting reaping)
 

@@ -30,7 +30,8 @@ def model_dir(official_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(cache_dir=tmp_path / "cache")
+    # The cache of a float32 model; tests/test_compute.py covers the other compute types.
+    return Settings(compute_type="float32", cache_dir=tmp_path / "cache")
 
 
 def snapshots(settings: Settings) -> list[Path]:
@@ -156,7 +157,7 @@ def test_a_damaged_snapshot_is_discarded_and_rebuilt(model_dir, settings, how, c
 LOAD_AND_REPORT = (
     "import json, sys\n"
     "from sensevoice_core import Settings, load_sensevoice_cached\n"
-    "settings = Settings(cache_dir=sys.argv[2])\n"
+    "settings = Settings(compute_type='float32', cache_dir=sys.argv[2])\n"
     "reports = [load_sensevoice_cached(sys.argv[1], settings=settings)[1] for _ in range(2)]\n"
     "print(json.dumps([{'level': r.level, 'bytes_read': r.bytes_read, 'steps': r.steps_s,\n"
     "                   'warnings': r.warnings} for r in reports]))\n"
@@ -227,7 +228,7 @@ def test_a_full_disk_degrades_to_a_direct_load(model_dir, tmp_path):
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
         "from sensevoice_core import Settings, load_sensevoice_cached\n"
-        "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(cache_dir=sys.argv[2]))\n"
+        "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(compute_type='float32', cache_dir=sys.argv[2]))\n"
         "print(report.level, report.snapshot, len(report.warnings), model.transcribe(sys.argv[3]).duration_s)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(model_dir), str(tmp_path / "c"),
@@ -266,7 +267,7 @@ def test_two_processes_racing_to_build_l2_both_get_a_correct_model(model_dir, se
         "import sys\n"
         "from sensevoice_core import Settings, TranscribeOptions, load_sensevoice_cached\n"
         "from sensevoice_core.audio import load_audio\n"
-        "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(cache_dir=sys.argv[2]))\n"
+        "model, report = load_sensevoice_cached(sys.argv[1], settings=Settings(compute_type='float32', cache_dir=sys.argv[2]))\n"
         "[segment] = model.decode([load_audio(sys.argv[3])], TranscribeOptions())\n"
         "print(report.level, list(segment.token_ids))\n"
     )

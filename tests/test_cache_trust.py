@@ -111,7 +111,7 @@ def test_the_service_refuses_a_damaged_snapshot_on_restart_and_says_so(tmp_path)
 def two_models(tmp_path: Path) -> tuple[Path, Path, Settings]:
     """Two different tiny models, each loaded once into one cache (L3 entries + snapshots)."""
     a, b = write_official(tmp_path / "a", seed=1), write_official(tmp_path / "b", seed=2)
-    settings = Settings(cache_dir=tmp_path / "cache")
+    settings = Settings(compute_type="float32", cache_dir=tmp_path / "cache")
     for model_dir in (a, b):
         load_sensevoice_cached(model_dir, settings=settings)
     return a, b, settings
@@ -130,7 +130,8 @@ def assert_serves(model, report, model_dir: Path) -> None:
     for key, value in expected.model.state_dict().items():
         assert torch.equal(model.model.state_dict()[key], value), key
     hashed = load_sensevoice_cached(model_dir, settings=Settings(
-        cache_dir=model_dir.parent / f"clean-{model_dir.name}", disable_cache=True))[1]
+        compute_type="float32", cache_dir=model_dir.parent / f"clean-{model_dir.name}",
+        disable_cache=True))[1]
     assert report.fingerprint == hashed.fingerprint
     assert report.file_sha256 == hashed.file_sha256
 
@@ -254,7 +255,7 @@ def test_a_snapshot_damaged_after_this_process_verified_it_is_hashed_again(tmp_p
     """Once per process is once per file identity: an in-place write moves the ctime, even
     when size and mtime are set back, so the same process hashes the file again."""
     model_dir = write_official(tmp_path / "m")
-    settings = Settings(cache_dir=tmp_path / "cache")
+    settings = Settings(compute_type="float32", cache_dir=tmp_path / "cache")
     _, first = load_sensevoice_cached(model_dir, settings=settings)
     _, second = load_sensevoice_cached(model_dir, settings=settings)
     assert second.level == "L2" and "verify_l2" not in second.steps_s  # known to this process
@@ -271,7 +272,7 @@ def test_a_snapshot_damaged_after_this_process_verified_it_is_hashed_again(tmp_p
 
 def test_an_l3_path_that_is_a_directory_is_one_warning_per_problem(tmp_path, caplog):
     model_dir = write_official(tmp_path / "m")
-    settings = Settings(cache_dir=tmp_path / "cache")
+    settings = Settings(compute_type="float32", cache_dir=tmp_path / "cache")
     (settings.cache_dir / "model_path.json").mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="sensevoice.cache"):
         model, report = load_sensevoice_cached(model_dir, settings=settings)
@@ -293,7 +294,7 @@ def test_weights_replaced_during_a_fresh_load_are_never_labelled_with_the_old_ch
     served, other = tmp_path / "served", tmp_path / "other"
     write_official(served, seed=1)
     write_official(other, seed=2)
-    settings = Settings(cache_dir=tmp_path / "cache")
+    settings = Settings(compute_type="float32", cache_dir=tmp_path / "cache")
     real_load = cache.load_model_dir
     calls = []
 

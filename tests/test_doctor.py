@@ -43,7 +43,9 @@ class Doctor:
         env = {key: value for key, value in os.environ.items()
                if key not in REMOVED_VARIABLES and not key.startswith("SENSEVOICE_")}
         pythonpath = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        # float32, as the doctor's own loads (self.load) use: a cache of the float32 model.
         return {**env, "HOME": str(self.home), "SENSEVOICE_CACHE_DIR": str(self.cache),
+                "SENSEVOICE_COMPUTE_TYPE": "float32",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONIOENCODING": "utf-8", "PYTHONPATH": pythonpath, **self.extra_env}
 
@@ -59,7 +61,7 @@ class Doctor:
 
     def load(self, model_dir: Path) -> None:
         """A cached load in this process, into this doctor's cache directory."""
-        load_sensevoice_cached(model_dir, settings=Settings(cache_dir=self.cache))
+        load_sensevoice_cached(model_dir, settings=Settings(compute_type="float32", cache_dir=self.cache))
 
 
 @pytest.fixture
@@ -249,7 +251,7 @@ def test_verify_removes_a_snapshot_damaged_with_size_and_mtime_kept(doctor, offi
     assert not snapshot.exists()
 
     reference = one_pass(load_model_dir(model), data_dir / "en.mp3")
-    loaded, report = load_sensevoice_cached(model, settings=Settings(cache_dir=doctor.cache))
+    loaded, report = load_sensevoice_cached(model, settings=Settings(compute_type="float32", cache_dir=doctor.cache))
     assert report.level == "fresh" and one_pass(loaded, data_dir / "en.mp3") == reference
     assert doctor.run("--model", model, "--verify").returncode == 0  # rebuilt whole
 

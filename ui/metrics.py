@@ -50,12 +50,17 @@ class SupervisorCollector(Collector):
                                   labels=["level"])
         load = GaugeMetricFamily("sensevoice_model_load_seconds",
                                  "load time of the serving model")
+        compute = GaugeMetricFamily("sensevoice_model_compute_type",
+                                    "1, labelled with the compute type the serving model runs in",
+                                    labels=["compute_type"])
         if status.model is not None:
             for name in CACHE_LEVELS:
                 level.add_metric([name], 1.0 if status.model.cache_level == name else 0.0)
             load.add_metric([], status.model.load_s)
+            compute.add_metric([status.model.compute_type], 1.0)
         yield level
         yield load
+        yield compute
         workers = GaugeMetricFamily("sensevoice_workers", "worker processes by role",
                                     labels=["role"])
         for role in WORKER_ROLES:

@@ -171,7 +171,8 @@ def status_markdown(status: ServiceStatus | None, problem: str | None = None,
         fingerprint = f"**Fingerprint** `{short_fingerprint(model.fingerprint)}` ({ids})"
         lines.append(f"**Model** {code(model.model_dir)}  \n{fingerprint}" if full else fingerprint)
         lines.append(f"**Loaded** via {via(model.cache_level)} in {model.load_s:.2f} s, "
-                     f"warm-up {model.warmup_s:.2f} s")
+                     f"warm-up {model.warmup_s:.2f} s  \n**Compute type** `{model.compute_type}`"
+                     + (f" ({plain(model.compute_reason)})" if model.compute_reason else ""))
     workers = "; ".join(f"{f'pid {w.pid} ' if full else ''}{w.role}, up {describe_age(w.age_s)}, "
                         f"{w.requests_served} served" for w in status.workers)
     lines.append(f"**Workers** {workers or 'none'}  \n**Requests served** {status.requests_served}"
@@ -194,7 +195,7 @@ def public_status(status: ServiceStatus) -> dict:
         "model": None if model is None else {
             "fingerprint": model.fingerprint, "short_ids": model.short_ids,
             "cache_level": model.cache_level, "load_s": model.load_s,
-            "warmup_s": model.warmup_s},
+            "warmup_s": model.warmup_s, "compute_type": model.compute_type},
         "workers": [{"role": w.role, "age_s": w.age_s, "requests_served": w.requests_served}
                     for w in status.workers],
         "queued": status.queued, "in_flight": status.in_flight,
