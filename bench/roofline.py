@@ -13,6 +13,13 @@ The GEMM per compute type:
 - int8 / int8_bfloat16: the kernel our Int8Linear calls, ``quantized::linear_dynamic`` on a
   per-channel prepacked weight (dynamic activation quantisation included, our per-row
   scaling left out); attention in fp32 / bf16.
+The CTC head is an fp32 GEMM for the float types (convert.py keeps it fp32).
+
+For int8 this is a KERNEL baseline, not a hardware roofline: it times the very fbgemm call the
+model makes, so "x kernel" says how much our wrapper (per-row scaling, casts) and the non-GEMM
+work add, not how far int8 is from the machine's int8 peak (no faster int8 GEMM exists here to
+measure one: torch._int_mm and _weight_int8pack_mm are 50-60x slower on AVX2). rtf.py labels
+it so.
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from sensevoice_core.config import SenseVoiceDims
-from sensevoice_core.convert import FLOAT_DTYPES, reduce_range
-from sensevoice_core.int8 import Int8Linear
+from sensevoice_core.convert import FLOAT_DTYPES
+from sensevoice_core.int8 import Int8Linear, needs_reduce_range
 from sensevoice_core.vocab import NUM_PROMPT_FRAMES
 
 CALLS = 10  # each timed run repeats its GEMMs this many times, so one run is long enough
@@ -48,7 +55,8 @@ class RooflineRuns:
 
 def _int8_gemm(in_features: int, out_features: int) -> Callable[[Tensor], Tensor]:
     """The bare int8 kernel of an Int8Linear of this shape (random weights)."""
-    layer = Int8Linear.from_linear(nn.Linear(in_features, out_features), reduce_range())
+    layer = Int8Linear.from_linear(nn.Linear(in_features, out_features),
+                                   needs_reduce_range())
     layer.prepack()
     packed = getattr(layer, "_packed", None)
     if packed is None:
@@ -79,8 +87,9 @@ def roofline_runs(dims: SenseVoiceDims, frames: int, compute_type: str) -> Roofl
             return _int8_gemm(in_features, out_features)
         return _float_gemm(in_features, out_features, dtype)
 
-    qkv, out, ff1, ff2, head = (gemm(d, 3 * d), gemm(d, d), gemm(d, units), gemm(units, d),
-                                gemm(d, dims.vocab_size))
+    qkv, out, ff1, ff2 = gemm(d, 3 * d), gemm(d, d), gemm(d, units), gemm(units, d)
+    head = gemm(d, dims.vocab_size) if int8 else _float_gemm(d, dims.vocab_size, torch.float32)
+    head_x = x if int8 else x.float()
     q = torch.randn(heads, rows, d // heads).to(dtype)
     k_t = torch.randn(heads, d // heads, rows).to(dtype)
     scores = torch.randn(heads, rows, rows).to(dtype)
@@ -96,6 +105,6 @@ def roofline_runs(dims: SenseVoiceDims, frames: int, compute_type: str) -> Roofl
 
     def head_run() -> None:
         for _ in range(CALLS):
-            head(x)
+            head(head_x)
 
     return RooflineRuns(compute_type, layer, head_run, dims.num_blocks + dims.tp_blocks)

@@ -228,7 +228,9 @@ def print_table(systems: list[System], seconds_list: list[int],
         print(f"(fastest sherpa-onnx int8 here: {best}; its accuracy against fp32 is not "
               f"checked here: bench/sherpa_onnx_export.py --model ... prints it)")
     print("x FunASR, x best sherpa int8: how many times faster than that system (>1: faster); "
-          "x roofline: the system's time over its compute type's GEMM-only time")
+          "x roofline: the system's time over its compute type's GEMM-only time (for int8 "
+          "types a kernel baseline: the same fbgemm call the model makes, not a hardware "
+          "int8 peak; bench/roofline.py)")
     return best
 
 
@@ -344,7 +346,8 @@ def main() -> None:
         print(f"{seconds} s done: " + ", ".join(f"{name} {value:.3f} s"
                                                for name, value in found.items()), flush=True)
     for (compute_type, seconds), value in sorted(rooflines.items()):
-        print(f"GEMM roofline {compute_type} at {seconds} s: {value:.3f} s")
+        kind = "kernel baseline" if compute_type.startswith("int8") else "roofline"
+        print(f"GEMM {kind} {compute_type} at {seconds} s: {value:.3f} s")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     best = print_table(systems, args.seconds, medians, rooflines)
     print_targets(flags, auto, args.seconds, medians, rooflines, best)

@@ -9,6 +9,9 @@ batches find their size: a run starts from idle, all clients at once). Per clien
 two systems run back to back, in A B B A order (--seconds / 2 each, --rounds times; the idle
 one waits on its socket); the figures pool the runs of each system. Printed: requests/s, audio seconds/s,
 p50/p99 latency, the ratio on/off, and the CPU flags, torch threads and compute type served.
+With --long-s, a mixed run follows: one more client sends a --long-s clip in a closed loop
+beside the 5 s clients (--clients' first count), and the 5 s clips' p50/p99 are printed: what
+a long request costs the short ones.
 
     python bench/throughput.py --model model                 # the demo model
     python ../shared/tools/make_full_fixture.py /tmp/full     # full-size random weights
@@ -46,15 +49,15 @@ RATE = 16000
 CLIP_S = 5.0
 
 
-def clip_bytes() -> bytes:
-    """5 s of demo speech: the example clips back to back, cut to length, as FLAC."""
+def clip_bytes(seconds: float = CLIP_S) -> bytes:
+    """Demo speech: the example clips back to back, cut to length, as FLAC."""
     parts, total = [], 0
-    while total < CLIP_S * RATE:
+    while total < seconds * RATE:
         for path in sorted(EXAMPLES.glob("*.flac")):
             samples, _ = soundfile.read(path, dtype="float32")
             parts.append(samples)
             total += len(samples)
-    audio = np.concatenate(parts)[:round(CLIP_S * RATE)]
+    audio = np.concatenate(parts)[:round(seconds * RATE)]
     with tempfile.NamedTemporaryFile(suffix=".flac") as file:
         soundfile.write(file.name, audio, RATE)
         return Path(file.name).read_bytes()
@@ -114,14 +117,15 @@ class Run:
 
 
 def load(service: Service, clients: int, seconds: float, audio: bytes, into: Run,
-         settle_s: float = 0.0) -> None:
+         settle_s: float = 0.0, long_audio: bytes | None = None) -> None:
     """clients closed-loop senders for settle_s + seconds; the latencies of the requests that
-    finished in the last `seconds` (the first settle_s let the clients fall out of step)."""
+    finished in the last `seconds` (the first settle_s let the clients fall out of step).
+    long_audio: one more sender of it, whose latencies are not counted."""
     start = time.monotonic() + settle_s
     end = start + seconds
     lock = threading.Lock()
 
-    def client_loop() -> None:
+    def client_loop(audio: bytes = audio, counted: bool = True) -> None:
         client = service.client()
         try:
             while time.monotonic() < end:
@@ -133,13 +137,15 @@ def load(service: Service, clients: int, seconds: float, audio: bytes, into: Run
                         into.errors.append(e.code)
                     continue
                 took = time.perf_counter() - sent
-                if start <= time.monotonic() <= end:
+                if counted and start <= time.monotonic() <= end:
                     with lock:
                         into.latencies.append(took)
         finally:
             client.close()
 
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    if long_audio is not None:
+        threads.append(threading.Thread(target=client_loop, args=(long_audio, False)))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -161,6 +167,9 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds of load before each measured half, not counted")
     parser.add_argument("--wait-ms", type=float, default=5.0, help="the batching system's wait")
+    parser.add_argument("--long-s", type=float, default=0.0,
+                        help="then a mixed run: one client of a clip this long beside the "
+                             "5 s clients (0: none)")
     args = parser.parse_args()
     audio = clip_bytes()
     work = Path(tempfile.mkdtemp(prefix="svtp", dir="/tmp"))
@@ -212,6 +221,18 @@ def report(args: argparse.Namespace, services: dict[str, Service], audio: bytes)
         (off_rate, off_p50), (on_rate, on_p50) = rates["off"], rates["on"]
         print(f"{clients:>7}  on/off: throughput x{on_rate / off_rate:.2f}, "
               f"p50 x{on_p50 / off_p50:.2f}", flush=True)
+    if args.long_s > 0:
+        long_audio, clients = clip_bytes(args.long_s), args.clients[0]
+        runs = {name: Run() for name in services}
+        for _ in range(args.rounds):
+            for name in ("off", "on", "on", "off"):
+                load(services[name], clients, args.seconds / 2, audio, runs[name],
+                     args.settle, long_audio)
+        for name, run in runs.items():
+            print(f"mixed {name:>3}: {clients} x {CLIP_S:g} s clients beside one "
+                  f"{args.long_s:g} s client: 5 s clips p50 {percentile(run.latencies, 50):.3f}"
+                  f" s, p99 {percentile(run.latencies, 99):.3f} s, "
+                  f"{len(run.latencies) / run.seconds:.2f} req/s", flush=True)
     for service in services.values():
         client = service.client()
         worker = next(w for w in client.status().workers if w.role == "serving")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
+from pathlib import Path
 
 from sensevoice_core.cli import settings_or_exit
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR
@@ -42,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(args.parent_pid)
     threads, why = pick_threads(settings.threads, settings.workers)
     torch.set_num_threads(threads)
-    logging.getLogger("sensevoice.worker").info("torch threads: %d (%s)", threads, why)
+    worker_log = logging.getLogger("sensevoice.worker")
+    if settings.threads == 0 and settings.workers > usable_cores():
+        worker_log.warning("SENSEVOICE_WORKERS=%d is more than the %d usable cores: the "
+                           "workers share cores; lower SENSEVOICE_WORKERS", settings.workers,
+                           usable_cores())
+    worker_log.info("torch threads: %d (%s)", threads, why)
     worker = InferenceWorker(args.worker_id, args.backend, settings)
 
     def on_sigterm(signum: int, frame: object) -> None:
@@ -66,20 +73,45 @@ def main(argv: list[str] | None = None) -> int:
 def pick_threads(setting: int, workers: int) -> tuple[int, str]:
     """Torch's intra-op threads for this worker, and why (SENSEVOICE_THREADS; 0: auto).
 
-    Auto divides the cores this process may run on among the SENSEVOICE_WORKERS serving
-    workers, at least one each, so that they never oversubscribe the cores. The warm standby
-    and a reload's green are not counted: a standby computes nothing until it serves (it then
-    replaces a worker), and a green warms up on one thread (worker.warm_up) and serves only
-    once the worker it replaces drains, so the overlap is that drain's last requests.
+    Auto divides the usable cores (usable_cores) among the SENSEVOICE_WORKERS serving
+    workers, at least one each: with more workers than cores they share cores (main warns).
+    The warm standby and a reload's green are not counted: a standby computes nothing until
+    it serves (it then replaces a worker), and a green warms up on one thread
+    (worker.warm_up) and serves only once the worker it replaces drains, so the overlap is
+    that drain's last requests.
     """
     if setting > 0:
         return setting, "SENSEVOICE_THREADS"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
+    cores = usable_cores()
     threads = max(1, cores // workers)
     return threads, (f"auto: {cores} usable core{'s' if cores != 1 else ''} / {workers} "
                      f"serving worker{'s' if workers != 1 else ''}; set SENSEVOICE_THREADS "
                      f"to override")
+
+
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota
+    (docker --cpus, a Kubernetes CPU limit), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs the cgroup allows (quota / period), None without a limit: cgroup v2's cpu.max
+    ("max 100000" or "200000 100000"), else v1's cpu.cfs_quota_us / cpu.cfs_period_us."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
 def enter_idle_priority() -> bool:

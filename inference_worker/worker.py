@@ -65,7 +65,7 @@ from sensevoice_core.settings import Settings
 
 logger = logging.getLogger("sensevoice.worker")
 
-WARMUP_CLIP = files("sensevoice_core") / "warmup.flac"  # also the accuracy gate's clip
+WARMUP_CLIP = files("sensevoice_core") / "warmup.flac"  # short: the gate has gate.flac
 
 
 def prewarm() -> None:
@@ -242,6 +242,12 @@ class InferenceWorker:
                 self.in_flight.discard(finished.decode())
             self.socket.send_multipart(frames)
 
+    def callers(self) -> int:
+        """Threads that may submit forward passes now: each request in hand, and the stream
+        thread while it holds a stream. Read from the batcher thread without the streams'
+        lock (a dict's length), so that no lock order ties the two threads."""
+        return len(self.in_flight) + (1 if self.streams.sessions else 0)
+
     def load(self, request: LoadModel) -> int | None:
         try:
             model, report = load_sensevoice_cached(request.path, request.force_fresh,
@@ -256,7 +262,7 @@ class InferenceWorker:
             model.batcher = ForwardBatcher(
                 model.forward_rows, self.settings.batch_wait_ms / 1000,
                 round(self.settings.max_batch_s / model.frontend.feature_frame_s),
-                threads=self.threads)
+                threads=self.threads, callers=self.callers)
         self.model, self.fingerprint = model, report.fingerprint
         logger.info("ready after a %.2f s warm-up", warmup_s)
         self.send(Ready(worker_id=self.worker_id, pid=os.getpid(),

@@ -5,23 +5,27 @@ Every decode goes through ``SenseVoice.logits``; with a ``ForwardBatcher`` attac
 text-norm query row) join a queue shared by every thread using that model, and one batcher
 thread runs them:
 
-- it waits until the oldest queued item is ``wait_s`` old (items that queued during the last
-  forward pass are already that old, so under load there is no wait at all), or until the
-  queue holds a full batch;
+- when other callers are active in the worker (``callers``: the requests and the stream
+  thread it holds, beyond those already queued), it waits until the oldest queued item is
+  ``wait_s`` old, or until the queue holds a full batch; a lone caller never waits;
 - it takes the oldest item, then the next ones in arrival order that fit the budget
-  (``max_frames`` padded frames: longest x count), skipping those that do not (they keep their
-  place); so items are served in arrival order across callers and one call's items may be
-  split across passes. A call's items left over from a pass go to the back of the queue, so
-  a short call that arrives while a long one is decoded waits for about one pass, the one
-  running, whatever the long call's size. A long transcription also submits one batch of its
-  pieces at a time (long_audio.decode_pieces);
+  (``max_frames`` padded frames: longest x count) and whose length is within LENGTH_RATIO of
+  every other item's in the pass (so padding wastes at most about half a pass), skipping
+  those that do not (they keep their place); so items are served in arrival order across
+  callers and one call's items may be split across passes. A call's items left over from a
+  pass go to the back of the queue, so a short call that arrives while a long one is decoded
+  waits for about one pass (the one running, at most ``max_frames``), whatever the long
+  call's size. A long transcription also submits one batch of its pieces at a time
+  (long_audio.decode_pieces);
 - it runs them length-sorted as one forward pass and hands each caller its own rows.
 
 A pass that raises (out of memory) is run again caller by caller, so that a call that fails
-fails alone. Each row depends only on its own item's frames: padded frames are masked out of
-the attention and the memory block, so the text, tags and timings equal those of a call run
-alone; float fields (avg_logprob) may differ in the last bits, as GEMMs of another shape sum
-in another order.
+fails alone, and its items still queued are dropped. Each layer treats a row on its own and
+padded frames are masked out of the attention and the memory block, so the text, tags and
+timings of a call batched equal those of the call run alone, except at near-ties of the
+frame argmax: GEMMs and convolutions of another shape sum in another order, so logits (and
+avg_logprob) may differ in the last bits (measured: 3 of 8 demo clips bit-exact, 8 of 8 the
+same argmax).
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ Forward = Callable[[list["Tensor"], Sequence[int], Sequence[int]], tuple["Tensor
 """forward(features, language_rows, text_norm_rows) -> (logits (B, 4 + T, V), lengths (B,)):
 one padded pass over a batch (SenseVoice.forward_rows)."""
 
+LENGTH_RATIO = 2.0
+"""A pass holds items whose lengths are within this ratio of each other (see SHORT_FRAMES)."""
+SHORT_FRAMES = 32
+"""Items shorter than this (about 2 s of features) count as this long for LENGTH_RATIO:
+padding them costs little, and they may share a pass with any short item."""
+
 
 def max_requests(settings: Settings) -> int:
     """The requests one worker holds at once: SENSEVOICE_MAX_BATCH_REQUESTS with batching on,
@@ -64,6 +74,8 @@ class _Call:
     done: threading.Event = field(default_factory=threading.Event)
 
     def finish(self, index: int, rows: Tensor) -> None:
+        if self.error is not None:
+            return  # already failed: its other rows are not wanted
         self.rows[index] = rows
         self.remaining -= 1
         if self.remaining == 0:
@@ -96,12 +108,16 @@ class ForwardBatcher:
     """Runs the forward passes of all threads sharing a model, batched (see the module)."""
 
     def __init__(self, forward: Forward, wait_s: float, max_frames: int,
-                 threads: int | None = None):
+                 threads: int | None = None, callers: Callable[[], int] | None = None):
         """threads: torch's intra-op threads for the passes (the batcher thread's own
-        setting; see _serve); None: whatever the process has when the thread starts."""
+        setting; see _serve); None: whatever the process has when the thread starts.
+        callers: how many callers may submit now (the worker's requests in hand, plus one for
+        its stream thread); a pass waits wait_s only for callers beyond those queued. None:
+        always wait."""
         if wait_s <= 0:
             raise ValueError(f"wait_s must be positive (0 means no batcher), not {wait_s}")
         self._forward = forward
+        self._callers = callers
         self._threads = threads
         self.wait_s = wait_s
         self.max_frames = max(1, max_frames)
@@ -165,7 +181,7 @@ class ForwardBatcher:
                     self._condition.wait()
                 if self._closed:
                     return
-                while not self._closed and not self._full():
+                while not self._closed and not self._full() and self._others_coming():
                     left = self._queue[0].arrived + self.wait_s - time.monotonic()
                     if left <= 0:
                         break
@@ -174,6 +190,12 @@ class ForwardBatcher:
                     return
                 batch = self._take()
             self._run(batch)
+
+    def _others_coming(self) -> bool:
+        """Whether a caller that has not queued yet may still join this pass."""
+        if self._callers is None:
+            return True
+        return self._callers() > len({id(item.call) for item in self._queue})
 
     def _full(self) -> bool:
         """Whether the queue alone fills a pass: waiting longer would add nothing to it."""
@@ -185,14 +207,18 @@ class ForwardBatcher:
         return False
 
     def _take(self) -> list[_Item]:
-        """The oldest item, then the next ones in arrival order that fit the budget."""
+        """The oldest item, then the next ones in arrival order that fit the budget and the
+        length ratio."""
         head = self._queue.popleft()
-        batch, longest, kept = [head], head.frames, deque[_Item]()
+        batch, kept = [head], deque[_Item]()
+        longest = shortest = head.frames
         while self._queue:
             item = self._queue.popleft()
-            if max(longest, item.frames) * (len(batch) + 1) <= self.max_frames:
+            high, low = max(longest, item.frames), min(shortest, item.frames)
+            if high * (len(batch) + 1) <= self.max_frames and \
+                    high <= LENGTH_RATIO * max(low, SHORT_FRAMES):
                 batch.append(item)
-                longest = max(longest, item.frames)
+                longest, shortest = high, low
             else:
                 kept.append(item)
         # The rest of a call that has a pass now queues behind the calls that have none.
@@ -211,7 +237,7 @@ class ForwardBatcher:
             error = e
         calls = list({id(item.call): item.call for item in batch}.values())
         if len(calls) == 1:
-            calls[0].fail(error)
+            self._fail(calls[0], error)
             return
         logger.warning("a batched forward pass of %d calls failed (%s: %s); running them one "
                        "by one", len(calls), type(error).__name__, error)
@@ -220,13 +246,20 @@ class ForwardBatcher:
             try:
                 self._deliver(own, self._pass(own))
             except BaseException as e:  # noqa: BLE001
-                call.fail(e)
+                self._fail(call, e)
+
+    def _fail(self, call: _Call, error: BaseException) -> None:
+        """Fail a call, and drop its items still queued: nobody waits for their rows."""
+        with self._condition:
+            self._queue = deque(item for item in self._queue if item.call is not call)
+        call.fail(error)
 
     def _pass(self, batch: list[_Item]) -> list[Tensor]:
         logits, lengths = self._forward([item.features for item in batch],
                                         [item.language_row for item in batch],
                                         [item.text_norm_row for item in batch])
-        return [logits[row, :length] for row, length in enumerate(lengths.tolist())]
+        # Copies: a view would keep the whole pass's logits alive until its caller woke.
+        return [logits[row, :length].clone() for row, length in enumerate(lengths.tolist())]
 
     @staticmethod
     def _deliver(batch: list[_Item], rows: list[Tensor]) -> None:

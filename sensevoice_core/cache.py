@@ -23,92 +23,54 @@ accuracy gate, compute_check.py) and an L2 load maps them, then prepacks int8 la
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import gc
 import logging
 import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from filelock import FileLock, Timeout
 
+from sensevoice_core.cache_compute import (
+    adopt_packed,
+    check_compute,
+    compute_metadata,
+    convert_checked,
+    prune_snapshots,
+    served_from_snapshot,
+    snapshot_for,
+)
 from sensevoice_core.compute import (
-    SAFER,
     ComputeChoice,
     ComputeType,
     ConcreteComputeType,
     choose_compute_type,
     served_fingerprint,
 )
-from sensevoice_core.compute_check import check_against_float32
-from sensevoice_core.convert import convert_model
 from sensevoice_core.errors import ModelFileError, SnapshotError
 from sensevoice_core.int8 import int8_layers, prepack_all
 from sensevoice_core.layout import ModelFiles, model_files
+from sensevoice_core.load_report import LoadReport, StepTimer, remove_file, warn
 from sensevoice_core.loader import load_model_dir
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
 from sensevoice_core.path_cache import ROLES, FileIdentity, PathCache, PathRecord
 from sensevoice_core.pipeline import SenseVoice
-from sensevoice_core.protocol import CACHE_LEVEL_WORDS, CacheLevel
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import (
     SnapshotSource,
     check_source,
     open_snapshot,
     read_header,
-    snapshot_path,
     write_snapshot,
 )
+
+__all__ = ["LoadReport", "load_model", "load_sensevoice_cached", "prune_snapshots",
+           "resolve_model_dir"]
 
 logger = logging.getLogger("sensevoice.cache")
 
 SNAPSHOT_LOCK_TIMEOUT_S = 300.0  # another process building the same snapshot
 LOAD_ATTEMPTS = 3  # model files changing under a load (a copy in progress) are read again
-
-
-@dataclass
-class LoadReport:
-    level: CacheLevel  # "L2" (the snapshot) or "fresh" (the model directory's files)
-    model_dir: Path
-    layout: str
-    fingerprint: str
-    short_ids: dict[str, str]  # config / weights / code, 8 hex each, for log lines
-    snapshot: Path | None  # the L2 file used or written, None when L2 is off or failed
-    steps_s: dict[str, float] = field(default_factory=dict)  # seconds per step
-    bytes_read: int = 0  # bytes hashed or loaded from disk (an L2 map reads only the header)
-    bytes_hashed: int = 0  # of those, bytes hashed because L3 did not know the file as it is
-    warnings: list[str] = field(default_factory=list)
-    file_sha256: dict[str, str] = field(default_factory=dict)  # role -> checksum of its file
-    file_paths: dict[str, str] = field(default_factory=dict)  # role -> absolute path
-    compute_type: str = "float32"  # the concrete compute type the model runs in
-    compute_reason: str = ""  # why (see compute.ComputeChoice.reason)
-
-    @property
-    def total_s(self) -> float:
-        return sum(self.steps_s.values())
-
-    def summary(self) -> str:
-        ids = ", ".join(f"{key}: {value}" for key, value in self.short_ids.items())
-        return (f"{self.model_dir} ({ids}) in {self.total_s:.2f} s from "
-                f"{CACHE_LEVEL_WORDS[self.level]}, {self.compute_type} ({self.compute_reason})")
-
-
-class _StepTimer:
-    def __init__(self, steps: dict[str, float]):
-        self.steps = steps
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - start
 
 
 def resolve_model_dir(path: str | Path | None, settings: Settings) -> ModelFiles:
@@ -146,35 +108,14 @@ class _VerifiedSnapshots:
 _verified = _VerifiedSnapshots()
 
 
-def _warn(report: LoadReport, message: str) -> None:
-    logger.warning(message)
-    report.warnings.append(message)
-
-
 def _discard(path: Path, reason: str, report: LoadReport) -> None:
-    _warn(report, f"L2 snapshot {path} discarded ({reason}); loading from the model directory "
+    warn(report, f"L2 snapshot {path} discarded ({reason}); loading from the model directory "
                   f"and rebuilding it")
-    _remove(path)
-
-
-def _remove(path: Path) -> None:
-    """Delete a cache file; a read-only cache keeps it (it is never used unverified)."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as e:
-        logger.warning("cannot delete %s (%s); leaving it", path, e.strerror)
-
-
-def _check_compute(path: Path, metadata: dict[str, str], chosen: ConcreteComputeType) -> None:
-    """The snapshot was built for this compute type (older files: float32)."""
-    served = metadata.get("compute_type", "float32")
-    built_for = metadata.get("compute_requested", served)
-    if built_for != chosen:
-        raise SnapshotError(path, f"it was built for compute type {built_for}, not {chosen}")
+    remove_file(path)
 
 
 def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings, choice: ComputeChoice,
-                       report: LoadReport, timer: _StepTimer, step: str) -> SenseVoice | None:
+                       report: LoadReport, timer: StepTimer, step: str) -> SenseVoice | None:
     """The snapshot's model if it was built from exactly these files and its data is whole.
 
     The data is hashed (first map in this process) on other threads while the module tree is
@@ -185,7 +126,7 @@ def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings, choic
         with timer(step):
             mapped = open_snapshot(path)
             check_source(path, mapped.metadata, record.fingerprint, SnapshotSource.of(record))
-            _check_compute(path, mapped.metadata, choice.chosen)
+            check_compute(path, mapped.metadata, choice.chosen, settings.compute_check)
             key = (str(path), mapped.identity)
             hashing = None if key in _verified else pool.submit(mapped.verify)
             model = mapped.build(settings.device)
@@ -215,7 +156,8 @@ def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings:
             try:
                 _, metadata, _ = read_header(path)
                 check_source(path, metadata, record.fingerprint, source)
-                _check_compute(path, metadata, compute["compute_requested"])
+                check_compute(path, metadata, compute["compute_requested"],
+                              settings.compute_check)
             except SnapshotError:  # absent, broken or not ours: (re)write it
                 write_snapshot(path, model, source, {"fingerprint": record.fingerprint,
                                                      "code_version": record.code_version,
@@ -224,26 +166,10 @@ def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings:
         prune_snapshots(path.parent, settings.keep_snapshots, keep=path)
         report.snapshot = path
     except (OSError, Timeout) as e:
-        _warn(report, f"cannot write L2 snapshot {path} ({e}); serving from a direct load. "
+        warn(report, f"cannot write L2 snapshot {path} ({e}); serving from a direct load. "
                       f"Fix: make {settings.cache_dir} writable with free space, or set "
                       f"SENSEVOICE_DISABLE_CACHE=true")
         report.snapshot = None
-
-
-def prune_snapshots(directory: Path, keep_count: int, keep: Path) -> list[Path]:
-    """Delete all but the newest keep_count snapshots; never the one just used."""
-    dated = []
-    for snapshot in directory.glob("sensevoice-*.safetensors"):
-        try:
-            dated.append((snapshot.stat().st_mtime_ns, snapshot))
-        except FileNotFoundError:
-            continue  # pruned meanwhile by another process
-    newest_first = [p for _, p in sorted(dated, reverse=True) if p != keep]
-    removed = newest_first[max(keep_count - 1, 0):]
-    # Lock files stay: deleting one another process holds would break its exclusion.
-    for old in removed:
-        _remove(old)
-    return removed
 
 
 def load_model(path: str | Path | None = None, *, device: str | None = None,
@@ -280,7 +206,7 @@ def load_sensevoice_cached(
     settings = settings or Settings()
     choice = choose_compute_type(settings.compute_type, settings.device)
     steps: dict[str, float] = {}
-    timer = _StepTimer(steps)
+    timer = StepTimer(steps)
     with timer("resolve"):
         files = resolve_model_dir(path, settings)
     path_cache = PathCache(settings.cache_dir)
@@ -296,32 +222,32 @@ def load_sensevoice_cached(
                         compute_type=choice.chosen, compute_reason=choice.reason)
     _label(report, record)
     if choice.warning:
-        _warn(report, choice.warning)
+        warn(report, choice.warning)
 
     use_l2 = not settings.disable_cache
     snapshot = _snapshot_for(settings, record, choice.chosen)
     if force_fresh and use_l2:
-        _remove(snapshot)
+        remove_file(snapshot)
     model = None
     if use_l2 and snapshot.is_file() and not force_fresh:
         model = _try_load_snapshot(snapshot, record, settings, choice, report, timer, "l2")
         if model is not None:
             report.level, report.snapshot = "L2", snapshot
-            _served_from_snapshot(report, model, choice, snapshot)
+            served_from_snapshot(report, model, choice, snapshot)
     if model is None and loaded is None:
         # L3 named a model that no snapshot confirmed: hash the files while loading them.
         claimed = record
         loaded, record = _hash_and_load(files, path_cache, settings, timer)
         if record.fingerprint != claimed.fingerprint:
-            _warn(report, _stale_entry_message(path_cache, claimed, record))
+            warn(report, _stale_entry_message(path_cache, claimed, record))
         _label(report, record)
         snapshot = _snapshot_for(settings, record, choice.chosen)
     if model is None:
         assert loaded is not None
         report.bytes_read += sum(rec.size for rec in record.files.values())
-        model, gate = _convert(loaded, choice, settings, report, timer)
+        model, gate = convert_checked(loaded, choice, settings, report, timer)
         if use_l2:
-            compute = {"compute_requested": choice.chosen}
+            compute = compute_metadata(choice.chosen, settings.compute_check)
             if gate:
                 compute["compute_gate"] = gate
             with timer("write_l2"):
@@ -331,14 +257,20 @@ def load_sensevoice_cached(
                 # the freshly loaded copy is private memory of this process.
                 mapped = _try_load_snapshot(snapshot, record, settings, choice, report, timer,
                                             "map_l2")
-                if mapped is not None:
+                if mapped is not None and mapped.model.compute_type == report.compute_type:
+                    adopt_packed(model, mapped)
                     model = mapped
+                elif mapped is not None:  # another process's gate decided otherwise
+                    warn(report, f"L2 snapshot {snapshot} holds {mapped.model.compute_type}, "
+                                 f"this load's check chose {report.compute_type}; serving "
+                                 f"this load's model and leaving the snapshot")
     if loaded is not None and loaded is not model:
         del loaded  # the fresh copy, replaced by a converted model or a mapped snapshot
         _return_freed_memory_to_os()
     if int8_layers(model.model):
         with timer("prepack"):
-            prepack_all(model.model, torch.get_num_threads())
+            # One thread, as the warm-up: a reload loads beside a worker serving on all cores.
+            prepack_all(model.model, threads=1)
     report.fingerprint = served_fingerprint(record.fingerprint, report.compute_type)
     if not (l3_hit and report.level == "L2"):
         with timer("write_l3"):
@@ -349,55 +281,11 @@ def load_sensevoice_cached(
 
 
 def _snapshot_for(settings: Settings, record: PathRecord, chosen: ConcreteComputeType) -> Path:
-    return snapshot_path(settings.cache_dir, served_fingerprint(record.fingerprint, chosen),
-                         record.model_dir)
-
-
-def _convert(loaded: SenseVoice, choice: ComputeChoice, settings: Settings, report: LoadReport,
-             timer: _StepTimer) -> tuple[SenseVoice, str]:
-    """The fresh float32 model converted to the chosen type; with COMPUTE_CHECK, a type that
-    fails the accuracy gate falls back to the next safer one. Returns the model and, after a
-    fallback, what the gate found (recorded in the snapshot and the reason)."""
-    compute_type: ConcreteComputeType = choice.chosen
-    gate = ""
-    while compute_type != "float32":
-        with timer("convert"):
-            converted = convert_model(loaded.model, compute_type)
-        if not settings.compute_check:
-            break
-        with timer("compute_check"):
-            result = check_against_float32(loaded, converted)
-        if result.passed:
-            break
-        safer = SAFER[compute_type]
-        note = f"{compute_type} failed the accuracy check ({result.describe()}) -> {safer}"
-        _warn(report, f"compute type {note}; set SENSEVOICE_COMPUTE_TYPE={safer} to skip the "
-                      f"check, or SENSEVOICE_COMPUTE_CHECK=false to keep {compute_type}")
-        gate = f"{gate}; {note}" if gate else note
-        compute_type = safer
-    report.compute_type = compute_type
-    if gate:
-        report.compute_reason = f"{choice.reason}; {gate}"
-    if compute_type == "float32":
-        return loaded, gate
-    return dataclasses.replace(loaded, model=converted), gate
-
-
-def _served_from_snapshot(report: LoadReport, model: SenseVoice, choice: ComputeChoice,
-                          snapshot: Path) -> None:
-    """An L2 hit serves the type its snapshot holds: the chosen one, or the gate's fallback
-    (recorded when the snapshot was built)."""
-    served = getattr(model.model, "compute_type", "float32")
-    if served != choice.chosen:
-        gate = read_header(snapshot)[1].get("compute_gate", f"{choice.chosen} -> {served}")
-        report.compute_type = served
-        report.compute_reason = f"{choice.reason}; {gate} (recorded in the L2 snapshot)"
-        _warn(report, f"compute type {gate}, when the L2 snapshot was built; rebuild it with "
-                      f"force_fresh to check again")
+    return snapshot_for(settings.cache_dir, record, chosen, settings.compute_check)
 
 
 def _hash_and_load(files: ModelFiles, path_cache: PathCache, settings: Settings,
-                   timer: _StepTimer) -> tuple[SenseVoice, PathRecord]:
+                   timer: StepTimer) -> tuple[SenseVoice, PathRecord]:
     """Hash every model file while loading the model from them, on the other core: if no
     snapshot turns out to match, that load was needed anyway, and the slower of the two sets
     the time.
@@ -471,7 +359,7 @@ def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings,
             chosen: ConcreteComputeType) -> None:
     cached = path_cache.read().entries.get(str(files.directory.resolve()))
     if cached is not None:
-        _remove(_snapshot_for(settings, cached, chosen))
+        remove_file(_snapshot_for(settings, cached, chosen))
         try:
             path_cache.forget(files.directory)
         except (OSError, Timeout) as e:
@@ -482,5 +370,5 @@ def _store(path_cache: PathCache, record: PathRecord, report: LoadReport) -> Non
     try:
         path_cache.store(record)
     except (OSError, Timeout) as e:
-        _warn(report, f"cannot write L3 {path_cache.path} ({e}); the next start re-hashes the "
+        warn(report, f"cannot write L3 {path_cache.path} ({e}); the next start re-hashes the "
                       f"model files. Fix: make the cache directory writable")

@@ -39,6 +39,7 @@ SAFER: dict[ConcreteComputeType, ConcreteComputeType] = {
 }
 
 X86_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2")
+FBGEMM_VNNI_FLAGS = frozenset({"amx_int8", "avx512_vnni"})  # torch's own reduce_range rule
 
 
 
@@ -60,8 +61,9 @@ class MachineFeatures:
 
     @property
     def vnni(self) -> bool:
-        """u8 x s8 dot products without the 16-bit saturation of AVX2's vpmaddubsw."""
-        return bool(self.cpu_flags & {"amx_int8", "avx512_vnni", "avx_vnni"})
+        """fbgemm has a VNNI kernel (no 16-bit saturation) for these; AVX-VNNI alone runs its
+        AVX2 kernel. Only the reason text uses this: int8.needs_reduce_range measures it."""
+        return bool(self.cpu_flags & FBGEMM_VNNI_FLAGS)
 
     def describe(self) -> str:
         shown = [flag for flag in X86_FLAGS if flag in self.cpu_flags]

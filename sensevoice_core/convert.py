@@ -2,8 +2,9 @@
 converted snapshot's tensors are mapped into.
 
 - float32: unchanged weights.
-- bfloat16 / float16: every parameter cast once; the model casts features in and logits back
-  to fp32 (model.prompted_logits), so the frontend and the CTC log-softmax stay fp32.
+- bfloat16 / float16: every parameter but the CTC head's cast once; the model casts features
+  in and runs the head in fp32 (model.prompted_logits), so the frontend, the logits (argmax
+  near-ties, avg_logprob) and the CTC log-softmax stay fp32. The head is ~4% of the time.
 - int8: every Linear (the CTC head included) becomes an Int8Linear (int8.py); LayerNorms,
   the FSMN convolution, attention and the query embeddings stay fp32.
 - int8_bfloat16: int8 Linear layers, everything else bf16.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sensevoice_core.compute import CONCRETE_TYPES, ConcreteComputeType, read_cpu_flags
+from sensevoice_core.compute import CONCRETE_TYPES, ConcreteComputeType
 from sensevoice_core.config import SenseVoiceDims
-from sensevoice_core.int8 import Int8Linear, quantize_weight
+from sensevoice_core.int8 import Int8Linear, needs_reduce_range, quantize_weight
 from sensevoice_core.loader import adopt_tensors
 from sensevoice_core.model import SenseVoiceSmall
 
@@ -24,11 +25,6 @@ FLOAT_DTYPES: dict[ConcreteComputeType, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
     "int8": torch.float32, "int8_bfloat16": torch.bfloat16,
 }
-
-
-def reduce_range() -> bool:
-    """7-bit activations unless the CPU has VNNI (see int8.py)."""
-    return not (read_cpu_flags() & {"amx_int8", "avx512_vnni", "avx_vnni"})
 
 
 def _check(compute_type: str) -> ConcreteComputeType:
@@ -49,10 +45,13 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every parameter of a meta structure to dtype (Int8Linear's are buffers: kept)."""
+    """Every parameter of a meta structure but the CTC head's to dtype (Int8Linear's are
+    buffers: kept)."""
     if dtype == torch.float32:
         return
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if name == "ctc" or name.startswith("ctc."):
+            continue
         for key, param in module._parameters.items():
             if param is not None:
                 module._parameters[key] = nn.Parameter(param.detach().to(dtype),
@@ -87,7 +86,7 @@ def build_structure(dims: SenseVoiceDims, compute_type: ConcreteComputeType) -> 
     compute_type = _check(compute_type)
     model = SenseVoiceSmall(dims, device="meta")
     if compute_type.startswith("int8"):
-        rr = reduce_range()
+        rr = needs_reduce_range()
         for name in _linear_names(model):
             linear = model.get_submodule(name)
             _replace(model, name, Int8Linear(linear.in_features, linear.out_features, rr,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from filelock import Timeout
 
+from sensevoice_core.cache_compute import check_compute, snapshot_for
 from sensevoice_core.compute import (
     ConcreteComputeType,
     UnsupportedComputeType,
@@ -36,7 +37,6 @@ from sensevoice_core.snapshot import (
     check_source,
     open_snapshot,
     read_header,
-    snapshot_path,
 )
 
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -118,14 +118,19 @@ def _cache_checks(model_dir: Path | None, settings: Settings, path_cache: PathCa
         checks.append(Check("L3 path cache", True,
                             f"{path_cache.path}: "
                             f"{'valid' if unchanged else 'stale, will be refreshed'}, "
-                            f"fingerprint {record.fingerprint[:16]}",
+                            f"model fingerprint {record.fingerprint[:16]}",
                             {"fingerprint": record.fingerprint, "valid": unchanged is not None}))
     if settings.disable_cache:
         checks.append(Check("L2 snapshot", True, "disabled (SENSEVOICE_DISABLE_CACHE=true)"))
         return checks
+    chosen = _chosen_type(settings)
+    if chosen is None:
+        checks.append(Check("L2 snapshot", True, "not checked: SENSEVOICE_COMPUTE_TYPE cannot "
+                                                 "load on this machine (see compute type)"))
+        return checks
     record = hashed or unchanged or path_cache.record_for(model_files(model_dir))
     checks.append(_snapshot_check(cache_dir, record, verify=hashed is not None,
-                                  chosen=_chosen_type(settings)))
+                                  chosen=chosen, compute_check=settings.compute_check))
     return checks
 
 
@@ -137,11 +142,13 @@ def _forget_entry(path_cache: PathCache, model_dir: Path) -> str:
         return f"Could not remove the entry ({e}). Fix: delete {path_cache.path}"
 
 
-def _chosen_type(settings: Settings) -> ConcreteComputeType:
+def _chosen_type(settings: Settings) -> ConcreteComputeType | None:
+    """The type a load would ask for; None when it would refuse the setting (the compute type
+    check reports why)."""
     try:
         return choose_compute_type(settings.compute_type, settings.device).chosen
     except UnsupportedComputeType:
-        return "float32"  # the compute type check reports the problem
+        return None
 
 
 def _compute_check(settings: Settings) -> Check:
@@ -163,23 +170,27 @@ def _compute_check(settings: Settings) -> Check:
 
 
 def _snapshot_check(cache_dir: Path, record: PathRecord, verify: bool,
-                    chosen: ConcreteComputeType = "float32") -> Check:
-    """The snapshot for this record and compute type, checked as a load checks it; a bad one
-    is removed, as a load would remove it, so that nothing can use it meanwhile."""
-    snapshot = snapshot_path(cache_dir, served_fingerprint(record.fingerprint, chosen),
-                             record.model_dir)
+                    chosen: ConcreteComputeType = "float32", compute_check: bool = False
+                    ) -> Check:
+    """The snapshot for this record and compute type, checked as a load checks it (its source,
+    its type, the gate setting and int8 parameters it was built with); a bad one is removed,
+    as a load would remove it, so that nothing can use it meanwhile. Shows what it serves."""
+    snapshot = snapshot_for(cache_dir, record, chosen, compute_check)
     if not snapshot.is_file():
         return Check("L2 snapshot", True, f"{snapshot}: not built yet (the next load builds it)")
     source = SnapshotSource.of(record)
     try:
         if verify:
             mapped = open_snapshot(snapshot)
-            check_source(snapshot, mapped.metadata, record.fingerprint, source)
+            metadata = mapped.metadata
+            check_source(snapshot, metadata, record.fingerprint, source)
+            check_compute(snapshot, metadata, chosen, compute_check)
             mapped.verify()
             del mapped
         else:
             _, metadata, _ = read_header(snapshot)
             check_source(snapshot, metadata, record.fingerprint, source)
+            check_compute(snapshot, metadata, chosen, compute_check)
     except SnapshotError as e:
         try:
             snapshot.unlink()
@@ -189,9 +200,16 @@ def _snapshot_check(cache_dir: Path, record: PathRecord, verify: bool,
                        f"and will refuse it. Fix: delete it")
         return Check("L2 snapshot", False, f"{e}. {outcome}", {"path": str(snapshot)})
     size = snapshot.stat().st_size
+    served = metadata.get("compute_type", "float32")
+    fingerprint = served_fingerprint(record.fingerprint, served)
+    gate = metadata.get("compute_gate")
+    serves = f"serves {served}, fingerprint {fingerprint[:16]}" + (
+        f" (recorded fallback: {gate})" if gate else "")
     return Check("L2 snapshot", True,
                  f"{snapshot}: valid{' (data verified)' if verify else ''}, "
-                 f"{size / 2**20:.1f} MiB", {"path": str(snapshot), "size": size})
+                 f"{size / 2**20:.1f} MiB, {serves}",
+                 {"path": str(snapshot), "size": size, "compute_type": served,
+                  "fingerprint": fingerprint, **({"compute_gate": gate} if gate else {})})
 
 
 def _writable_check(cache_dir: Path) -> Check:

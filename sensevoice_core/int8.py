@@ -10,17 +10,22 @@ with ONE scale taken from the whole call's min/max, so a row's output would depe
 other rows in the call (batch companions, padding). Each row is therefore divided by its own
 abs-max first, and one sentinel row holding +1 and -1 is appended: the call's range is then
 always exactly [-1, 1], every row is quantised with the same fixed scale whatever the batch,
-and the int32 accumulation is exact, so a row's output is bit-identical alone or batched. The
-rows are scaled back and the bias added afterwards. Measured on a Zen 3 (AVX2) at M=87, this
-costs ~10% over the bare call; quantising rows ourselves for onednn's qlinear_pointwise costs
-more at small M (more elementwise passes).
+and the int32 accumulation is exact, so this LAYER's output for a row is bit-identical alone
+or batched. The whole model is not: attention with a padding mask and batched shapes round
+differently, so a batched item's text is the same except at argmax near-ties. The rows are
+scaled back and the bias added afterwards. A row that is not finite is kept out of the shared
+range (zeroed in the call) and its output is NaN, so it hurts only itself. Measured on a Zen 3
+(AVX2) at M=87, this costs ~10% over the bare call.
 
-Without VNNI, fbgemm's AVX2 kernel adds u8 x s8 pairs into int16 (vpmaddubsw), which
-saturates for 8-bit activations: activations use 7 bits there (reduce_range).
+fbgemm's u8 x s8 kernels without VNNI (its AVX2 path, which CPUs with AVX-VNNI but no
+AVX-512 VNNI also run) add pairs into int16 (vpmaddubsw), which saturates for 8-bit
+activations: activations use 7 bits there (reduce_range). Which kernel runs is measured, not
+guessed from CPU flags: ``needs_reduce_range`` probes it once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,6 +92,9 @@ class Int8Linear(nn.Module):
         peak = torch.maximum(rows.amax(dim=1, keepdim=True),
                              rows.amin(dim=1, keepdim=True).neg_()).clamp_min_(_TINY)
         torch.div(rows, peak, out=buffer[:count])
+        broken = ~torch.isfinite(peak[:, 0])  # a NaN/inf row: its peak is NaN or inf
+        if bool(broken.any()):
+            buffer[:count][broken] = 0.0  # out of the shared range; 0 * peak makes it NaN
         sentinel = buffer[count]
         sentinel.zero_()
         sentinel[0], sentinel[1] = 1.0, -1.0
@@ -99,13 +107,28 @@ class Int8Linear(nn.Module):
                 f"reduce_range={self.reduce_range}")
 
 
+@functools.cache
+def needs_reduce_range() -> bool:
+    """Whether this CPU's fbgemm kernel saturates 8-bit activations (then use 7 bits): an
+    all-ones 512-wide layer must give ~512 (the AVX2 kernel gives ~4). Takes ~1 ms."""
+    width = 512
+    probe = Int8Linear(width, 1, reduce_range=False)
+    probe.weight = torch.full((1, width), WEIGHT_LEVELS, dtype=torch.int8)
+    probe.weight_scale = torch.full((1,), 1.0 / WEIGHT_LEVELS)
+    probe.bias = torch.zeros(1)
+    got = float(probe(torch.ones(1, width)))
+    return not abs(got - width) < 0.05 * width  # 7-bit rounding alone gives 516
+
+
 def int8_layers(model: nn.Module) -> list[Int8Linear]:
     return [module for module in model.modules() if isinstance(module, Int8Linear)]
 
 
 def prepack_all(model: nn.Module, threads: int) -> None:
-    """Prepack every Int8Linear, largest first, on `threads` threads (the op releases the GIL)."""
-    layers = sorted(int8_layers(model), key=lambda layer: -layer.weight.numel())
+    """Prepack every Int8Linear not packed yet, largest first, on `threads` threads (the op
+    releases the GIL)."""
+    layers = sorted((layer for layer in int8_layers(model) if layer._packed is None),
+                    key=lambda layer: -layer.weight.numel())
     if threads <= 1:
         for layer in layers:
             layer.prepack()

@@ -216,8 +216,9 @@ def prompted_logits(
     Returns logits (B, 4 + T, vocab) and their valid lengths (B,).
     """
     batch = features.shape[0]
-    # A converted model (convert.py) runs in its parameters' dtype: features are cast in and
-    # the logits come back as fp32, so the frontend and the log-softmax stay fp32.
+    # A converted model (convert.py) runs in its parameters' dtype: features are cast in, and
+    # the CTC head (kept fp32 by convert.py; an Int8Linear answers in its input's dtype) gets
+    # fp32 hidden states, so the logits are fp32, not rounded to bf16.
     features = features.to(embed.weight.dtype)
     event_rows = torch.full_like(language_rows, EVENT_QUERY_ROW)
     emotion_rows = torch.full_like(language_rows, EMOTION_QUERY_ROW)
@@ -226,7 +227,7 @@ def prompted_logits(
     assert prompt.shape == (batch, NUM_PROMPT_FRAMES, features.shape[2]), prompt.shape
     x = torch.cat([prompt, features], dim=1)
     lengths = lengths + NUM_PROMPT_FRAMES
-    return ctc.ctc_lo(encoder(x, lengths)).float(), lengths
+    return ctc.ctc_lo(encoder(x, lengths).float()), lengths
 
 
 class SenseVoiceSmall(nn.Module):

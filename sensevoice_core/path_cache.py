@@ -32,6 +32,9 @@ PATH_CACHE_NAME = "model_path.json"
 PATH_CACHE_VERSION = 2  # 2: file identity (inode, ctime) beside size and mtime
 # Bump when the snapshot's tensors or metadata change meaning; it is part of every fingerprint.
 # 2: chunked data checksum, source files' checksums in the metadata, one snapshot per directory.
+# Not bumped for compute types (issue 16): float32 snapshots keep their meaning; an older
+# reduced-type snapshot is refused, not misread (no compute_checked / int8_reduce_range in its
+# header, and bf16/f16 files store the CTC head in their own dtype, which the structure checks).
 SNAPSHOT_FORMAT = 2
 ROLES = ("weights", "config", "tokenizer", "cmvn")
 HASH_CHUNK = 1 << 24

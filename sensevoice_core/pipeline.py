@@ -136,6 +136,8 @@ class SenseVoice:
         rows = self.batcher.run(features, language_rows, text_norm_rows)
         lengths = torch.tensor([item.shape[0] for item in rows], dtype=torch.long,
                                device=rows[0].device)
+        if len(rows) == 1:
+            return rows[0].unsqueeze(0), lengths  # no copy: the batcher's rows are its own
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), lengths
 
     def forward_rows(self, features: list[torch.Tensor], language_rows: Sequence[int],

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
                             "has), float32, bfloat16, float16, int8, int8_bfloat16")
     compute_check: bool = Field(
         True, description="check a reduced compute type against float32 on the bundled clip "
-                          "when it is first built (different tokens: fall back to a safer "
+                          "when its snapshot is built (too many frames or an int8 layer's "
+                          "error over the limits in compute_check.py: fall back to a safer "
                           "type); false: trust it (benchmarks on random weights)")
 
     # Supervisor and workers
@@ -139,9 +140,14 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="requests arriving within this many ms are decoded "
                                         "together in one forward pass; 0: no batching")
+    # Its own default, not batch_s: a short request waits for the pass running when it
+    # arrives, so the pass bounds its latency (30 s padded: ~2-3 s on 2 Zen 3 cores, where
+    # 120 s took 7-12 s). 30 s also holds one longest VAD segment, and batching's gain is
+    # mostly there by 4-6 clips of 5 s.
     max_batch_s: float = Field(
-        _TRANSCRIBE.batch_s, **BATCH_S_BOUNDS.field,
-        description="padded seconds of audio in one batched forward pass (all requests)")
+        30.0, **BATCH_S_BOUNDS.field,
+        description="padded seconds of audio in one batched forward pass (all requests): a "
+                    "short request waits for at most about one such pass")
     max_batch_requests: int = Field(
         16, ge=1, le=256, description="requests one worker holds at once when batching is on "
                                       "(the supervisor sends it up to this many)")

@@ -16,7 +16,8 @@ A model converted to a reduced compute type (convert.py) is stored converted: bf
 weights (BF16/F16), int8 weights with fp32 scales (I8/F32). The metadata's ``compute_type``
 names the type of the tensors (absent in older files: float32); ``compute_requested`` the
 type the load asked for and ``compute_gate`` the accuracy gate's outcome, when they differ
-(the gate fell back to a safer type, whose tensors the file then holds).
+(the gate fell back to a safer type, whose tensors the file then holds); for reduced types
+``compute_checked`` and, for int8, ``int8_reduce_range`` (cache_compute.py).
 """
 
 from __future__ import annotations

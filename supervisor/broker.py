@@ -37,6 +37,10 @@ from supervisor.workers import WorkerHandle
 
 logger = logging.getLogger("sensevoice.supervisor")
 
+HELD_MAX_BYTES = 64 * MiB
+"""Batching on: the payload bytes one worker holds at most beyond its largest request (so
+one request of up to SENSEVOICE_MAX_REQUEST_MB always fits an empty worker)."""
+
 
 @dataclass
 class Job:
@@ -47,8 +51,9 @@ class Job:
     received_at: float = field(default_factory=time.monotonic)
     attempts: int = 0
     dispatched_at: float = 0.0
-    # Worker time charged to it: wall time divided by the requests sharing its worker, so a
-    # request slowed by a neighbour is not timed out for that.
+    # Worker time charged to it. Batching off: wall time divided by the requests sharing its
+    # worker's cores, so a request slowed by a neighbour is not timed out for that. Batching
+    # on: the full wall time, as the requests a worker holds advance together in its passes.
     charged_s: float = 0.0
     charged_at: float = 0.0
     # The last Progress.done passed to the client (-1: none): a retry on another worker starts
@@ -110,16 +115,21 @@ class Broker:
         self.jobs[job.job_id] = job
         self.queue.append(job.job_id)
 
-    def dispatch(self, workers: Iterable[WorkerHandle]) -> None:
+    def dispatch(self, workers: Iterable[WorkerHandle],
+                 streaming: frozenset[str] = frozenset()) -> None:
         """Queued jobs to serving workers, in arrival order.
 
         Batching on (SENSEVOICE_BATCH_WAIT_MS > 0): each job goes to the worker with the fewest
         requests in flight (the longest idle among equals), until every worker holds
         SENSEVOICE_MAX_BATCH_REQUESTS; the worker batches their forward passes, and a long
         request's pieces take turns with the short ones there (sensevoice_core.batching).
-        A retry (its first worker died holding it) runs alone on an idle worker, and the
-        queue behind it waits for one: should that request be what killed the worker, it takes
-        no other request with it.
+        A worker holds at most one request larger than BESIDE_LONG_MAX_BYTES, and at most
+        HELD_MAX_BYTES of payload beyond its largest request; a job that fits no worker keeps
+        its place while the jobs behind it go on. A retry (its first worker died holding it)
+        runs alone on a worker with no requests and no live streams (streaming: the ids of
+        workers holding streams): should that request be what killed the worker, it takes no
+        other request with it. While a retry waits, such empty workers are kept for the
+        retries, and the other jobs go on to the workers that already hold some.
 
         Batching off: to idle serving workers, oldest-idle first; then, to each worker whose
         requests have all run for LONG_REQUEST_S, the oldest queued job small enough to be
@@ -130,7 +140,7 @@ class Broker:
         now = time.monotonic()
         serving = [w for w in workers if w.role == "serving" and not w.killed]
         if self.settings.batch_wait_ms > 0:
-            self.dispatch_batched(serving, now)
+            self.dispatch_batched(serving, streaming, now)
             return
         for worker in sorted((w for w in serving if not w.busy), key=lambda w: w.idle_since):
             if not self.queue:
@@ -147,21 +157,39 @@ class Broker:
             self.queue.remove(small)
             self.send_job(worker, small, now)
 
-    def dispatch_batched(self, serving: list[WorkerHandle], now: float) -> None:
+    def dispatch_batched(self, serving: list[WorkerHandle], streaming: frozenset[str],
+                         now: float) -> None:
+        empty = sorted((w for w in serving if not w.jobs and w.worker_id not in streaming),
+                       key=lambda w: w.idle_since)
+        retries = [j for j in self.queue if self.jobs[j].attempts > 0]
+        for job_id, worker in zip(retries, empty):
+            self.queue.remove(job_id)
+            self.send_job(worker, job_id, now)
+        retry_waiting = len(retries) > len(empty)
         limit = max_requests(self.settings)
-        while self.queue:
-            if self.jobs[self.queue[0]].attempts > 0:
-                idle = [w for w in serving if not w.jobs]
-                if not idle:
-                    return
-                self.send_job(min(idle, key=lambda w: w.idle_since), self.queue.popleft(), now)
-                continue
-            open_workers = [w for w in serving if len(w.jobs) < limit and not any(
-                self.jobs[j].attempts > 1 for j in w.jobs)]
+        for job_id in [j for j in self.queue if self.jobs[j].attempts == 0]:
+            size = len(self.jobs[job_id].payload)
+            open_workers = [w for w in serving if len(w.jobs) < limit
+                            and not any(self.jobs[j].attempts > 1 for j in w.jobs)
+                            and not (retry_waiting and not w.jobs
+                                     and w.worker_id not in streaming)
+                            and self.fits(w, size)]
             if not open_workers:
-                return
+                if not any(len(w.jobs) < limit for w in serving):
+                    return  # every worker is full: nothing behind this job fits either
+                continue
             worker = min(open_workers, key=lambda w: (len(w.jobs), w.idle_since))
-            self.send_job(worker, self.queue.popleft(), now)
+            self.queue.remove(job_id)
+            self.send_job(worker, job_id, now)
+
+    def fits(self, worker: WorkerHandle, size: int) -> bool:
+        """Whether a job of this payload size may join the requests the worker holds."""
+        if not worker.jobs:
+            return True
+        held = [len(self.jobs[j].payload) for j in worker.jobs]
+        if size > BESIDE_LONG_MAX_BYTES and max(held) > BESIDE_LONG_MAX_BYTES:
+            return False
+        return sum(held) + size - max(*held, size) <= HELD_MAX_BYTES
 
     def send_job(self, worker: WorkerHandle, job_id: str, now: float) -> None:
         job = self.jobs[job_id]
@@ -205,10 +233,16 @@ class Broker:
             worker.jobs.remove(job_id)
             self.fail(job_id, "internal", f"the worker's reply could not be read ({problem})")
 
-    def requeue(self, worker: WorkerHandle, cause: str, retry: bool = True) -> None:
-        """The requests a dead worker held are retried once on another worker, then fail."""
+    def requeue(self, worker: WorkerHandle, cause: str, retry: bool = True,
+                suspect: bool = True) -> None:
+        """The requests a dead worker held are retried once on another worker, then fail.
+        suspect=False: the worker was killed for a reason of the supervisor's own (a drain
+        past its deadline), not one its requests can have caused: they go back to the
+        queue as if never dispatched, to be batched as usual."""
         for job_id in reversed(worker.jobs):
             job = self.jobs[job_id]
+            if not suspect:  # (expire_running may have given a bystander its try back)
+                job.attempts = max(0, job.attempts - 1)
             if retry and job.attempts < 2:
                 logger.warning("%s while serving request %s; retrying it on another worker",
                                cause, job.request.request_id)
@@ -224,7 +258,8 @@ class Broker:
         expired = []
         for job_id in worker.jobs:
             job = self.jobs[job_id]
-            job.charged_s += (now - job.charged_at) / len(worker.jobs)
+            sharing = 1 if self.settings.batch_wait_ms > 0 else len(worker.jobs)
+            job.charged_s += (now - job.charged_at) / sharing
             job.charged_at = now
             if job.charged_s > timeout:
                 expired.append(job_id)

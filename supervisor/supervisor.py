@@ -132,7 +132,8 @@ class Supervisor:
                 self.streams.tick(now)
                 self.reloads.check_deadline(now)
                 self.manage_workers()
-                self.broker.dispatch(self.pool)
+                self.broker.dispatch(self.pool, frozenset(
+                    s.worker_id for s in self.streams.streams.values() if s.worker_id))
         finally:
             self.shutdown()
         return self.exit_code
@@ -336,8 +337,10 @@ class Supervisor:
         how = f"was killed: {worker.kill_reason}" if worker.killed else describe_exit(code)
         cause = worker.load_error or how
         self.streams.worker_lost(worker, how)
+        # A drain past its deadline is the supervisor's doing: its requests are not suspects.
         self.broker.requeue(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how}",
-                            retry=not self.shutting_down)
+                            retry=not self.shutting_down,
+                            suspect=not (worker.killed and worker.role == "draining"))
         if worker.role == "draining" or self.shutting_down or self.should_exit:
             logger.info("Worker %s (pid %s) %s", worker.worker_id, worker.pid,
                         how if worker.killed else "drained and exited")

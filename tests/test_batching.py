@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sensevoice_core import TranscribeOptions
-from sensevoice_core.batching import ForwardBatcher
+from sensevoice_core.batching import LENGTH_RATIO, SHORT_FRAMES, ForwardBatcher
 from sensevoice_core.pipeline import SenseVoice
 
 CLIPS = sorted((Path(__file__).parent / "data" / "demo_eval").glob("*.flac"))[:8]
@@ -80,9 +80,10 @@ def wait_for(condition, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_short_call_waits_for_one_pass_not_for_a_long_call(demo_model: SenseVoice):
+def test_a_short_call_waits_for_one_pass_and_is_not_padded_to_a_long_call(
+        demo_model: SenseVoice):
     gate = GatedForward(demo_model)
-    budget = 100  # frames per pass: two 50-frame items
+    budget = 400  # frames per pass: two 200-frame pieces
     batcher = ForwardBatcher(gate, 0.001, budget)
     dim = demo_model.model.dims.input_size
     rows = [0]
@@ -95,7 +96,7 @@ def test_a_short_call_waits_for_one_pass_not_for_a_long_call(demo_model: SenseVo
     first = threading.Thread(target=run, args=("first", [10]))
     first.start()
     gate.entered.wait(timeout=30)  # a pass is running
-    long = threading.Thread(target=run, args=("long", [50] * 8))
+    long = threading.Thread(target=run, args=("long", [200] * 8))
     long.start()
     wait_for(lambda: batcher.pending() == 8, "the long call to queue")
     short = threading.Thread(target=run, args=("short", [7]))
@@ -105,11 +106,73 @@ def test_a_short_call_waits_for_one_pass_not_for_a_long_call(demo_model: SenseVo
     for thread in (first, long, short):
         thread.join(timeout=60)
     batcher.close()
-    # The long call queued first and takes the next pass; its rest goes behind the short call.
-    assert gate.passes[:3] == [[10], [50, 50], [7, 50]]
+    # The long call queued first and takes the next pass; its rest goes behind the short
+    # call, which runs alone: a 200-frame piece is over LENGTH_RATIO times its length.
+    assert gate.passes[:3] == [[10], [200, 200], [7]]
     assert all(max(p) * len(p) <= budget for p in gate.passes)
-    assert [r.shape[0] for r in calls["long"]] == [54] * 8  # 4 prompt frames + its own
-    assert batcher.batches == len(gate.passes) and batcher.batch_items == 10
+    assert all(max(p) <= LENGTH_RATIO * max(min(p), SHORT_FRAMES) for p in gate.passes)
+    assert [r.shape[0] for r in calls["long"]] == [204] * 8  # 4 prompt frames + its own
+    assert batcher.batches == len(gate.passes) == 6 and batcher.batch_items == 10
+
+
+def test_a_lone_caller_does_not_wait_and_a_second_caller_is_waited_for(
+        demo_model: SenseVoice):
+    dim = demo_model.model.dims.input_size
+    callers = [1]
+    batcher = ForwardBatcher(demo_model.forward_rows, 30.0, 1000, callers=lambda: callers[0])
+    try:
+        done = threading.Event()
+        result: list[torch.Tensor] = []
+
+        def run() -> None:
+            result.extend(batcher.run([torch.randn(10, dim)], [0], [0]))
+            done.set()
+
+        threading.Thread(target=run).start()
+        # With wait_s = 30 s, only a pass that did not wait answers within the test's time.
+        assert done.wait(timeout=15), "a lone caller waited for company"
+        assert result[0]._base is None  # its own copy, not a view of the pass's logits
+        callers[0] = 2  # two requests in hand: the first one to queue waits for the other
+        answers: list[list[torch.Tensor]] = []
+        threads = [threading.Thread(target=lambda n=n: answers.append(
+            batcher.run([torch.randn(n, dim)], [0], [0]))) for n in (10, 12)]
+        threads[0].start()
+        wait_for(lambda: batcher.pending() == 1, "the first of two callers to queue")
+        threads[1].start()
+        for thread in threads:
+            thread.join(timeout=15)
+        assert len(answers) == 2, "the pass did not start once both callers had queued"
+        assert batcher.batches == 2 and batcher.batch_items == 3
+    finally:
+        batcher.close()
+
+
+def test_a_failed_calls_queued_items_are_dropped(demo_model: SenseVoice):
+    gate = GatedForward(demo_model)
+    batcher = ForwardBatcher(gate, 0.001, 20)  # one 20-frame item per pass
+    dim = demo_model.model.dims.input_size
+    errors: list[BaseException] = []
+
+    def run(features: list[torch.Tensor]) -> None:
+        try:
+            batcher.run(features, [0] * len(features), [0] * len(features))
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    blocker = threading.Thread(target=run, args=([torch.randn(5, dim)],))
+    blocker.start()
+    gate.entered.wait(timeout=30)
+    bad = [torch.randn(20, dim + 3), torch.randn(20, dim), torch.randn(20, dim)]
+    failing = threading.Thread(target=run, args=(bad,))
+    failing.start()
+    wait_for(lambda: batcher.pending() == 3, "the failing call to queue")
+    gate.release.set()
+    for thread in (blocker, failing):
+        thread.join(timeout=60)
+    wait_for(lambda: batcher.pending() == 0, "the queue to empty")
+    batcher.close()
+    assert len(errors) == 1
+    assert gate.passes == [[5], [20]]  # its two other items never ran
 
 
 def test_a_failing_call_fails_alone_and_the_others_in_its_pass_are_answered(
@@ -173,3 +236,19 @@ def test_closing_fails_queued_calls_instead_of_hanging(demo_model: SenseVoice):
 def test_waiting_zero_is_no_batcher(demo_model: SenseVoice):
     with pytest.raises(ValueError, match="0 means no batcher"):
         ForwardBatcher(demo_model.forward_rows, 0, 100)
+
+
+def test_a_non_finite_item_does_not_spill_into_the_rows_beside_it(demo_model: SenseVoice):
+    """Huge but finite audio gives non-finite features; batched, they hurt their own rows."""
+    dim = demo_model.model.dims.input_size
+    generator = torch.Generator().manual_seed(0)
+    good = torch.randn(30, dim, generator=generator)
+    bad = torch.full((40, dim), float("nan"))
+    bad[::3] = float("inf")
+    alone, _ = demo_model.forward_rows([good], [0], [0])
+    for order in ([good, bad], [bad[:20], good]):  # the bad rows last, and first
+        batched, lengths = demo_model.forward_rows(order, [0, 0], [0, 0])
+        row = 0 if order[0] is good else 1
+        assert lengths[row] == 34
+        assert torch.isfinite(batched[row, :34]).all()
+        assert torch.allclose(batched[row, :34], alone[0], atol=1e-4)

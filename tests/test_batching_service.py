@@ -28,8 +28,10 @@ MAX_QUEUE = 4
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory):
     # A long wait makes requests released together share passes whatever the CPU load; small
-    # per-request batches (BATCH_S) make a long request many passes.
+    # per-request batches (BATCH_S) make a long request many passes. int8: the service path
+    # of a reduced compute type (its layers are row-independent, so batching holds there too).
     running = start_service(tmp_path_factory.mktemp("batching"), MODEL, threads="0",
+                            compute_type="int8",
                             batch_wait_ms="100", max_batch_requests=str(MAX_BATCH_REQUESTS),
                             max_queue=str(MAX_QUEUE), batch_s="6", max_batch_s="30")
     yield running

@@ -53,7 +53,8 @@ def runnable_here() -> list[str]:
      "auto: AMX -> bfloat16"),
     ({"avx512_bf16", "avx512_vnni", "avx2"}, "bfloat16", "auto: AVX-512 BF16 -> bfloat16"),
     ({"avx512_vnni", "avx2"}, "int8", "auto: VNNI without AVX-512 BF16/AMX -> int8"),
-    ({"avx_vnni", "avx2"}, "int8", "auto: VNNI without AVX-512 BF16/AMX -> int8"),
+    # fbgemm has no AVX-VNNI kernel: such CPUs run its AVX2 one
+    ({"avx_vnni", "avx2"}, "int8", "auto: AVX2 without AVX-512 BF16/AMX -> int8"),
     ({"avx2"}, "int8", "auto: AVX2 without AVX-512 BF16/AMX -> int8"),
     (set(), "float32", "auto: no AVX2 -> float32"),
 ])
@@ -206,7 +207,23 @@ def test_fingerprint_is_the_models_for_float32_and_differs_per_type(tmp_path, ti
     assert prints["float32"] == record.fingerprint
     assert prints["int8"] == served_fingerprint(record.fingerprint, "int8")
     assert len(set(prints.values())) == 3
-    assert len(list((tmp_path / "cache" / "snapshots").glob("*.safetensors"))) == 2  # kept 2
+    # keep_snapshots (2) counts each compute type on its own: nothing evicted across types
+    assert len(list((tmp_path / "cache" / "snapshots").glob("*.safetensors"))) == 3
+
+
+def test_a_float32_load_of_other_models_does_not_evict_the_int8_snapshot(tmp_path, tiny_dir):
+    settings = Settings(cache_dir=tmp_path / "cache", compute_type="int8", keep_snapshots=1)
+    _, served = load_sensevoice_cached(tiny_dir, settings=settings)
+    for seed in (1, 2):  # doctor / a benchmark loading other models as float32
+        other = write_hf(tmp_path / f"other{seed}", seed=seed)
+        _, report = load_sensevoice_cached(
+            other, settings=settings.model_copy(update={"compute_type": "float32"}))
+    assert served.snapshot.is_file()
+    floats = [p for p in (tmp_path / "cache" / "snapshots").glob("*.safetensors")
+              if p != served.snapshot]
+    assert floats == [report.snapshot]  # keep_snapshots=1 still prunes within float32
+    _, again = load_sensevoice_cached(tiny_dir, settings=settings)
+    assert again.level == "L2" and again.compute_type == "int8"
 
 
 def test_a_damaged_int8_snapshot_is_refused_and_rebuilt(tmp_path, tiny_dir):
@@ -269,7 +286,8 @@ def test_a_type_that_fails_the_gate_falls_back_and_says_why(tmp_path, failing_di
     assert report.compute_type == "float32" and model.model.compute_type == "float32"
     assert "int8 failed the accuracy check" in report.compute_reason
     warning = next(w for w in report.warnings if "accuracy check" in w)
-    assert "warmup.flac" in warning and "tokens" in warning and "frames" in warning
+    assert "gate.flac" in warning and "frames" in warning and "int8 layer" in warning
+    assert "SENSEVOICE_COMPUTE_CHECK=false and SENSEVOICE_COMPUTE_TYPE=int8" in warning
     record = PathCache(tmp_path / "cache").read().entries[str(failing_dir.resolve())]
     assert report.fingerprint == record.fingerprint  # served float32: the model's own
     _, metadata, _ = read_header(report.snapshot)
@@ -280,9 +298,16 @@ def test_a_type_that_fails_the_gate_falls_back_and_says_why(tmp_path, failing_di
 
 
 def test_with_the_check_off_int8_is_kept(tmp_path, failing_dir):
+    """Also after a checked load fell back in the same cache: the warning's advice works."""
+    checked, _ = load_sensevoice_cached(failing_dir, settings=settings_for(tmp_path, "int8", True))
+    assert checked.model.compute_type == "float32"
     _, report = load_sensevoice_cached(failing_dir, settings=settings_for(tmp_path, "int8"))
     assert report.compute_type == "int8" and "compute_check" not in report.steps_s
     assert not any("accuracy" in w for w in report.warnings)
+    # and the unchecked int8 snapshot is never served to a process with the check on
+    _, again = load_sensevoice_cached(failing_dir, settings=settings_for(tmp_path, "int8", True))
+    assert again.compute_type == "float32" and again.level == "L2"
+    assert read_header(again.snapshot)[1]["compute_checked"] == "true"
 
 
 # --- the demo model's held-out set ---
@@ -332,6 +357,7 @@ def test_a_snapshot_whose_header_lies_about_its_type_is_refused(tmp_path, tiny_d
     data_sha256 = metadata["data_sha256"]
     metadata = {k: v for k, v in metadata.items() if k not in ("data_sha256", "header_sha256")}
     metadata["compute_type"] = metadata["compute_requested"] = "bfloat16"
+    metadata["compute_checked"] = "false"
     bf16 = settings_for(tmp_path, "bfloat16")
     _, report = load_sensevoice_cached(tiny_dir, settings=bf16)
     report.snapshot.chmod(0o644)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from model_factory import one_pass
+
 from sensevoice_core import load_sensevoice_cached
+from sensevoice_core.compute import choose_compute_type
 from sensevoice_core.loader import load_model_dir
 from sensevoice_core.path_cache import FileRecord, fingerprint_of
 from sensevoice_core.settings import Settings
@@ -162,6 +163,25 @@ def test_after_a_cached_load_l3_and_l2_are_valid(doctor, official_dir):
     for role in ("weights", "config", "tokenizer", "cmvn"):
         assert "unchanged since cached" in check_line(result, f"file {role}")
     assert check_line(result, "cache directory").endswith(": writable")
+
+
+def test_doctor_checks_the_snapshot_the_service_serves(doctor, official_dir):
+    """int8 with the check on: the snapshot a load would map (named by the gate setting),
+    with the served type and fingerprint the service reports; an unsupported type is not
+    validated against a snapshot that will never load (review finding 16)."""
+    settings = Settings(compute_type="int8", compute_check=True, cache_dir=doctor.cache)
+    _, report = load_sensevoice_cached(official_dir, settings=settings)
+    doctor.extra_env = {"SENSEVOICE_COMPUTE_TYPE": "int8", "SENSEVOICE_COMPUTE_CHECK": "true"}
+    l2 = check_line(doctor.run("--model", official_dir), "L2 snapshot")
+    assert l2.startswith(f"[ok] L2 snapshot: {report.snapshot}: valid"), l2
+    assert f"serves {report.compute_type}, fingerprint {report.fingerprint[:16]}" in l2
+    doctor.extra_env["SENSEVOICE_COMPUTE_CHECK"] = "false"  # that snapshot is not this one's
+    assert "not built yet" in check_line(doctor.run("--model", official_dir), "L2 snapshot")
+    if choose_compute_type("auto").chosen != "bfloat16":  # no bf16 hardware here
+        doctor.extra_env["SENSEVOICE_COMPUTE_TYPE"] = "int8_bfloat16"
+        result = doctor.run("--model", official_dir)
+        assert "not checked" in check_line(result, "L2 snapshot")
+        assert check_line(result, "compute type").startswith("[PROBLEM]")
 
 
 def test_verify_after_a_cached_load(doctor, official_dir):

@@ -154,7 +154,9 @@ def test_a_request_slowed_by_a_neighbour_is_not_timed_out_for_it(tmp_path: Path)
     from supervisor.broker import Broker
     from supervisor.workers import WorkerHandle
 
-    settings = Settings(supervisor_address="ipc:///tmp/unused.ipc", request_timeout=10)
+    # Batching off: its two requests share the cores (batching on, tests/test_batching_broker).
+    settings = Settings(supervisor_address="ipc:///tmp/unused.ipc", request_timeout=10,
+                        batch_wait_ms=0)
     with zmq.Context() as context, context.socket(zmq.ROUTER) as frontend, \
             context.socket(zmq.ROUTER) as backend:
         frontend.bind("inproc://clients")

@@ -66,6 +66,20 @@ class SupervisorCollector(Collector):
         for role in WORKER_ROLES:
             workers.add_metric([role], sum(w.role == role for w in status.workers))
         yield workers
+        # Per worker: each worker counts from its start, so a replaced worker's series ends
+        # and its successor's begins at 0 (a sum over workers would go backwards).
+        batches = CounterMetricFamily("sensevoice_worker_batches",
+                                      "batched forward passes a worker ran",
+                                      labels=["worker"])
+        batch_items = CounterMetricFamily("sensevoice_worker_batch_items",
+                                          "items (requests' segments, stream turns) in a "
+                                          "worker's batched forward passes", labels=["worker"])
+        for worker in status.workers:
+            if worker.role == "serving" or worker.batches:
+                batches.add_metric([worker.worker_id], worker.batches)
+                batch_items.add_metric([worker.worker_id], worker.batch_items)
+        yield batches
+        yield batch_items
         for name, value, text in (("sensevoice_queued_requests", status.queued,
                                    "requests waiting for a worker"),
                                   ("sensevoice_in_flight_requests", status.in_flight,

@@ -184,13 +184,19 @@ class RealtimeSession:
         self.ended = False  # the stream closed or failed: nothing to abort
         self.audio_budget = TokenBucket(MAX_AUDIO_SPEED, AUDIO_BURST_S)
         self.message_budget = TokenBucket(MAX_MESSAGES_PER_S, MESSAGE_BURST)
+        self.sent_last = False  # the closing error went out: send nothing more
         self.send_lock = anyio.Lock()
         self.merger = AppendMerger()
         self.audio_held = anyio.Event()  # set when the merger starts holding audio
         self.stream_lock = anyio.Lock()  # what goes to the stream goes in the order it came
 
-    async def send(self, *events: dict) -> None:
+    async def send(self, *events: dict, last: bool = False) -> None:
+        """Send events in order; last: the session's closing error, after which nothing else
+        (a stream event still in flight) is sent, so it is the last event the client reads."""
         async with self.send_lock:
+            if self.sent_last:
+                return
+            self.sent_last = last
             try:
                 for event in events:
                     await self.websocket.send_text(json.dumps(event, ensure_ascii=False))
@@ -285,7 +291,7 @@ class RealtimeSession:
                     try:
                         await self.forward()
                     except Fatal as fatal:
-                        await self.send(error_event(fatal.failure))
+                        await self.send(error_event(fatal.failure), last=True)
                         return SessionOver(fatal.close_code, close_reason(fatal.failure))
                     except RequestFailed as failure:
                         await self.send(error_event(failure))
@@ -326,7 +332,7 @@ class RealtimeSession:
                     client_event_id = payload["event_id"]
                 await self.dispatch(payload)
             except Fatal as fatal:
-                await self.send(error_event(fatal.failure, client_event_id))
+                await self.send(error_event(fatal.failure, client_event_id), last=True)
                 return SessionOver(fatal.close_code, close_reason(fatal.failure))
             except RequestFailed as failure:
                 await self.send(error_event(failure, client_event_id))
