@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BOOT_ERROR
     if args.parent_pid:
         die_with_parent(args.parent_pid)
-    threads, why = pick_threads(settings.threads, settings.workers)
+    cores = usable_cores()
+    threads, why = pick_threads(settings.threads, settings.workers, cores)
     torch.set_num_threads(threads)
     worker_log = logging.getLogger("sensevoice.worker")
-    if settings.threads == 0 and settings.workers > usable_cores():
+    if settings.threads == 0 and settings.workers > cores:
         worker_log.warning("SENSEVOICE_WORKERS=%d is more than the %d usable cores: the "
                            "workers share cores; lower SENSEVOICE_WORKERS", settings.workers,
-                           usable_cores())
+                           cores)
     worker_log.info("torch threads: %d (%s)", threads, why)
     worker = InferenceWorker(args.worker_id, args.backend, settings)
 
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(code)
 
 
-def pick_threads(setting: int, workers: int) -> tuple[int, str]:
+def pick_threads(setting: int, workers: int, cores: int) -> tuple[int, str]:
     """Torch's intra-op threads for this worker, and why (SENSEVOICE_THREADS; 0: auto).
 
-    Auto divides the usable cores (usable_cores) among the SENSEVOICE_WORKERS serving
+    Auto divides the usable cores (usable_cores(), read once by main) among the SENSEVOICE_WORKERS serving
     workers, at least one each: with more workers than cores they share cores (main warns).
     The warm standby and a reload's green are not counted: a standby computes nothing until
     it serves (it then replaces a worker), and a green warms up on one thread
@@ -82,7 +83,6 @@ def pick_threads(setting: int, workers: int) -> tuple[int, str]:
     """
     if setting > 0:
         return setting, "SENSEVOICE_THREADS"
-    cores = usable_cores()
     threads = max(1, cores // workers)
     return threads, (f"auto: {cores} usable core{'s' if cores != 1 else ''} / {workers} "
                      f"serving worker{'s' if workers != 1 else ''}; set SENSEVOICE_THREADS "

@@ -17,7 +17,7 @@ from torch import nn
 
 from sensevoice_core.compute import CONCRETE_TYPES, ConcreteComputeType
 from sensevoice_core.config import SenseVoiceDims
-from sensevoice_core.int8 import Int8Linear, needs_reduce_range, quantize_weight
+from sensevoice_core.int8 import Int8Linear, int8_tensors, needs_reduce_range
 from sensevoice_core.loader import adopt_tensors
 from sensevoice_core.model import SenseVoiceSmall
 
@@ -69,11 +69,9 @@ def convert_model(model: SenseVoiceSmall, compute_type: ConcreteComputeType) -> 
     state: dict[str, torch.Tensor] = {}
     for name, module in converted.named_modules():
         if isinstance(module, Int8Linear):
-            weight, scale = quantize_weight(source[f"{name}.weight"])
-            bias = source.get(f"{name}.bias")
-            state[f"{name}.weight"], state[f"{name}.weight_scale"] = weight, scale
-            state[f"{name}.bias"] = (bias.float() if bias is not None
-                                     else torch.zeros(module.out_features))
+            (state[f"{name}.weight"], state[f"{name}.weight_scale"],
+             state[f"{name}.bias"]) = int8_tensors(source[f"{name}.weight"],
+                                                   source.get(f"{name}.bias"))
     for key, meta in expected.items():
         if key not in state:
             state[key] = source[key].to(meta.dtype)  # the same tensor when the type holds

@@ -45,6 +45,14 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q.clamp_(-WEIGHT_LEVELS, WEIGHT_LEVELS).to(torch.int8), scale
 
 
+def int8_tensors(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """An Int8Linear's weight, weight_scale and bias from a float Linear's weight and bias
+    (none: zeros)."""
+    q, scale = quantize_weight(weight)
+    bias = bias.detach().float() if bias is not None else torch.zeros(weight.shape[0])
+    return q, scale, bias
+
+
 class Int8Linear(nn.Module):
     """A Linear layer over int8 weights; input any float dtype, output in the input's dtype
     (fp32 for int8, bf16 for int8_bfloat16), computed in fp32."""
@@ -63,9 +71,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, reduce_range: bool) -> Int8Linear:
         layer = cls(linear.in_features, linear.out_features, reduce_range)
-        layer.weight, layer.weight_scale = quantize_weight(linear.weight)
-        bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-        layer.bias = bias.detach().float().clone()
+        layer.weight, layer.weight_scale, layer.bias = int8_tensors(linear.weight, linear.bias)
         return layer
 
     def prepack(self) -> None:
