@@ -60,10 +60,16 @@ def send_all(service: Service, requests: list[tuple[object, dict]]
     """Send requests from one thread each: their outcomes (replies or ServiceErrors, in
     order, filled as they come) and the threads to join."""
     outcomes: list[object] = [None] * len(requests)
+    # Connected before any is sent, and released together: what reaches the supervisor
+    # arrives within milliseconds, well inside a stopped worker's heartbeat window.
+    clients = [SupervisorClient(service.address, Settings(supervisor_address=service.address))
+               for _ in requests]
+    start = threading.Barrier(len(requests))
 
     def send(index: int) -> None:
         audio, options = requests[index]
-        client = SupervisorClient(service.address, Settings(supervisor_address=service.address))
+        client = clients[index]
+        start.wait()
         try:
             outcomes[index] = client.transcribe(audio, **options)
         except ServiceError as e:
@@ -176,7 +182,9 @@ def test_a_reload_drains_a_worker_holding_a_batch_and_loses_nothing(service: Ser
 
 def test_more_clients_than_a_worker_holds_and_the_queue_are_answered_busy(service: Service):
     count = MAX_BATCH_REQUESTS + MAX_QUEUE + 3
-    pid = serving(service.status()).pid
+    # A standby still starting (after the reload test) loads the CPU; with it ready, the
+    # requests all land inside the 3 s before the stopped worker counts as hung.
+    pid = serving(service.wait_ready()).pid
     with stopped(pid):
         outcomes, threads = send_all(service, [(CLIPS[1], {})] * count)
         service.wait_until(lambda s: s.in_flight == MAX_BATCH_REQUESTS and
