@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from sensevoice_core.canary import CanaryReport
 from sensevoice_core.result import Result, Segment
 from sensevoice_core.stream_types import BYTES_PER_SAMPLE, G711_RATE, StreamEvent, StreamOptions
 
@@ -56,9 +57,11 @@ WorkerRole = Literal[
     "serving",  # takes requests
     "draining",  # replaced: finishes the requests it holds, then exits
 ]
-# Where a model was loaded from: its L2 snapshot, or its files (fresh).
-CacheLevel = Literal["L2", "fresh"]
-CACHE_LEVEL_WORDS: dict[str, str] = {"L2": "its L2 snapshot", "fresh": "a fresh load"}  # for logs, UI
+# Where a model was loaded from: already in the serving workers' memory (L1: a reload of an
+# unchanged model, answered without a new worker), its L2 snapshot, or its files (fresh).
+CacheLevel = Literal["L1", "L2", "fresh"]
+CACHE_LEVEL_WORDS: dict[str, str] = {  # for logs, UI
+    "L1": "L1 (unchanged, already in memory)", "L2": "its L2 snapshot", "fresh": "a fresh load"}
 
 ErrorCode = Literal[
     "bad_request",  # malformed frame, unknown kind, wrong protocol version, bad field
@@ -143,6 +146,7 @@ class ModelInfo(BaseModel):
     warnings: list[str] = []
     compute_type: str = "float32"  # the concrete type the layers run in (never "auto")
     compute_reason: str = ""  # why that type: the setting, the CPU/GPU features, a fallback
+    canary: CanaryReport | None = None  # a reload's green: the canary it passed
 
 
 class ReloadOutcome(BaseModel):
@@ -157,6 +161,7 @@ class ReloadOutcome(BaseModel):
     cache_level: CacheLevel | None = None
     error: str | None = None
     coalesced: int = 1  # how many reload requests this one swap answered
+    canary: CanaryReport | None = None  # the new model's canary, passed or failed
 
 
 class ReloadReply(_Message):
@@ -343,6 +348,7 @@ class LoadModel(_Message):
     kind: Literal["load"] = "load"
     path: str | None  # None: SENSEVOICE_MODEL_DIR or the usual places
     force_fresh: bool = False
+    canary: bool = False  # a reload's green: pass SENSEVOICE_RELOAD_CANARY_DIR before Ready
 
 
 class Ready(_Message):
@@ -356,6 +362,7 @@ class LoadFailed(_Message):
     kind: Literal["load_failed"] = "load_failed"
     worker_id: str
     error: str
+    canary: CanaryReport | None = None  # set when the model loaded but failed its canary
 
 
 class Ping(_Message):

@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     warm_standby: bool = Field(
         True, description="keep one spare worker with torch imported, so a reload or a "
                           "crashed worker's replacement skips the import cost")
+    worker_start: Literal["fork", "spawn"] = Field(
+        "fork", description="fork: workers are forked from one fork server that imported "
+                            "torch once (a spare costs milliseconds and shares its pages); "
+                            "spawn: each worker is a new python -m inference_worker (the "
+                            "fallback, also used where fork is unavailable)")
+    reload_canary_dir: Path | None = Field(
+        None, description="a directory with canary.jsonl (audio files with their expected "
+                          "text and language): a reload's new model must transcribe them "
+                          "within SENSEVOICE_RELOAD_CANARY_MAX_CER before traffic moves")
+    reload_canary_max_cer: float = Field(
+        0.1, ge=0.0, le=1.0, description="highest character error rate over the canary "
+                                         "clips that a reload may pass with")
     swap_strategy: Literal["blue_green", "stop_first"] = Field(
         "blue_green", description="blue_green: the new model warms beside the old one, no "
                                   "downtime; stop_first: stop the old worker first (one model "
