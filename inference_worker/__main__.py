@@ -1,6 +1,7 @@
-"""python -m inference_worker --backend ADDRESS --worker-id ID [--parent-pid PID]
+"""python -m inference_worker --backend ADDRESS --worker-id ID [--parent-pid PID] [--standby]
 
-Started by the supervisor, not by hand. Exit codes (sensevoice_core.exit_codes): 0 stopped,
+Started by the supervisor, not by hand (or forked by inference_worker.forkserver, which then
+calls run_worker). Exit codes (sensevoice_core.exit_codes): 0 stopped,
 3 could not boot, 4 the model it was asked to load failed (the supervisor does not respawn it
 in a loop).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from sensevoice_core.cli import settings_or_exit
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR
 from sensevoice_core.logs import configure_logging
+from sensevoice_core.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C reaches the whole process group; the supervisor decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = settings_or_exit(EXIT_BOOT_ERROR)
-    configure_logging(f"worker {args.worker_id}", settings.log_level)
+    return run_worker(args.worker_id, args.backend, args.parent_pid, settings, idle_boot,
+                      prewarmed=False)
+
+
+def run_worker(worker_id: str, backend: str, parent_pid: int, settings: Settings,
+               idle_boot: bool, prewarmed: bool) -> int:
+    """A worker's life after its start, spawned (main) or forked (forkserver.py, where torch is
+    imported and prewarm() was paid before the fork): exits the process when done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(f"worker {worker_id}", settings.log_level)
     try:
         import torch
 
@@ -40,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         logging.getLogger("sensevoice.worker").error("cannot import the model code: %s", e)
         return EXIT_BOOT_ERROR
-    if args.parent_pid:
-        die_with_parent(args.parent_pid)
+    if parent_pid:
+        die_with_parent(parent_pid)
     cores = usable_cores()
     threads, why = pick_threads(settings.threads, settings.workers, cores)
     torch.set_num_threads(threads)
@@ -51,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                            "workers share cores; lower SENSEVOICE_WORKERS", settings.workers,
                            cores)
     worker_log.info("torch threads: %d (%s)", threads, why)
-    worker = InferenceWorker(args.worker_id, args.backend, settings)
+    worker = InferenceWorker(worker_id, backend, settings)
 
     def on_sigterm(signum: int, frame: object) -> None:
-        if args.parent_pid and os.getppid() != args.parent_pid:
+        if parent_pid and os.getppid() != parent_pid:
             # The supervisor died (PR_SET_PDEATHSIG): answers would have nowhere to go.
             os._exit(0)
         worker.request_stop(signum, frame)
@@ -63,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if idle_boot:
         # Before any thread exists: threads inherit the policy of the thread creating them.
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    prewarm()
+    if not prewarmed:
+        prewarm()
     code = worker.run()
     # Skip the interpreter's teardown (every module and tensor finalised one by one): the
     # socket is closed and the logs are flushed; the OS reclaims the rest at once.

@@ -27,12 +27,15 @@ import torch
 import zmq
 
 from inference_worker.streams import StreamSessions
+from sensevoice_core.audio import SAMPLE_RATE, load_audio
 from sensevoice_core.batching import ForwardBatcher, max_requests
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
+from sensevoice_core.canary import CanaryReport, run_canary
 from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
 from sensevoice_core.exit_codes import EXIT_MODEL_LOAD_ERROR, EXIT_OK
 from sensevoice_core.long_audio import ProgressCallback
 from sensevoice_core.model import SenseVoiceSmall
+from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -62,10 +65,15 @@ from sensevoice_core.protocol import (
 from sensevoice_core.random_model import random_model, small_dims
 from sensevoice_core.result import Segment
 from sensevoice_core.settings import Settings
+from sensevoice_core.vad import speech_probabilities
 
 logger = logging.getLogger("sensevoice.worker")
 
 WARMUP_CLIP = files("sensevoice_core") / "warmup.flac"  # short: the gate has gate.flac
+# The model's part of the warm-up: a forward pass reads every weight once whatever the input
+# length, so its cost is that read; a few frames go through every layer (the LFR frontend
+# stacks 7 feature frames of 10 ms, so 0.2 s gives 3 encoder frames beside the 4 queries).
+WARMUP_MODEL_S = 0.2
 
 
 def prewarm() -> None:
@@ -79,8 +87,12 @@ def prewarm() -> None:
 
 
 def warm_up(model: SenseVoice) -> float:
-    """Transcribe the bundled clip: pages the weights in, loads the VAD and proves the model
-    runs, so the first request pays none of it.
+    """The first request's one-off costs, paid before Ready: decode the bundled clip (the
+    audio path), load the VAD and run it over the clip, and run the model on its first
+    WARMUP_MODEL_S through every stage (features, encoder, CTC head, decoding), which proves
+    the model runs and touches every weight page (the L2 load mapped them in already).
+    Going through transcribe() would only run the model on the VAD's speech, at the length
+    of the whole clip.
 
     One thread: a reload warms up beside the old worker, which is serving on every core;
     two thread pools spinning on the same cores would slow both far more than half.
@@ -89,10 +101,26 @@ def warm_up(model: SenseVoice) -> float:
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        model.transcribe(str(WARMUP_CLIP))
+        audio = load_audio(str(WARMUP_CLIP))
+        speech_probabilities(model.vad, [audio])
+        model.decode([audio[:round(WARMUP_MODEL_S * SAMPLE_RATE)]], TranscribeOptions())
     finally:
         torch.set_num_threads(threads)
     return time.perf_counter() - start
+
+
+def check_canary(model: SenseVoice, settings: Settings) -> CanaryReport | None:
+    """A reload's green, before Ready: the canary clips (SENSEVOICE_RELOAD_CANARY_DIR, if set),
+    on one thread like the warm-up and for the same reason."""
+    if settings.reload_canary_dir is None:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_canary(model, settings.reload_canary_dir, settings.reload_canary_max_cer,
+                          settings=settings)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def model_info(report: LoadReport, warmup_s: float) -> ModelInfo:
@@ -253,11 +281,18 @@ class InferenceWorker:
             model, report = load_sensevoice_cached(request.path, request.force_fresh,
                                                    self.settings)
             warmup_s = warm_up(model)
+            canary = check_canary(model, self.settings) if request.canary else None
         except Exception as e:  # noqa: BLE001 - any failure to load means "not ready"
             cause = f"{type(e).__name__}: {e}".splitlines()[0]
             logger.error("cannot load model %s: %s", request.path or "(default)", cause)
             self.send(LoadFailed(worker_id=self.worker_id, error=cause))
             return EXIT_MODEL_LOAD_ERROR
+        if canary is not None and not canary.passed:
+            logger.error("not ready: %s", canary.summary())
+            self.send(LoadFailed(worker_id=self.worker_id, error=canary.summary(), canary=canary))
+            return EXIT_MODEL_LOAD_ERROR
+        if canary is not None:
+            logger.info("%s", canary.summary())
         if self.settings.batch_wait_ms > 0:  # after the warm-up, which runs on one thread
             model.batcher = ForwardBatcher(
                 model.forward_rows, self.settings.batch_wait_ms / 1000,
@@ -265,8 +300,8 @@ class InferenceWorker:
                 threads=self.threads, callers=self.callers)
         self.model, self.fingerprint = model, report.fingerprint
         logger.info("ready after a %.2f s warm-up", warmup_s)
-        self.send(Ready(worker_id=self.worker_id, pid=os.getpid(),
-                        model=model_info(report, warmup_s)))
+        info = model_info(report, warmup_s).model_copy(update={"canary": canary})
+        self.send(Ready(worker_id=self.worker_id, pid=os.getpid(), model=info))
         return None
 
     def transcribe(self, request: TranscribeRequest, payload: bytes) -> TranscribeReply | ErrorReply:

@@ -182,6 +182,8 @@ class WorkerStatus(BaseModel):
     threads: int = 0  # torch threads of its compute (0: not reported yet)
     batches: int = 0  # batched forward passes it ran (cross-request batching)
     batch_items: int = 0  # items (requests' segments) in those passes
+    start_method: Literal["fork", "spawn"] | None = None  # forked by the fork server, or spawned
+    start_s: float | None = None  # asked for -> its Hello (None: no Hello yet)
 
 
 class ServiceStatus(BaseModel):
@@ -203,6 +205,7 @@ class ServiceStatus(BaseModel):
     # since start: opened, refused, moved (to another worker), closed, aborted, failed
     stream_counts: dict[str, int] = {}
     stream_failures: dict[str, int] = {}  # failed streams by ErrorCode
+    fork_server_pid: int | None = None  # SENSEVOICE_WORKER_START=fork: while it can fork
 
 
 class StatusReply(_Message):

@@ -22,11 +22,13 @@ type the load asked for and ``compute_gate`` the accuracy gate's outcome, when t
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +55,8 @@ OPEN_ATTEMPTS = 3  # the file was replaced (renamed over) while being opened: op
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
            torch.int8: "I8", torch.uint8: "U8"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+MADV_WILLNEED = 3
+MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL
 
 
 @dataclass(frozen=True)
@@ -352,8 +356,33 @@ def open_snapshot(path: Path) -> MappedSnapshot:
         except (OSError, RuntimeError) as e:
             raise SnapshotError(path, f"cannot map it: {e}") from e
         if after == before:
+            # Beside the build and the hash, not before them: on a cold page cache it reads
+            # the file as they do; the thread holds the storage, so the mapping outlives it.
+            threading.Thread(target=populate, args=(storage, before.size), daemon=True,
+                             name="snapshot-populate").start()
             return MappedSnapshot(path, before, entries, metadata, data_start, storage)
     raise SnapshotError(path, f"replaced {OPEN_ATTEMPTS} times while being opened")
+
+
+def populate(storage: torch.UntypedStorage, nbytes: int) -> str:
+    """Fault the mapping's pages in, in one call, rather than page by page in the threads that
+    hash and build the model or in the first request (a process that verified this file
+    before, or wrote it, does not hash it again). 0.04-0.09 s for the 0.9 GB float32 fixture
+    with the page cache warm. Returns how: "populate" (page tables filled, what was not cached
+    read), "willneed" (kernels before 5.14: read-ahead started, the faults still to come) or
+    "none" (not Linux/glibc: nothing changes)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return "none"
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    address = storage.data_ptr()  # the mmap's start: page-aligned
+    for advice, name in ((MADV_POPULATE_READ, "populate"), (MADV_WILLNEED, "willneed")):
+        if nbytes and madvise(address, nbytes, advice) == 0:
+            return name
+    return "none"
 
 
 def verify_data(path: Path, threads: int | None = None) -> str:

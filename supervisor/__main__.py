@@ -27,7 +27,7 @@ from sensevoice_core.cli import (
     transcribe_files,
     transcribe_options_or_exit,
 )
-from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
+from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from sensevoice_core.logs import configure_logging
 from sensevoice_core.result import Result
 from sensevoice_core.settings import SettingsError
@@ -78,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "reload", "transcribe"):
         return run_client_command(args, settings)
     configure_logging("supervisor", settings.log_level)
+    if settings.reload_canary_dir is not None:  # now, not at the first reload
+        from sensevoice_core.canary import CanaryError, check_canary_dir
+
+        log = logging.getLogger("sensevoice.supervisor")
+        try:
+            log.info("Reload canary: %s, max CER %g", check_canary_dir(
+                settings.reload_canary_dir, settings.languages), settings.reload_canary_max_cer)
+        except CanaryError as e:
+            log.error("Cannot start: SENSEVOICE_RELOAD_CANARY_DIR: %s", e)
+            return EXIT_USAGE
     from supervisor.supervisor import StartupError, Supervisor
 
     try:

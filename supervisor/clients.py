@@ -58,6 +58,7 @@ class ClientDesk:
         pool = supervisor.pool
         return (supervisor.reloads.job is not None or bool(pool.in_roles("serving"))
                 or any(w.assignment for w in pool.in_roles("starting", "loading"))
+                or pool.fork_server.first_start
                 or time.monotonic() < supervisor.backoff.until + 1)
 
     def status(self) -> ServiceStatus:
@@ -69,7 +70,9 @@ class ClientDesk:
                                 requests_served=w.requests_served, busy=w.busy,
                                 fingerprint=w.model.fingerprint if w.model else None,
                                 streams=len(streams.held_by(w)), threads=w.threads,
-                                batches=w.batches, batch_items=w.batch_items)
+                                batches=w.batches, batch_items=w.batch_items,
+                                start_method=w.start_method,
+                                start_s=None if w.start_s is None else round(w.start_s, 3))
                    for w in sorted(supervisor.pool, key=lambda w: w.age)]
         watcher = supervisor.watcher
         return ServiceStatus(
@@ -82,4 +85,5 @@ class ClientDesk:
             watching=str(watcher.directory) if watcher and watcher.directory else None,
             watch_counts=dict(watcher.counts) if watcher else {},
             streams=len(streams.streams), stream_counts=dict(streams.counts),
-            stream_failures=dict(streams.failures))
+            stream_failures=dict(streams.failures),
+            fork_server_pid=supervisor.pool.fork_server.pid)

@@ -8,9 +8,12 @@
               nothing. With no reload running, this one starts. Otherwise it waits as the next
               one, and later triggers coalesce into it: the latest path wins, and callers who
               asked for another path are told theirs was superseded.
-2. started    start(): with SENSEVOICE_SWAP_STRATEGY=stop_first the serving (blue) workers drain
-              first. SENSEVOICE_WORKERS green workers are taken: the warm standby, else new
-              processes. A green's role is "warming" from its load to the switch.
+2. started    start(): a reload of the serving model whose files are unchanged since they were
+              hashed (unchanged.py), not forced fresh, is an L1 hit: finished at once, with no
+              new worker and nothing drained. Otherwise, with SENSEVOICE_SWAP_STRATEGY=stop_first
+              the serving (blue) workers drain first. SENSEVOICE_WORKERS green workers are
+              taken: the warm standby, else new processes. A green's role is "warming" from
+              its load to the switch.
 3. warming    each green loads the model, warms up, says Ready and answers a health ping:
               green_passed().
 4. switched   switch(): once every green has passed, the blue workers drain and the greens serve.
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sensevoice_core.canary import CanaryReport
 from sensevoice_core.protocol import (
     CACHE_LEVEL_WORDS,
     ModelInfo,
@@ -37,6 +41,7 @@ from sensevoice_core.protocol import (
     ReloadReply,
     ReloadRequest,
 )
+from supervisor.unchanged import unchanged_verdict
 from supervisor.workers import Assignment, WorkerHandle
 
 if TYPE_CHECKING:
@@ -87,7 +92,7 @@ class ReloadJob:
         return superseded
 
     def outcome(self, new_model: ModelInfo | None, serving: ModelInfo | None,
-                error: str | None = None) -> ReloadOutcome:
+                error: str | None = None, canary: CanaryReport | None = None) -> ReloadOutcome:
         old = self.old_model
         return ReloadOutcome(
             ok=error is None, origin=self.origin, requested_path=self.path,
@@ -96,7 +101,7 @@ class ReloadJob:
             new_fingerprint=new_model.fingerprint if new_model and error is None else None,
             seconds=round(time.monotonic() - self.received_at, 4),
             cache_level=new_model.cache_level if new_model else None,
-            error=error, coalesced=len(self.waiters))
+            error=error, coalesced=len(self.waiters), canary=canary)
 
 
 class BlueGreen:
@@ -108,7 +113,9 @@ class BlueGreen:
         self.job: ReloadJob | None = None  # in progress: started, not finished
         self.next_job: ReloadJob | None = None  # waits for it; later triggers merge into it
         self.last: ReloadOutcome | None = None
-        self.counts: Counter[str] = Counter()  # outcome (ok, failed, refused) -> count
+        # outcome (ok, failed, refused) -> count, and the successful ones by cache level
+        # (L1, L2, fresh) -> count
+        self.counts: Counter[str] = Counter()
         # From other threads (the file watcher): requests for the loop to pick up.
         self.from_threads: deque[tuple[ReloadRequest, threading.Event]] = deque()
 
@@ -159,6 +166,8 @@ class BlueGreen:
         job, supervisor = self.job, self.supervisor
         assert job is not None
         job.old_model = supervisor.model
+        if self.unchanged(job):
+            return
         job.deadline = time.monotonic() + self.settings.hotreload_timeout
         if self.settings.swap_strategy == "stop_first":
             for worker in supervisor.pool.in_roles("serving"):
@@ -173,6 +182,29 @@ class BlueGreen:
             if standby is not None:
                 supervisor.send_load(standby, assignment)
             # A new process asks for its load when it says hello.
+
+    def unchanged(self, job: ReloadJob) -> bool:
+        """L1: the serving model, unchanged, asked for again: answer at once and keep it.
+
+        Only when this reload is the only one, nothing forces a fresh load, the cache is on and
+        every serving worker runs the serving model (none is left over from a reload)."""
+        serving, pool = self.supervisor.model, self.supervisor.pool
+        if job.force_fresh or self.settings.disable_cache or self.next_job is not None \
+                or serving is None:
+            return False
+        workers = pool.in_roles("serving")
+        if not workers or any(w.model is None or w.model.fingerprint != serving.fingerprint
+                              for w in workers):
+            return False
+        verdict = unchanged_verdict(job.path, serving, self.settings.cache_dir)
+        if not verdict.hit:
+            logger.debug("Reload of %s is not an L1 hit: %s", job.path or serving.model_dir,
+                         verdict.reason)
+            return False
+        outcome = job.outcome(serving, serving).model_copy(update={"cache_level": "L1"})
+        logger.info(l1_line(serving, outcome.seconds))
+        self.finish(outcome)
+        return True
 
     # ------------------------------------------------------------- 3. warming
 
@@ -201,7 +233,7 @@ class BlueGreen:
         model = greens[0].model
         assert model is not None
         supervisor.serve_model(model)
-        outcome = job.outcome(model, model)
+        outcome = job.outcome(model, model, canary=model.canary)
         logger.info(success_line(model, outcome.seconds))
         self.finish(outcome)
 
@@ -213,16 +245,16 @@ class BlueGreen:
                       f"(SENSEVOICE_HOTRELOAD_TIMEOUT)")
 
     def green_exited(self, worker: WorkerHandle, cause: str) -> None:
-        self.fail(f"the new worker (pid {worker.pid}): {cause}")
+        self.fail(f"the new worker (pid {worker.pid}): {cause}", worker.canary)
 
-    def fail(self, cause: str) -> None:
+    def fail(self, cause: str, canary: CanaryReport | None = None) -> None:
         job, supervisor = self.job, self.supervisor
         assert job is not None
         for worker_id in job.green:
             if worker_id in supervisor.pool:
                 supervisor.pool.retire(supervisor.pool.workers[worker_id], "its reload failed")
         logger.error(failure_line(supervisor.model, cause))
-        self.finish(job.outcome(None, supervisor.model, error=cause))
+        self.finish(job.outcome(None, supervisor.model, error=cause, canary=canary))
 
     # ------------------------------------------------------------- 5. finished
 
@@ -230,6 +262,8 @@ class BlueGreen:
         assert self.job is not None
         self.last = outcome
         self.counts["ok" if outcome.ok else "failed"] += 1
+        if outcome.ok and outcome.cache_level is not None:
+            self.counts[outcome.cache_level] += 1
         self.answer(self.job.waiters, outcome)
         self.job, self.next_job = self.next_job, None
         if self.job is None:
@@ -310,7 +344,13 @@ def describe_model(model: ModelInfo) -> str:
 
 def success_line(model: ModelInfo, seconds: float) -> str:
     return (f"[HOTRELOAD] Swapped model successfully: reloaded from {describe_model(model)} "
-            f"in {seconds:.2f} s via {CACHE_LEVEL_WORDS[model.cache_level]}")
+            f"in {seconds:.2f} s via {CACHE_LEVEL_WORDS[model.cache_level]}"
+            + (f"; {model.canary.verdict()}" if model.canary else ""))
+
+
+def l1_line(model: ModelInfo, seconds: float) -> str:
+    return (f"[HOTRELOAD] Reload answered from L1 in {seconds * 1000:.1f} ms: "
+            f"{describe_model(model)} is unchanged and already serving; no new worker")
 
 
 def failure_line(serving: ModelInfo | None, cause: str, verb: str = "failed") -> str:

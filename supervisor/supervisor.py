@@ -90,7 +90,7 @@ class Supervisor:
         self.backend = self.context.socket(zmq.ROUTER)
         self.authenticator = None  # CURVE's ZAP handler, on tcp:// with SENSEVOICE_CURVE_DIR
         self.broker = Broker(settings, self.frontend, self.backend)
-        self.pool = WorkerPool(self.backend, self.backend_address)
+        self.pool = WorkerPool(self.backend, self.backend_address, settings.worker_start)
         self.reloads = BlueGreen(self)
         self.clients = ClientDesk(self)
         self.streams = StreamRouter(self)  # live streams (streams.py)
@@ -171,6 +171,7 @@ class Supervisor:
         self.authenticator = bind_frontend(self.frontend, self.context, self.settings)
         self.backend.setsockopt(zmq.LINGER, 0)
         bind_owner_only(self.backend, self.runtime_dir / "workers.ipc")
+        self.pool.start()  # the fork server, when workers are forked
         logger.info("Supervisor listening on %s (%d worker%s, warm standby %s)",
                     self.frontend_address, self.settings.workers,
                     "s" if self.settings.workers > 1 else "",
@@ -246,6 +247,7 @@ class Supervisor:
             return
         worker.unanswered_pings = 0  # any message shows it is alive
         if isinstance(message, Hello):
+            worker.start_s = time.monotonic() - worker.spawned_at
             if worker.assignment is None:
                 worker.role = "standby"
                 self.standby_backoff.reset()
@@ -262,6 +264,7 @@ class Supervisor:
                 self.worker_checked(worker)
         elif isinstance(message, LoadFailed):
             worker.load_error = message.error  # it exits next; reap_workers reports it
+            worker.canary = message.canary
         elif isinstance(message, Progress):
             self.broker.progress(worker, message)
         elif isinstance(message, (StreamEvents, StreamMoved)):
@@ -278,7 +281,9 @@ class Supervisor:
             worker.deadline = time.monotonic() + (
                 FIRST_LOAD_TIMEOUT_S if self.model is None else
                 max(self.settings.hotreload_timeout, 60.0))
-        self.pool.send(worker, LoadModel(path=assignment.path, force_fresh=assignment.force_fresh))
+        canary = self.reloads.is_green(worker) and self.settings.reload_canary_dir is not None
+        self.pool.send(worker, LoadModel(path=assignment.path, force_fresh=assignment.force_fresh,
+                                         canary=canary))
 
     def worker_checked(self, worker: WorkerHandle) -> None:
         """It said Ready and answered the ping that followed: it may take traffic."""
@@ -374,6 +379,8 @@ class Supervisor:
         """Keep SENSEVOICE_WORKERS serving (outside reloads) and one warm standby."""
         if self.shutting_down or self.should_exit or self.reloads.job is not None:
             return
+        if self.pool.fork_server.first_start:
+            return  # the first worker is forked once it is ready (meanwhile: status answered)
         now = time.monotonic()
         try:
             if now >= self.backoff.until:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import zmq
 from pydantic import BaseModel
 
+from sensevoice_core.canary import CanaryReport
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -28,6 +26,15 @@ from sensevoice_core.protocol import (
     WorkerRole,
     encode,
 )
+from supervisor.launch import (
+    Backoff,
+    ForkServer,
+    StartMethod,
+    WorkerProcess,
+    spawn_worker_process,
+)
+
+__all__ = ["Assignment", "Backoff", "WorkerHandle", "WorkerPool", "describe_exit"]
 
 logger = logging.getLogger("sensevoice.supervisor")
 
@@ -41,29 +48,15 @@ class Assignment:
 
 
 @dataclass
-class Backoff:
-    """After a failure wait 1 s, doubling per failure up to max_s; a success resets it."""
-
-    max_s: float
-    delay_s: float = 0.0
-    until: float = 0.0  # monotonic time before which nothing is retried
-
-    def fail(self) -> None:
-        self.delay_s = min(max(self.delay_s * 2, 1.0), self.max_s)
-        self.until = time.monotonic() + self.delay_s
-
-    def reset(self) -> None:
-        self.delay_s = 0.0
-
-
-@dataclass
 class WorkerHandle:
     worker_id: str
-    process: subprocess.Popen
+    process: WorkerProcess
     age: int  # spawn order; older workers have smaller ages
+    start_method: StartMethod = "spawn"  # forked by the fork server, or spawned
+    spawned_at: float = field(default_factory=time.monotonic)  # when it was asked for
+    start_s: float | None = None  # asked for -> its Hello
     role: WorkerRole = "starting"
     assignment: Assignment | None = None  # None: a standby until it is given one
-    spawned_at: float = field(default_factory=time.monotonic)
     deadline: float = 0.0  # for loading and draining (warming: the reload's deadline)
     last_ping: float = 0.0
     unanswered_pings: int = 0  # pings sent since the worker was last heard from
@@ -77,6 +70,7 @@ class WorkerHandle:
     batches: int = 0
     batch_items: int = 0
     load_error: str | None = None  # what the worker said when its load failed
+    canary: CanaryReport | None = None  # the canary it failed, with that load_error
     kill_reason: str | None = None  # why the supervisor killed it (set: awaiting reaping)
 
     @property
@@ -101,11 +95,13 @@ class WorkerHandle:
 class WorkerPool:
     """The live worker processes, by id, and the backend socket that reaches them."""
 
-    def __init__(self, backend: zmq.Socket, backend_address: str):
+    def __init__(self, backend: zmq.Socket, backend_address: str, start: StartMethod):
         self.backend = backend
         self.backend_address = backend_address
+        self.start_method = start
+        self.fork_server = ForkServer(backend_address)
         self.workers: dict[str, WorkerHandle] = {}
-        self.exiting: list[subprocess.Popen] = []  # retired, not yet reaped
+        self.exiting: list[WorkerProcess] = []  # retired, not yet reaped
         self.spawned = 0
         self.nonces = itertools.count(1)  # for pings
 
@@ -126,13 +122,33 @@ class WorkerPool:
         starts at idle priority, which on a saturated machine could take longer than a load."""
         return next(iter(self.in_roles("standby")), None)
 
+    def start(self) -> None:
+        """Start the fork server (SENSEVOICE_WORKER_START=fork): it imports torch meanwhile."""
+        if self.start_method == "fork":
+            self.fork_server.start()
+
     def spawn(self, assignment: Assignment | None) -> WorkerHandle:
-        """A new worker process: it loads `assignment` once it says hello, or stands by."""
+        """A new worker process: it loads `assignment` once it says hello, or stands by.
+        Forked when the fork server can, else spawned (fork_server logs why)."""
+        asked_at = time.monotonic()
+        standby = assignment is None
         self.spawned += 1
         worker_id = f"w{self.spawned}"
-        process = spawn_worker_process(worker_id, self.backend_address,
-                                       standby=assignment is None)
-        worker = WorkerHandle(worker_id, process, age=self.spawned, assignment=assignment)
+        process: WorkerProcess | None = None
+        method: StartMethod = "spawn"
+        if self.start_method == "fork":
+            process = self.fork_server.fork(worker_id, standby)
+            method = "fork"
+            if process is None and self.fork_server.lost_request:
+                # A fork may still come of the unanswered request: its Hello must not pass
+                # for this worker's (the supervisor ignores unknown ids).
+                self.spawned += 1
+                worker_id = f"w{self.spawned}"
+        if process is None:
+            process, method = spawn_worker_process(worker_id, self.backend_address,
+                                                   standby), "spawn"
+        worker = WorkerHandle(worker_id, process, age=self.spawned, start_method=method,
+                              spawned_at=asked_at, assignment=assignment)
         self.workers[worker_id] = worker
         return worker
 
@@ -159,6 +175,8 @@ class WorkerPool:
                 del self.workers[worker.worker_id]
                 exited.append((worker, code))
         self.exiting = [p for p in self.exiting if p.poll() is None]
+        if self.start_method == "fork":
+            self.fork_server.check()
         return exited
 
     def check_liveness(self, now: float) -> None:
@@ -199,15 +217,7 @@ class WorkerPool:
         for process in self.exiting:
             process.kill()
             process.wait()
-
-
-def spawn_worker_process(worker_id: str, backend: str, standby: bool) -> subprocess.Popen:
-    """Start ``python -m inference_worker``; it inherits the environment and stderr."""
-    command = [sys.executable, "-m", "inference_worker", "--backend", backend,
-               "--worker-id", worker_id, "--parent-pid", str(os.getpid())]
-    if standby:
-        command.append("--standby")
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.fork_server.close()
 
 
 def describe_exit(code: int) -> str:

@@ -71,8 +71,11 @@ def test_continuous_client_sees_no_failure_across_ten_reloads(service: Service, 
     assert sequence[-1] == fingerprints["a"]
 
 
-def test_reload_of_the_same_model_comes_from_l2(service: Service):
+def test_reload_of_the_same_model_comes_from_l2_once_a_file_was_touched(service: Service):
     serving = service.status().model
+    assert service.client.hot_reload_model().cache_level == "L1"  # unchanged: test_reload_l1
+    weights = Path(serving.model_dir) / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     outcome = service.client.hot_reload_model()
     assert outcome.ok and outcome.new_fingerprint == serving.fingerprint
     assert outcome.cache_level == "L2"
@@ -82,7 +85,7 @@ def test_reload_of_the_same_model_comes_from_l2(service: Service):
 def test_force_fresh_reloads_from_the_model_files(service: Service):
     outcome = service.client.hot_reload_model(force_fresh=True)
     assert outcome.ok and outcome.cache_level == "fresh"
-    assert service.client.hot_reload_model().cache_level == "L2"
+    assert service.client.hot_reload_model().cache_level == "L1"
 
 
 def test_broken_model_leaves_the_old_one_serving(service: Service, models: Path):

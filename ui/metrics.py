@@ -41,6 +41,12 @@ class SupervisorCollector(Collector):
         for outcome in ("ok", "failed", "refused"):
             reloads.add_metric([outcome], status.reload_counts.get(outcome, 0))
         yield reloads
+        by_level = CounterMetricFamily("sensevoice_reloads_by_cache_level",
+                                       "successful model reloads by where the new model came "
+                                       "from (L1: unchanged, no new worker)", labels=["level"])
+        for name in CACHE_LEVELS:
+            by_level.add_metric([name], status.reload_counts.get(name, 0))
+        yield by_level
         restarts = CounterMetricFamily("sensevoice_worker_restarts",
                                        "workers replaced after a crash or hang")
         restarts.add_metric([], status.worker_restarts)

@@ -140,6 +140,13 @@ def via(cache_level: str | None) -> str:
 
 
 def reload_summary(outcome: ReloadOutcome, full: bool = True) -> str:
+    if outcome.canary is not None and outcome.canary.passed:  # a failed one is in outcome.error
+        without = reload_summary(outcome.model_copy(update={"canary": None}), full)
+        return f"{without} · {outcome.canary.verdict()}"
+    if outcome.ok and outcome.cache_level == "L1":
+        return (f"✅ Model unchanged (`{short_fingerprint(outcome.new_fingerprint)}`): kept "
+                f"serving, no new worker, answered in {outcome.seconds * 1000:.1f} ms via "
+                f"{via(outcome.cache_level)} ({outcome.origin})")
     if outcome.ok and outcome.old_fingerprint == outcome.new_fingerprint:
         return (f"✅ Model reloaded, unchanged (`{short_fingerprint(outcome.new_fingerprint)}`) in "
                 f"{outcome.seconds:.2f} s via {via(outcome.cache_level)} ({outcome.origin})")

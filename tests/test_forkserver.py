@@ -1,0 +1,207 @@
+"""Workers forked by the fork server (SENSEVOICE_WORKER_START=fork, the default) against spawned
+ones, reloads under traffic, and the fork server killed, stopped, or fed garbage."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from model_factory import DEMO_MODEL
+from service import BackgroundTraffic, Service, process_alive, start_service, stopped
+
+pytestmark = pytest.mark.slow
+
+EVAL = Path(__file__).parent / "data" / "demo_eval"
+REFS = {ref["file"]: ref for ref in json.loads((EVAL / "refs.json").read_text())}
+CLIPS = ["en_00.flac", "en_02.flac", "zh_04.flac"]
+TRAFFIC_CLIP = EVAL / "en_02.flac"
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory: pytest.TempPathFactory):
+    running = start_service(tmp_path_factory.mktemp("forked"), DEMO_MODEL)
+    yield running
+    server = running.status().fork_server_pid
+    assert running.stop() == 0
+    assert server is not None and not process_alive(server), "the fork server outlived the stop"
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory):
+    running = start_service(tmp_path_factory.mktemp("spawned"), DEMO_MODEL, worker_start="spawn")
+    yield running
+    assert running.stop() == 0
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def comparable(reply) -> dict:
+    """What a transcription says, without where and how fast it ran."""
+    return reply.model_dump(exclude={"request_id", "worker_pid", "inference_s"})
+
+
+def test_workers_are_forked_children_of_the_supervisor_and_a_standby_starts_fast(forked: Service):
+    status = forked.wait_ready()
+    server = status.fork_server_pid
+    assert server is not None and process_alive(server)
+    assert threads_of(server) == 1  # what makes forking it safe
+    assert {w.start_method for w in status.workers} == {"fork"}
+    for worker in status.workers:
+        assert parent_of(worker.pid) == status.supervisor_pid, "not reparented to the supervisor"
+    standby = next(w for w in status.workers if w.role == "standby")
+    print(f"\nforked standby: asked for -> Hello in {standby.start_s:.3f} s")
+    assert standby.start_s is not None and standby.start_s < 2.0
+
+
+def test_forked_and_spawned_workers_give_the_same_results(forked: Service, spawned: Service):
+    assert {w.start_method for w in spawned.wait_ready().workers} == {"spawn"}
+    assert spawned.status().fork_server_pid is None
+    for name in CLIPS:
+        for use_itn in (False, True):
+            a = forked.client.transcribe(EVAL / name, use_itn=use_itn, word_timestamps=True)
+            b = spawned.client.transcribe(EVAL / name, use_itn=use_itn, word_timestamps=True)
+            assert comparable(a) == comparable(b), name
+            assert a.text == REFS[name]["withitn" if use_itn else "woitn"]
+            assert a.token_ids and a.segments[0].tokens
+
+
+def test_twenty_reloads_under_traffic_fail_no_request(forked: Service):
+    """Each reload's new standby is forked while the client's requests are in flight; every
+    forked worker serves the clip right (its own sockets, locks and RNG state)."""
+    expected = REFS[TRAFFIC_CLIP.name]["woitn"]
+    forked.wait_ready()
+    serving: list[int] = []
+    with BackgroundTraffic(forked, TRAFFIC_CLIP) as traffic:
+        traffic.wait_for_more()
+        for _ in range(20):
+            outcome = forked.client.hot_reload_model(force_fresh=True)
+            assert outcome.ok, outcome
+            traffic.wait_for_more(1)
+            serving.append(forked.serving_pid())
+    assert not traffic.failures, traffic.failures
+    assert len(set(serving)) == 20  # a new worker each time
+    assert {reply.text for reply in traffic.replies} == {expected}
+    assert set(serving) <= {reply.worker_pid for reply in traffic.replies}
+    status = forked.wait_ready()
+    assert {w.start_method for w in status.workers} == {"fork"}
+    assert "Spawning worker" not in forked.log()
+
+
+def test_a_killed_fork_server_is_restarted_and_workers_keep_serving(forked: Service):
+    server = forked.wait_ready().fork_server_pid
+    assert server is not None
+    os.kill(server, signal.SIGKILL)
+    assert forked.client.transcribe(TRAFFIC_CLIP).text == REFS[TRAFFIC_CLIP.name]["woitn"]
+    status = forked.wait_until(lambda s: s.fork_server_pid not in (None, server), 60,
+                               "a new fork server")
+    assert f"The fork server (pid {server}) was killed by SIGKILL" in forked.log()
+    assert forked.client.hot_reload_model(force_fresh=True).ok
+    status = forked.wait_until(  # the reload took the standby: the next one is forked again
+        lambda s: any(w.role == "standby" and w.start_method == "fork" and w.pid not in
+                      {x.pid for x in status.workers} for w in s.workers), 60, "a forked standby")
+    assert forked.client.transcribe(TRAFFIC_CLIP).text == REFS[TRAFFIC_CLIP.name]["woitn"]
+
+
+def test_a_stopped_fork_server_is_replaced_and_the_reload_spawns(forked: Service):
+    before = forked.wait_ready()
+    server = before.fork_server_pid
+    assert server is not None
+    with stopped(server):
+        outcome = forked.client.hot_reload_model(force_fresh=True)
+        assert outcome.ok, outcome
+        status = forked.wait_ready()
+    standby = next(w for w in status.workers if w.role == "standby")
+    assert standby.start_method == "spawn"
+    log = forked.log()
+    assert "did not answer a fork request within 2 s (stopped or stuck), so it was killed" in log
+    assert f"Spawning worker {standby.worker_id}: the fork server did not answer" not in log, \
+        "the spawned worker reused the id of the unanswered fork request"
+    assert not process_alive(server)
+    assert forked.client.transcribe(TRAFFIC_CLIP).text == REFS[TRAFFIC_CLIP.name]["woitn"]
+    forked.wait_until(lambda s: s.fork_server_pid not in (None, server), 60, "a new fork server")
+
+
+def start_fork_server(**env: str) -> subprocess.Popen:
+    """The fork server on its own, as the test process's child (nothing is forked here)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "inference_worker.forkserver", "--backend", "ipc:///nonexistent",
+         "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, **env})
+
+
+def ask(server: subprocess.Popen, line: bytes | None, timeout: float = 120.0) -> dict:
+    assert server.stdin is not None and server.stdout is not None
+    if line is not None:
+        server.stdin.write(line + b"\n")
+        server.stdin.flush()
+    assert select.select([server.stdout], [], [], timeout)[0], "the fork server did not answer"
+    return json.loads(server.stdout.readline())
+
+
+def test_the_fork_server_refuses_bad_requests_and_forks_only_single_threaded():
+    quiet = start_fork_server(OPENBLAS_NUM_THREADS="1")
+    pooled = start_fork_server(OPENBLAS_NUM_THREADS="2")  # numpy's BLAS pool: a second thread
+    try:
+        assert ask(quiet, None)["ready"] and ask(pooled, None)["ready"]
+        assert threads_of(quiet.pid) == 1
+        garbage = ask(quiet, b"\xff not json")
+        assert "unreadable fork request" in garbage["error"] and not garbage["permanent"]
+        missing = ask(quiet, b'{"worker_id": "w9"}')
+        assert "unreadable fork request" in missing["error"]
+        late = ask(quiet, json.dumps({"worker_id": "w9", "standby": True,
+                                      "deadline": time.monotonic() - 1}).encode())
+        assert "deadline passed" in late["error"] and not late["permanent"]
+        refused = ask(pooled, json.dumps({"worker_id": "w9", "standby": True,
+                                          "deadline": time.monotonic() + 60}).encode())
+        assert refused["permanent"] and "runs 2 threads" in refused["error"]
+        for server in (quiet, pooled):
+            assert server.stdin is not None
+            server.stdin.close()  # end of requests: it exits
+            assert server.wait(30) == 0
+    finally:
+        for server in (quiet, pooled):
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            for pipe in (server.stdin, server.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+
+def test_start_up_answers_while_the_fork_server_imports_and_a_kill_takes_it_along(
+        tmp_path: Path):
+    """While the first fork server imports torch, status is answered at once and a request
+    waits for the first (forked) worker; a killed supervisor leaves no process behind."""
+    running = start_service(tmp_path, DEMO_MODEL, wait=False)
+    socket = Path(running.address[len("ipc://"):])
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        assert time.monotonic() < deadline and running.process.poll() is None, running.log()
+        time.sleep(0.01)
+    asked = time.monotonic()
+    early = running.client.status()
+    assert time.monotonic() - asked < 2.0, "status waited for the fork server's start-up"
+    assert early.model is None
+    reply = running.client.transcribe(TRAFFIC_CLIP)  # sent before any worker exists
+    assert reply.text == REFS[TRAFFIC_CLIP.name]["woitn"]
+    status = running.wait_ready()
+    server = status.fork_server_pid
+    assert server is not None and {w.start_method for w in status.workers} == {"fork"}
+    assert running.stop(signal.SIGKILL) == -signal.SIGKILL  # asserts no worker is left
+    deadline = time.monotonic() + 5
+    while process_alive(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(server), "the fork server outlived a killed supervisor"
