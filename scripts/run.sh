@@ -5,7 +5,11 @@
 # (extra arguments go to that `transcribe`, e.g. --itn or --json). Ctrl-C stops everything.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-export SENSEVOICE_MODEL_DIR="${SENSEVOICE_MODEL_DIR:-model}"
+if [[ -z "${SENSEVOICE_MODEL_DIR:-}" ]]; then
+    # The demo model, and its reload canary: a reload must still transcribe model/canary/.
+    export SENSEVOICE_MODEL_DIR=model
+    export SENSEVOICE_RELOAD_CANARY_DIR="${SENSEVOICE_RELOAD_CANARY_DIR:-model/canary}"
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 honcho start &
 honcho=$!

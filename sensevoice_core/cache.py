@@ -7,10 +7,10 @@ degrades to a logged warning and a direct load; it never stops a model from load
 
 What is trusted, and why it is enough: L3 only names a snapshot (a ``stat`` per file). The
 snapshot is served only if its own checksummed header says it was built from this directory's
-files with the checksums L3 holds, and, the first time this process maps that file, its data
-hashes to the checksum in its header (reading it also pages the weights in). When no snapshot
-confirms L3, the files are hashed while they are loaded, so neither the model nor its label
-ever rests on ``model_path.json`` alone.
+files with the checksums L3 holds, and its data hashes to the checksum in its header: checked
+the first time a process maps that file in each boot (snapshot_trust.py records it). When no
+snapshot confirms L3, the files are hashed while they are loaded, so neither the model nor its
+label ever rests on ``model_path.json`` alone.
 
 Compute types (compute.py): SENSEVOICE_COMPUTE_TYPE is resolved here, in each process, from
 its own machine. The served fingerprint is the model's own for float32 and
@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +62,8 @@ from sensevoice_core.snapshot import (
     read_header,
     write_snapshot,
 )
+from sensevoice_core.snapshot_trust import VerifiedSnapshots
+from sensevoice_core.snapshot_trust import forget as forget_verified
 
 __all__ = ["LoadReport", "load_model", "load_sensevoice_cached", "prune_snapshots",
            "resolve_model_dir"]
@@ -88,30 +89,14 @@ def resolve_model_dir(path: str | Path | None, settings: Settings) -> ModelFiles
     return model_files(model_dir)
 
 
-class _VerifiedSnapshots:
-    """The snapshot files whose data this process has hashed (or written): a file is hashed
-    the first time a process maps it, and again only if its identity changed since."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._files: set[tuple[str, FileIdentity]] = set()
-
-    def __contains__(self, key: tuple[str, FileIdentity]) -> bool:
-        with self._lock:
-            return key in self._files
-
-    def add(self, key: tuple[str, FileIdentity]) -> None:
-        with self._lock:
-            self._files.add(key)
-
-
-_verified = _VerifiedSnapshots()
+_verified = VerifiedSnapshots()  # data hashed: by this process, or earlier this boot
 
 
 def _discard(path: Path, reason: str, report: LoadReport) -> None:
     warn(report, f"L2 snapshot {path} discarded ({reason}); loading from the model directory "
                   f"and rebuilding it")
     remove_file(path)
+    forget_verified(path)
 
 
 def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings, choice: ComputeChoice,
@@ -127,14 +112,15 @@ def _try_load_snapshot(path: Path, record: PathRecord, settings: Settings, choic
             mapped = open_snapshot(path)
             check_source(path, mapped.metadata, record.fingerprint, SnapshotSource.of(record))
             check_compute(path, mapped.metadata, choice.chosen, settings.compute_check)
-            key = (str(path), mapped.identity)
-            hashing = None if key in _verified else pool.submit(mapped.verify)
+            claimed = mapped.metadata.get("data_sha256")
+            trusted = _verified.trusts(path, mapped.identity, claimed)
+            hashing = None if trusted else pool.submit(mapped.verify)
             model = mapped.build(settings.device)
         if hashing is not None:
             with timer("verify_l2"):
                 hashing.result()
             report.bytes_read += mapped.identity.size
-            _verified.add(key)
+            _verified.add(path, mapped.identity, claimed)
         return model
     except SnapshotError as e:
         _discard(path, e.problem, report)
@@ -162,7 +148,8 @@ def _write_snapshot(path: Path, model: SenseVoice, record: PathRecord, settings:
                 write_snapshot(path, model, source, {"fingerprint": record.fingerprint,
                                                      "code_version": record.code_version,
                                                      **compute})
-                _verified.add((str(path), FileIdentity.of(path)))  # hashed as it was written
+                _verified.add(path, FileIdentity.of(path),  # hashed as it was written
+                              read_header(path)[1].get("data_sha256"))
         prune_snapshots(path.parent, settings.keep_snapshots, keep=path)
         report.snapshot = path
     except (OSError, Timeout) as e:
@@ -228,6 +215,7 @@ def load_sensevoice_cached(
     snapshot = _snapshot_for(settings, record, choice.chosen)
     if force_fresh and use_l2:
         remove_file(snapshot)
+        forget_verified(snapshot)
     model = None
     if use_l2 and snapshot.is_file() and not force_fresh:
         model = _try_load_snapshot(snapshot, record, settings, choice, report, timer, "l2")
@@ -360,6 +348,7 @@ def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings,
     cached = path_cache.read().entries.get(str(files.directory.resolve()))
     if cached is not None:
         remove_file(_snapshot_for(settings, cached, chosen))
+        forget_verified(_snapshot_for(settings, cached, chosen))
         try:
             path_cache.forget(files.directory)
         except (OSError, Timeout) as e:

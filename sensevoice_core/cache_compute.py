@@ -30,6 +30,7 @@ from sensevoice_core.path_cache import PathRecord
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.settings import Settings
 from sensevoice_core.snapshot import read_header, snapshot_path
+from sensevoice_core.snapshot_trust import forget as forget_verified
 
 
 def _word(flag: bool) -> str:
@@ -151,4 +152,5 @@ def prune_snapshots(directory: Path, keep_count: int, keep: Path) -> list[Path]:
     # Lock files stay: deleting one another process holds would break its exclusion.
     for old in removed:
         remove_file(old)
+        forget_verified(old)
     return removed

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from sensevoice_core import Settings, load_model, load_sensevoice_cached
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.snapshot import read_header, verify_data
+from sensevoice_core.snapshot_trust import boot_id
 from model_factory import one_pass, write_official
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,18 +165,43 @@ LOAD_AND_REPORT = (
 )
 
 
-def test_each_process_verifies_a_snapshot_once_even_when_l3_knows_it(model_dir, settings):
-    """Size and mtime in L3 are no proof: a new process hashes the snapshot's data once."""
+def load_in_new_process(model_dir: Path, cache_dir: Path) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(model_dir),
+                           str(cache_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_snapshot_is_hashed_once_per_boot_and_identity_not_on_l3_alone(model_dir, settings):
+    """Size and mtime in L3 are no proof: the snapshot's data is hashed once per file identity
+    per boot (the process that wrote it records it beside it); another boot's record, a record
+    for another identity or checksum, or none at all makes a new process hash it again."""
     _, first = load_sensevoice_cached(model_dir, settings=settings)
     size = first.snapshot.stat().st_size
-    done = subprocess.run([sys.executable, "-c", LOAD_AND_REPORT, str(model_dir),
-                           str(settings.cache_dir)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    new_process, same_process_again = json.loads(done.stdout)
-    assert new_process["level"] == "L2" and new_process["bytes_read"] == size
-    assert "verify_l2" in new_process["steps"] and not new_process["warnings"]
-    assert same_process_again["level"] == "L2" and same_process_again["bytes_read"] == 0
-    assert "verify_l2" not in same_process_again["steps"]
+    record = first.snapshot.with_name(first.snapshot.name + ".verified")
+    assert json.loads(record.read_text())["boot_id"] == boot_id()
+    new_process, same_process_again = load_in_new_process(model_dir, settings.cache_dir)
+    assert new_process["level"] == "L2" and new_process["bytes_read"] == 0
+    assert "verify_l2" not in new_process["steps"] and not new_process["warnings"]
+
+    for tamper in ("boot_id", "data_sha256", "identity", "garbage", "missing"):
+        content = json.loads(record.read_text()) if record.exists() else {}
+        if tamper == "garbage":
+            record.write_text("{not json")
+        elif tamper == "missing":
+            record.unlink()
+        elif tamper == "identity":
+            content["identity"]["ctime_ns"] += 1
+            record.write_text(json.dumps(content))
+        else:
+            content[tamper] = "0" * 64
+            record.write_text(json.dumps(content))
+        new_process, same_process_again = load_in_new_process(model_dir, settings.cache_dir)
+        assert new_process["level"] == "L2" and new_process["bytes_read"] == size, tamper
+        assert "verify_l2" in new_process["steps"] and not new_process["warnings"], tamper
+        assert same_process_again["bytes_read"] == 0 and "verify_l2" not in \
+            same_process_again["steps"]
+        assert json.loads(record.read_text())["boot_id"] == boot_id()  # recorded again
 
 
 def test_a_snapshot_with_a_new_identity_is_verified_again_in_the_same_process(model_dir,
