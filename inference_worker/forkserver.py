@@ -26,10 +26,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO, NoReturn
 
 from sensevoice_core.cli import settings_or_exit
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR
+from sensevoice_core.linux import set_process_name
 from sensevoice_core.logs import configure_logging
 
 logger = logging.getLogger("sensevoice.forkserver")
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:  # exits the process when done
                         help="the workers' OPENBLAS_NUM_THREADS (empty: unset); this process "
                              "runs with 1, set before numpy was imported: no BLAS thread pool")
     args = parser.parse_args(argv)
+    fresh = FreshSignals.now()  # what `python -m inference_worker` starts with
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when this stops
     settings = settings_or_exit(EXIT_BOOT_ERROR)
     configure_logging("fork server", settings.log_level)
@@ -76,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:  # exits the process when done
         """In the forked worker (the supervisor's child now): never returns."""
         try:
             wait_until_child_of(args.parent_pid)
+            set_process_name(f"sv-worker {worker_id}")
+            null = os.open(os.devnull, os.O_RDWR)  # before fd 0 (requests) is free
             requests.close()
             answers.close()
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
+            os.dup2(null, 0)  # stdin: /dev/null, as subprocess.DEVNULL gives a spawned one
             os.close(null)
-            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
-                signal.signal(sig, signal.SIG_DFL)
+            fresh.restore()
             random.seed()
             numpy.random.seed()
             torch.seed()
@@ -114,6 +117,37 @@ def main(argv: list[str] | None = None) -> int:  # exits the process when done
         answer(answers, {"pid": pid})
     logging.shutdown()  # stdin closed: the supervisor is stopping
     os._exit(0)  # no teardown of torch's modules one by one
+
+
+@dataclass(frozen=True)
+class FreshSignals:
+    """The signal dispositions and mask of a freshly started Python (SIGPIPE and SIGXFSZ
+    ignored, its SIGINT handler, and what this process inherited), for a forked worker to
+    start from exactly what a spawned one has: a worker left with SIGPIPE at SIG_DFL dies at
+    its first log line once the log reader is gone."""
+
+    handlers: tuple[tuple[int, Callable | int], ...]
+    mask: frozenset[int]
+
+    @classmethod
+    def now(cls) -> FreshSignals:
+        handlers = []
+        for sig in signal.valid_signals():
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            handler = signal.getsignal(sig)
+            if handler is not None:  # None: set outside Python, left as inherited
+                handlers.append((int(sig), handler))
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return cls(tuple(handlers), frozenset(int(s) for s in mask))
+
+    def restore(self) -> None:
+        for sig, handler in self.handlers:
+            try:
+                signal.signal(sig, handler)
+            except (OSError, ValueError):  # a signal Python may not set (SIGRTMIN+n in use)
+                pass
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
 
 
 def answer(stream: BinaryIO, message: dict[str, object]) -> None:

@@ -20,22 +20,21 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib.resources import files
 
 import numpy as np
 import torch
 import zmq
 
 from inference_worker.streams import StreamSessions
-from sensevoice_core.audio import SAMPLE_RATE, load_audio
+from inference_worker.warmup import check_canary, describe_failure, warm_up
 from sensevoice_core.batching import ForwardBatcher, max_requests
 from sensevoice_core.cache import LoadReport, load_sensevoice_cached
-from sensevoice_core.canary import CanaryReport, run_canary
 from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
 from sensevoice_core.exit_codes import EXIT_MODEL_LOAD_ERROR, EXIT_OK
+from sensevoice_core.linux import PR_SET_PDEATHSIG, prctl
 from sensevoice_core.long_audio import ProgressCallback
 from sensevoice_core.model import SenseVoiceSmall
-from sensevoice_core.options import TranscribeOptions
+from sensevoice_core.path_cache import PathCache
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -65,16 +64,8 @@ from sensevoice_core.protocol import (
 from sensevoice_core.random_model import random_model, small_dims
 from sensevoice_core.result import Segment
 from sensevoice_core.settings import Settings
-from sensevoice_core.vad import speech_probabilities
 
 logger = logging.getLogger("sensevoice.worker")
-
-WARMUP_CLIP = files("sensevoice_core") / "warmup.flac"  # short: the gate has gate.flac
-# The model's part of the warm-up: a forward pass reads every weight once whatever the input
-# length, so its cost is that read; a few frames go through every layer (the LFR frontend
-# stacks 7 feature frames of 10 ms, so 0.2 s gives 3 encoder frames beside the 4 queries).
-WARMUP_MODEL_S = 0.2
-
 
 def prewarm() -> None:
     """Pay the first-use costs (meta construction, kernels, thread pool) before any model."""
@@ -86,47 +77,15 @@ def prewarm() -> None:
         model(features, torch.tensor([50]), rows, rows)
 
 
-def warm_up(model: SenseVoice) -> float:
-    """The first request's one-off costs, paid before Ready: decode the bundled clip (the
-    audio path), load the VAD and run it over the clip, and run the model on its first
-    WARMUP_MODEL_S through every stage (features, encoder, CTC head, decoding), which proves
-    the model runs and touches every weight page (the L2 load mapped them in already).
-    Going through transcribe() would only run the model on the VAD's speech, at the length
-    of the whole clip.
-
-    One thread: a reload warms up beside the old worker, which is serving on every core;
-    two thread pools spinning on the same cores would slow both far more than half.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    try:
-        audio = load_audio(str(WARMUP_CLIP))
-        speech_probabilities(model.vad, [audio])
-        model.decode([audio[:round(WARMUP_MODEL_S * SAMPLE_RATE)]], TranscribeOptions())
-    finally:
-        torch.set_num_threads(threads)
-    return time.perf_counter() - start
-
-
-def check_canary(model: SenseVoice, settings: Settings) -> CanaryReport | None:
-    """A reload's green, before Ready: the canary clips (SENSEVOICE_RELOAD_CANARY_DIR, if set),
-    on one thread like the warm-up and for the same reason."""
-    if settings.reload_canary_dir is None:
-        return None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_canary(model, settings.reload_canary_dir, settings.reload_canary_max_cer,
-                          settings=settings)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def model_info(report: LoadReport, warmup_s: float) -> ModelInfo:
+def model_info(report: LoadReport, warmup_s: float, settings: Settings) -> ModelInfo:
+    # The identities L3 holds for exactly these checksums: what the supervisor's L1 check
+    # compares stats with (read here, once per load, not on the supervisor's loop).
+    identities = PathCache(settings.cache_dir).identities(str(report.model_dir),
+                                                          report.file_sha256)
     return ModelInfo(model_dir=str(report.model_dir), layout=report.layout,
                      fingerprint=report.fingerprint, short_ids=report.short_ids,
                      file_sha256=report.file_sha256, file_paths=report.file_paths,
+                     file_identities=identities,
                      cache_level=report.level, load_s=report.total_s,
                      steps_s=report.steps_s, warmup_s=warmup_s, warnings=report.warnings,
                      compute_type=report.compute_type, compute_reason=report.compute_reason)
@@ -277,13 +236,16 @@ class InferenceWorker:
         return len(self.in_flight) + (1 if self.streams.sessions else 0)
 
     def load(self, request: LoadModel) -> int | None:
+        stage = "load"
         try:
             model, report = load_sensevoice_cached(request.path, request.force_fresh,
                                                    self.settings)
+            stage = "warm-up"
             warmup_s = warm_up(model)
+            stage = "canary"
             canary = check_canary(model, self.settings) if request.canary else None
         except Exception as e:  # noqa: BLE001 - any failure to load means "not ready"
-            cause = f"{type(e).__name__}: {e}".splitlines()[0]
+            cause = describe_failure(stage, e)
             logger.error("cannot load model %s: %s", request.path or "(default)", cause)
             self.send(LoadFailed(worker_id=self.worker_id, error=cause))
             return EXIT_MODEL_LOAD_ERROR
@@ -300,7 +262,7 @@ class InferenceWorker:
                 threads=self.threads, callers=self.callers)
         self.model, self.fingerprint = model, report.fingerprint
         logger.info("ready after a %.2f s warm-up", warmup_s)
-        info = model_info(report, warmup_s).model_copy(update={"canary": canary})
+        info = model_info(report, warmup_s, self.settings).model_copy(update={"canary": canary})
         self.send(Ready(worker_id=self.worker_id, pid=os.getpid(), model=info))
         return None
 
@@ -389,12 +351,7 @@ def step_aside() -> None:
 
 def die_with_parent(parent_pid: int) -> None:
     """Linux: get SIGTERM when the supervisor dies, however it dies (no orphans)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) is not None:
         return  # not Linux/glibc: the worker still exits when the supervisor goes silent
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl took effect

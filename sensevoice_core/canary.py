@@ -41,6 +41,12 @@ FIELDS = {"audio": "a string (the clip's file name)", "text": "a string (what th
           "language": "a language code", "use_itn": "true or false"}
 LANGUAGES = tuple(tag for tag in LANGUAGE_TAGS if tag != Language.NOSPEECH.value)
 MAX_TEXT_CHARS = 1000  # a canary clip is an utterance; bounds the edit distance's cost
+MAX_CLIP_S = 30.0  # a canary clip is an utterance; hours of audio would hold up every reload
+# The canary runs on one thread after the load and the warm-up, inside the reload's timeout.
+# Measured: the full-size model, float32, one Zen 3 core: 3.4 s for the 15.5 s of the demo
+# canary (0.22 s per audio second). A canary expected to take over half the timeout is
+# warned about at start (the load and the warm-up need the rest).
+CANARY_S_PER_AUDIO_S = 0.25
 SHOWN_CLIPS = 3  # worst clips a failed canary's summary shows
 SHOWN_TEXT_CHARS = 60
 
@@ -190,13 +196,40 @@ def audio_path(root: Path, where: str, audio: str) -> Path:
     return path
 
 
-def check_canary_dir(canary_dir: Path | str, languages: Sequence[str] = ()) -> str:
+@dataclass(frozen=True)
+class CanaryCheck:
+    """What a canary directory holds, checked at start (check_canary_dir)."""
+
+    root: Path
+    clips: int
+    seconds: float  # of audio, all clips
+    languages: tuple[str, ...]
+
+    def size(self) -> str:
+        return f"{self.clips} clip{'s' if self.clips != 1 else ''}, {self.seconds:.1f} s of audio"
+
+    def line(self) -> str:
+        return (f"{self.clips} clips ({self.seconds:.1f} s of audio"
+                + (f"; {', '.join(self.languages)}" if self.languages else "")
+                + f") from {self.root}")
+
+    def timeout_warning(self, timeout_s: float) -> str | None:
+        """A line when the canary alone may take over half of SENSEVOICE_HOTRELOAD_TIMEOUT."""
+        expected_s = self.seconds * CANARY_S_PER_AUDIO_S
+        if expected_s <= timeout_s / 2:
+            return None
+        return (f"the reload canary ({self.size()}) may take ~{expected_s:.0f} s on one CPU "
+                f"thread (~{CANARY_S_PER_AUDIO_S:g} s per audio second for a full-size model), "
+                f"over half of SENSEVOICE_HOTRELOAD_TIMEOUT={timeout_s:g} s, which also covers "
+                f"the load and the warm-up: reloads may time out. Fix: fewer or shorter clips "
+                f"in {self.root}, or a longer SENSEVOICE_HOTRELOAD_TIMEOUT")
+
+
+def check_canary_dir(canary_dir: Path | str, languages: Sequence[str] = ()) -> CanaryCheck:
     """For the supervisor at start: read canary.jsonl and every clip's header (soundfile, no
     torch), so a misconfigured canary fails now, not at the first reload. languages: the
     service's whitelist (SENSEVOICE_LANGUAGES), which must allow every expected language.
-    Returns a line that says what the canary holds; CanaryError otherwise."""
-    import soundfile
-
+    CanaryError names the first problem."""
     entries = read_canary(canary_dir)
     allowed = {language.value for language in languages_of(languages)}
     seconds = 0.0
@@ -206,15 +239,24 @@ def check_canary_dir(canary_dir: Path | str, languages: Sequence[str] = ()) -> s
                               f"{entry.language!r}, which SENSEVOICE_LANGUAGES "
                               f"({', '.join(sorted(allowed))}) rules out: every reload would "
                               f"fail its canary")
-        try:
-            seconds += soundfile.info(str(entry.path)).duration
-        except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
-            raise CanaryError(f"{entry.path} (in {CANARY_FILE}): not audio soundfile can read: "
-                              f"{e}") from None
-    languages = sorted({entry.language for entry in entries if entry.language})
-    return (f"{len(entries)} clips ({seconds:.1f} s of audio"
-            + (f"; {', '.join(languages)}" if languages else "")
-            + f") from {canary_root(canary_dir)}")
+        seconds += clip_seconds(entry)
+    return CanaryCheck(canary_root(canary_dir), len(entries), seconds,
+                       tuple(sorted({entry.language for entry in entries if entry.language})))
+
+
+def clip_seconds(entry: CanaryEntry) -> float:
+    """The clip's length from its header; CanaryError when it is not audio or over MAX_CLIP_S."""
+    import soundfile
+
+    try:
+        seconds = soundfile.info(str(entry.path)).duration
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
+        raise CanaryError(f"{entry.path} (in {CANARY_FILE}): not audio soundfile can read: "
+                          f"{e}") from None
+    if seconds > MAX_CLIP_S:
+        raise CanaryError(f"{entry.path} (in {CANARY_FILE}) is {seconds:.1f} s long; a canary "
+                          f"clip is an utterance of at most {MAX_CLIP_S:g} s (split it)")
+    return seconds
 
 
 def normalise(text: str, use_itn: bool) -> str:
@@ -256,6 +298,7 @@ def run_canary(model: SenseVoice, canary_dir: Path | str, max_cer: float, *,
     start = time.perf_counter()
     clips, pairs = [], []
     for entry in entries:
+        clip_seconds(entry)  # replaced since the start by a long one: not run, not blamed
         try:
             result = model.transcribe(str(entry.path),
                                       settings.transcribe_options("auto", entry.use_itn),

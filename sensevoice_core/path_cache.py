@@ -39,6 +39,9 @@ SNAPSHOT_FORMAT = 2
 ROLES = ("weights", "config", "tokenizer", "cmvn")
 HASH_CHUNK = 1 << 24
 LOCK_TIMEOUT_S = 30.0
+# Entries kept, the most recently stored last: a service reloaded to versioned directories
+# (releases/v1, v2, ...) would otherwise grow the file by an entry per directory for ever.
+MAX_L3_ENTRIES = 64
 
 
 def code_version() -> str:
@@ -113,7 +116,12 @@ def sha256_file(path: Path) -> str:
 
 
 def fingerprint_of(files: dict[str, FileRecord], version: str) -> str:
-    parts = [version] + [f"{role}:{files[role].sha256}" for role in ROLES]
+    return fingerprint_of_checksums({role: files[role].sha256 for role in ROLES}, version)
+
+
+def fingerprint_of_checksums(sha256: dict[str, str], version: str) -> str:
+    """role -> checksum (every role in ROLES) and the code version -> the model's fingerprint."""
+    parts = [version] + [f"{role}:{sha256[role]}" for role in ROLES]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -201,11 +209,25 @@ class PathCache:
                           files=records, code_version=version,
                           fingerprint=fingerprint_of(records, version))
 
+    def identities(self, model_dir: str, file_sha256: dict[str, str]) -> dict[str, FileIdentity]:
+        """role -> the identity each file had when it was hashed to the checksum in
+        file_sha256, from the L3 entry for model_dir; {} when no consistent entry of this code
+        version vouches for exactly those checksums (another load rewrote it meanwhile)."""
+        cached = self.read().entries.get(model_dir)
+        if (cached is None or cached.code_version != code_version() or not cached.consistent()
+                or {role: rec.sha256 for role, rec in cached.files.items()} != file_sha256):
+            return {}
+        return {role: rec.identity() for role, rec in cached.files.items()}
+
     def store(self, record: PathRecord) -> None:
-        """Record this model as the last one resolved. Raises OSError if the cache is not writable."""
+        """Record this model as the last one resolved, and drop the entries stored longest ago
+        beyond MAX_L3_ENTRIES. Raises OSError if the cache is not writable."""
         with self._locked():
             content = self.read()
+            content.entries.pop(record.model_dir, None)  # re-inserted last: the newest
             content.entries[record.model_dir] = record
+            for stale in list(content.entries)[:-MAX_L3_ENTRIES]:
+                del content.entries[stale]
             content.last_model_dir = record.model_dir
             write_bytes_atomic(self.path, content.model_dump_json(indent=2).encode())
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from sensevoice_core.canary import CanaryReport
+from sensevoice_core.path_cache import FileIdentity
 from sensevoice_core.result import Result, Segment
 from sensevoice_core.stream_types import BYTES_PER_SAMPLE, G711_RATE, StreamEvent, StreamOptions
 
@@ -139,6 +140,9 @@ class ModelInfo(BaseModel):
     short_ids: dict[str, str]  # config / weights / code, 8 hex each
     file_sha256: dict[str, str]  # role (weights, config, tokenizer, cmvn) -> checksum
     file_paths: dict[str, str]  # role -> absolute path
+    # role -> each file's identity when it was hashed to file_sha256 (from L3); {} when no L3
+    # entry vouched for those checksums. The supervisor's L1 check compares stats with it.
+    file_identities: dict[str, FileIdentity] = {}
     cache_level: CacheLevel
     load_s: float
     steps_s: dict[str, float]
@@ -199,6 +203,7 @@ class ServiceStatus(BaseModel):
     reloading: bool
     last_reload: ReloadOutcome | None
     reload_counts: dict[str, int] = {}  # outcome (ok, failed, refused) -> reloads since start
+    reload_levels: dict[str, int] = {}  # successful reloads by cache level (L1, L2, fresh)
     watching: str | None  # the directory watched for changes, None when watching is off
     watch_counts: dict[str, int] = {}  # the watcher's decisions: unchanged, code_changed, reloads
     streams: int = 0  # live streams open now (SENSEVOICE_MAX_STREAMS at most)

@@ -22,7 +22,6 @@ type the load asked for and ``compute_gate`` the accuracy gate's outcome, when t
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -41,6 +40,7 @@ from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.convert import build_structure
 from sensevoice_core.errors import SnapshotError
 from sensevoice_core.frontend import CMVN
+from sensevoice_core.linux import MADV_POPULATE_READ, MADV_WILLNEED, madvise
 from sensevoice_core.loader import adopt_tensors, check_state_dict
 from sensevoice_core.path_cache import FileIdentity, PathRecord
 from sensevoice_core.pipeline import SenseVoice
@@ -55,8 +55,6 @@ OPEN_ATTEMPTS = 3  # the file was replaced (renamed over) while being opened: op
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
            torch.int8: "I8", torch.uint8: "U8"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
-MADV_WILLNEED = 3
-MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels answer EINVAL
 
 
 @dataclass(frozen=True)
@@ -371,16 +369,9 @@ def populate(storage: torch.UntypedStorage, nbytes: int) -> str:
     with the page cache warm. Returns how: "populate" (page tables filled, what was not cached
     read), "willneed" (kernels before 5.14: read-ahead started, the faults still to come) or
     "none" (not Linux/glibc: nothing changes)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return "none"
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
     address = storage.data_ptr()  # the mmap's start: page-aligned
     for advice, name in ((MADV_POPULATE_READ, "populate"), (MADV_WILLNEED, "willneed")):
-        if nbytes and madvise(address, nbytes, advice) == 0:
+        if nbytes and madvise(address, nbytes, advice) is None:
             return name
     return "none"
 

@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
         log = logging.getLogger("sensevoice.supervisor")
         try:
-            log.info("Reload canary: %s, max CER %g", check_canary_dir(
-                settings.reload_canary_dir, settings.languages), settings.reload_canary_max_cer)
+            canary = check_canary_dir(settings.reload_canary_dir, settings.languages)
+            log.info("Reload canary: %s, max CER %g", canary.line(),
+                     settings.reload_canary_max_cer)
+            if warning := canary.timeout_warning(settings.hotreload_timeout):
+                log.warning("Reload canary: %s", warning)
         except CanaryError as e:
             log.error("Cannot start: SENSEVOICE_RELOAD_CANARY_DIR: %s", e)
             return EXIT_USAGE

@@ -82,6 +82,7 @@ class ClientDesk:
             requests_served=supervisor.broker.requests_served,
             worker_restarts=supervisor.restarts, reloading=supervisor.reloads.job is not None,
             last_reload=supervisor.reloads.last, reload_counts=dict(supervisor.reloads.counts),
+            reload_levels=dict(supervisor.reloads.levels),
             watching=str(watcher.directory) if watcher and watcher.directory else None,
             watch_counts=dict(watcher.counts) if watcher else {},
             streams=len(streams.streams), stream_counts=dict(streams.counts),

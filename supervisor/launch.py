@@ -9,7 +9,6 @@ child subreaper (PR_SET_CHILD_SUBREAPER): the pool waits for it like any child, 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -18,16 +17,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
+
+from sensevoice_core.exit_codes import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR
+from sensevoice_core.linux import PR_SET_CHILD_SUBREAPER, prctl
 
 logger = logging.getLogger("sensevoice.supervisor")
 
 StartMethod = Literal["fork", "spawn"]
 FORK_TIMEOUT_S = 2.0  # a fork takes milliseconds; past this the server is stopped or stuck
 SERVER_START_TIMEOUT_S = 120.0  # importing torch on a loaded machine
+FIRST_START_WAIT_S = 20.0  # the first worker waits this long for the first server, then spawns
+SERVER_STABLE_S = 30.0  # a server up this long resets the restart backoff
 SERVER_STOP_S = 2.0
-PR_SET_CHILD_SUBREAPER = 36
 
 
 class WorkerProcess(Protocol):
@@ -90,15 +95,64 @@ def spawn_worker_process(worker_id: str, backend: str, standby: bool) -> subproc
 
 def become_subreaper() -> str | None:
     """Make orphaned descendants (forked workers) this process's children; None, or why not."""
-    if not sys.platform.startswith("linux"):
-        return f"{sys.platform} has no child subreapers"
+    return prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def reap_orphans(known: set[int]) -> list[tuple[int, int]]:
+    """Reap exited children this process never started nor adopted knowingly (a subreaper
+    inherits every orphaned descendant: a late fork's worker, a library's leftover
+    subprocess), with their exit codes; children in `known` are left to their owners.
+    waitid(WNOWAIT) peeks first, so nothing is read unless some child has exited."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            return f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}"
-    except (OSError, AttributeError) as e:
-        return f"prctl is unavailable: {e}"
-    return None
+        if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return []
+    except ChildProcessError:
+        return []
+    reaped = []
+    for pid in children() - known:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if done:
+            reaped.append((pid, os.waitstatus_to_exitcode(status)))
+    return reaped
+
+
+def children() -> set[int]:
+    """This process's children (all its threads'), from /proc."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:  # the thread exited meanwhile
+            pass
+    return pids
+
+
+def process_stopped(pid: int) -> bool:
+    """Stopped by a signal (SIGSTOP, SIGTSTP) or traced, per /proc/PID/stat."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")
+
+
+def describe_exit(code: int) -> str:
+    """Why a worker or the fork server exited, in words a user can act on."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-code}"
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    if code == EXIT_MODEL_LOAD_ERROR:
+        return "could not load its model (exit code 4)"
+    if code == EXIT_BOOT_ERROR:
+        return "could not start (exit code 3): check the settings and the installation"
+    return f"exited with code {code}"
 
 
 @dataclass
@@ -117,31 +171,79 @@ class Backoff:
         self.delay_s = 0.0
 
 
+class PendingFork:
+    """A worker asked of the fork server, whose answer may not be read yet: it has not exited
+    (poll: None) until the answer gives its pid, then it is that process; or the answer (or its
+    absence) says why it must be spawned instead (`failed`), which the pool then does."""
+
+    def __init__(self, worker_id: str, deadline: float):
+        self.worker_id = worker_id
+        self.asked_at = time.monotonic()
+        self.deadline = deadline
+        self.adopted: AdoptedProcess | None = None
+        self.failed: str | None = None
+        self.lost = False  # unanswered: a late fork may still say hello under worker_id
+        self.cancelled = False  # killed before its answer came
+
+    @property
+    def pid(self) -> int:
+        """Its pid; 0 for the milliseconds before the server's answer is read."""
+        return self.adopted.pid if self.adopted is not None else 0
+
+    def forked(self, pid: int) -> None:
+        self.adopted = AdoptedProcess(pid)
+        if self.cancelled:
+            self.adopted.kill()
+
+    def fail(self, why: str, lost: bool) -> None:
+        if self.adopted is None and self.failed is None:
+            self.failed, self.lost = why, lost
+
+    def poll(self) -> int | None:
+        if self.adopted is not None:
+            return self.adopted.poll()
+        return -signal.SIGKILL if self.cancelled and self.failed is not None else None
+
+    def kill(self) -> None:
+        self.cancelled = True
+        if self.adopted is not None:
+            self.adopted.kill()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.worker_id}", timeout or 0.0)
+            time.sleep(0.005)
+        return code
+
+
 class ForkServer:
-    """The supervisor's end of the fork server: starts it, asks it for workers, notices when it
-    dies or stops answering, and restarts it with backoff. fork() returns None when a worker
-    must be spawned instead, having logged why."""
+    """The supervisor's end of the fork server: starts it, asks it for workers without waiting
+    (answers are read from the loop, check()), notices when it dies or stops answering, and
+    restarts it with backoff. fork() returns None when a worker must be spawned at once, having
+    logged why; a PendingFork that fails later says why in its `failed`."""
 
     def __init__(self, backend: str):
         self.backend = backend
         self.process: subprocess.Popen | None = None
         self.ready = False
         self.started_at = 0.0
+        self.ready_at = 0.0
         self.buffer = b""
         self.backoff = Backoff(30.0)
         self.running = False  # between start() and close()
         self.disabled: str | None = None  # set: fork is off for good, and why
         self.down_reason: str | None = None  # why the last server went away
-        self.forked_once = False
-        self.lost_request = False  # the last fork request went unanswered: its id may be taken
+        self.pending: deque[PendingFork] = deque()  # asked, in order; the server answers in order
+        self.first_wait = False  # the service's first worker waits for the first server
 
     @property
     def first_start(self) -> bool:
         """The service's first fork server is importing torch: its first worker waits for it
-        (the loop reads its ready line in check()) rather than import torch beside it."""
-        return (self.running and self.disabled is None and self.process is not None
-                and not self.ready and not self.forked_once
-                and time.monotonic() - self.started_at < SERVER_START_TIMEOUT_S)
+        (check() takes its ready line) rather than import torch beside it, up to
+        FIRST_START_WAIT_S or until the server is seen stopped."""
+        return self.first_wait and self.running and self.disabled is None
 
     @property
     def pid(self) -> int | None:
@@ -155,9 +257,15 @@ class ForkServer:
             self.disable(why)
             return
         self.launch_server()
+        if self.process is not None:
+            self.first_wait = True
+            logger.info("Waiting for the fork server (pid %s) to import torch; the first worker "
+                        "is spawned instead if it is not ready within %.0f s",
+                        self.process.pid, FIRST_START_WAIT_S)
 
     def disable(self, why: str) -> None:
         self.disabled = why
+        self.first_wait = False
         logger.warning("Workers will be spawned, not forked: %s", why)
         self.stop()
 
@@ -177,67 +285,74 @@ class ForkServer:
             return
         self.ready, self.buffer, self.started_at = False, b"", time.monotonic()
 
-    def fork(self, worker_id: str, standby: bool) -> AdoptedProcess | None:
-        """A worker forked by the server, or None (spawn it; the reason is logged)."""
+    def fork(self, worker_id: str, standby: bool) -> PendingFork | None:
+        """Ask the server for a worker (never waits), or None: spawn it (the reason logged)."""
         if not self.running or self.disabled is not None:
             return None
-        why = self.usable(wait=not self.forked_once)
+        why = self.usable()
         if why is not None:
             logger.info("Spawning worker %s, not forking it: %s", worker_id, why)
             return None
         assert self.process is not None and self.process.stdin is not None
-        deadline = time.monotonic() + FORK_TIMEOUT_S
-        self.lost_request = True
-        try:
+        pending = PendingFork(worker_id, time.monotonic() + FORK_TIMEOUT_S)
+        try:  # a line into an empty pipe: does not block
             self.process.stdin.write(json.dumps(
-                {"worker_id": worker_id, "standby": standby, "deadline": deadline}).encode()
-                + b"\n")
+                {"worker_id": worker_id, "standby": standby, "deadline": pending.deadline})
+                .encode() + b"\n")
             self.process.stdin.flush()
-            answer = self.read_answer(deadline)
         except OSError as e:
-            answer = None
             self.down(f"broke its pipe ({e})")
-        if answer is None:
-            if self.process is not None:
-                code = self.process.poll()
-                self.down(f"did not answer a fork request within {FORK_TIMEOUT_S:g} s "
-                          f"(stopped or stuck), so it was killed" if code is None
-                          else describe_server_exit(code))
-            logger.warning("Spawning worker %s: the fork server %s", worker_id,
-                           self.down_reason)
+            logger.warning("Spawning worker %s: the fork server %s", worker_id, self.down_reason)
             return None
-        self.lost_request = False
-        if "pid" in answer:
-            self.forked_once = True
-            self.backoff.reset()
-            logger.debug("Forked worker %s (pid %s) in %.1f ms", worker_id, answer["pid"],
-                         (time.monotonic() - deadline + FORK_TIMEOUT_S) * 1000)
-            return AdoptedProcess(int(answer["pid"]))
-        if answer.get("permanent"):
-            self.disable(f"the fork server refused: {answer.get('error')}")
-        else:
-            logger.warning("Spawning worker %s: the fork server refused: %s", worker_id,
-                           answer.get("error"))
-        return None
+        self.pending.append(pending)
+        return pending
 
     def check(self) -> None:
-        """From the loop: notice a dead server and restart it once the backoff allows; take
-        a starting one's ready line. Never blocks."""
+        """From the loop, every tick: take the server's answers, notice a dead, stuck or
+        never-ready server and restart it once the backoff allows. Never blocks."""
         if not self.running or self.disabled is not None:
             return
+        now = time.monotonic()
         if self.process is not None and self.process.poll() is not None:
-            how = describe_server_exit(self.process.returncode)
+            how = describe_exit(self.process.returncode)
             logger.warning("The fork server (pid %s) %s; workers are spawned until it is "
                            "back", self.process.pid, how)
             self.down(how)
-        if self.process is None and time.monotonic() >= self.backoff.until:
+        if self.process is None and not self.first_wait and now >= self.backoff.until:
             self.launch_server()
-        if self.process is not None and not self.ready:
-            self.await_ready(0.0)
+        if self.process is not None:
+            self.take_answers()
+        if self.process is not None and self.pending and now > self.pending[0].deadline:
+            self.down(f"did not answer a fork request within {FORK_TIMEOUT_S:g} s (stopped "
+                      f"or stuck), so it was killed")
+        elif self.process is not None and not self.ready \
+                and now - self.started_at > SERVER_START_TIMEOUT_S:
+            self.down(f"was not ready within {SERVER_START_TIMEOUT_S:.0f} s, so it was killed")
+            logger.warning("The fork server %s; workers are spawned; next try in %.0f s",
+                           self.down_reason, self.backoff.delay_s)
+        if self.first_wait:
+            self.end_first_wait(now)
+        if self.ready and self.backoff.delay_s and now - self.ready_at > SERVER_STABLE_S:
+            self.backoff.reset()  # up a while: a crash-looping server still backs off
 
-    def usable(self, wait: bool) -> str | None:
-        """None when the server can fork now (waiting for its start-up when `wait`), else why
-        not, restarting it when it is down and the backoff allows."""
+    def end_first_wait(self, now: float) -> None:
+        process = self.process
+        if process is not None and self.ready:
+            self.first_wait = False
+            return
+        stopped = process is not None and process_stopped(process.pid)
+        waited = now - self.started_at
+        if process is None or stopped or waited > FIRST_START_WAIT_S:
+            self.first_wait = False
+            why = (f"{self.down_reason}" if process is None else
+                   f"(pid {process.pid}) is stopped" if stopped else
+                   f"(pid {process.pid}) is not ready after {waited:.0f} s")
+            logger.warning("The fork server %s: spawning the first worker instead; later ones "
+                           "are forked once it is ready", why)
+
+    def usable(self) -> str | None:
+        """None when the server can fork now, else why not (restarting it when it is down and
+        the backoff allows)."""
         if self.process is None:
             if time.monotonic() < self.backoff.until:
                 return f"the fork server {self.down_reason}; restarting it in " \
@@ -245,42 +360,55 @@ class ForkServer:
             self.launch_server()
             if self.process is None:
                 return f"the fork server {self.down_reason}"
-            if not wait:
-                return f"the fork server {self.down_reason}; it is restarting"
         if self.process.poll() is not None:
-            how = describe_server_exit(self.process.returncode)
+            how = describe_exit(self.process.returncode)
             self.down(how)
             return f"the fork server {how}; restarting it in {self.backoff.delay_s:.0f} s"
         if not self.ready:
-            self.await_ready(SERVER_START_TIMEOUT_S - (time.monotonic() - self.started_at)
-                             if wait else 0.0)
+            self.take_answers()
             if self.process is None:
                 return f"the fork server {self.down_reason}"
             if not self.ready:
-                return "the fork server is still starting"
+                return f"the fork server (pid {self.process.pid}) is still starting " \
+                       f"({time.monotonic() - self.started_at:.0f} s)"
         return None
 
-    def await_ready(self, timeout: float) -> None:
-        answer = self.read_answer(time.monotonic() + max(timeout, 0.0))
-        if answer is not None and answer.get("ready"):
-            self.ready = True
-            logger.info("Fork server ready (pid %s) after %.1f s", self.process.pid
-                        if self.process else "?", time.monotonic() - self.started_at)
-        elif self.process is not None and (answer is not None or self.process.poll() is not None
-                                           or time.monotonic() - self.started_at
-                                           > SERVER_START_TIMEOUT_S):
-            self.down("did not start (see its error above)" if answer is None
-                      else f"said {answer} at start")
-            logger.warning("The fork server %s; workers are spawned; next try in %.0f s",
-                           self.down_reason, self.backoff.delay_s)
+    def take_answers(self) -> None:
+        """Apply every answer the server has written so far (reads without waiting)."""
+        while self.process is not None and (answer := self.read_answer()) is not None:
+            if not self.ready:
+                if answer.get("ready"):
+                    self.ready, self.ready_at = True, time.monotonic()
+                    logger.info("Fork server ready (pid %s) after %.1f s", self.process.pid,
+                                self.ready_at - self.started_at)
+                else:
+                    self.down(f"said {answer} at start")
+                    logger.warning("The fork server %s; workers are spawned; next try in "
+                                   "%.0f s", self.down_reason, self.backoff.delay_s)
+            else:
+                self.settle(answer, live=True)
 
-    def read_answer(self, deadline: float) -> dict | None:
-        """The server's next line, or None at its deadline or end of file."""
+    def settle(self, answer: dict, live: bool) -> None:
+        """The oldest pending fork's answer."""
+        if not self.pending:
+            logger.error("The fork server answered a request it was not sent: %s", answer)
+            return
+        pending = self.pending.popleft()
+        if "pid" in answer:
+            pending.forked(int(answer["pid"]))
+            logger.debug("Forked worker %s (pid %s) in %.1f ms", pending.worker_id, pending.pid,
+                         (time.monotonic() - pending.asked_at) * 1000)
+            return
+        pending.fail(f"the fork server refused: {answer.get('error')}", lost=False)
+        if live and answer.get("permanent"):
+            self.disable(str(pending.failed))
+
+    def read_answer(self) -> dict | None:
+        """The server's next whole line, if it has written one; None otherwise."""
         assert self.process is not None and self.process.stdout is not None
         fd = self.process.stdout.fileno()
         while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if not select.select([fd], [], [], max(left, 0.0))[0]:
+            if not select.select([fd], [], [], 0.0)[0]:
                 return None
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -291,7 +419,7 @@ class ForkServer:
             answer = json.loads(line)
         except ValueError:
             return {"error": f"unreadable answer {line[:80]!r}", "permanent": False}
-        return answer if isinstance(answer, dict) else None
+        return answer if isinstance(answer, dict) else {"error": f"unreadable answer {line[:80]!r}"}
 
     def down(self, why: str) -> None:
         """The server is gone or useless: kill it, and restart it after the backoff."""
@@ -302,31 +430,31 @@ class ForkServer:
     def close(self) -> None:
         """The service is stopping: stop the server for good."""
         self.running = False
+        self.first_wait = False
         self.stop()
 
     def stop(self, grace_s: float = SERVER_STOP_S) -> None:
-        """End the server: end of requests (it exits), SIGKILL after grace_s."""
-        process, self.process, self.ready = self.process, None, False
-        if process is None:
-            return
-        try:
-            if process.stdin is not None:
-                process.stdin.close()
-        except OSError:
-            pass
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()  # SIGKILL works on a stopped process too
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-
-
-def describe_server_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+        """End the server: end of requests (it exits), SIGKILL after grace_s. Answers it wrote
+        are still applied; forks still unanswered are lost (spawned under a new id)."""
+        process = self.process
+        if process is not None:
+            try:
+                if process.stdin is not None:
+                    process.stdin.close()
+            except OSError:
+                pass
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()  # SIGKILL works on a stopped process too
+                process.wait()
+            if self.ready:
+                while (answer := self.read_answer()) is not None:  # all written: EOF after
+                    self.settle(answer, live=False)
+            if process.stdout is not None:
+                process.stdout.close()
+        self.process, self.ready = None, False
+        why = f"the fork server {self.down_reason}" if self.down_reason else \
+            "the fork server stopped before answering"
+        while self.pending:
+            self.pending.popleft().fail(why, lost=True)

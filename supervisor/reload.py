@@ -30,7 +30,6 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sensevoice_core.canary import CanaryReport
@@ -41,6 +40,12 @@ from sensevoice_core.protocol import (
     ReloadReply,
     ReloadRequest,
 )
+from supervisor.reload_path import (
+    ReloadRefused,
+    canary_at_start,
+    check_reload_path,
+    resolved_or_none,
+)
 from supervisor.unchanged import unchanged_verdict
 from supervisor.workers import Assignment, WorkerHandle
 
@@ -48,10 +53,6 @@ if TYPE_CHECKING:
     from supervisor.supervisor import Supervisor
 
 logger = logging.getLogger("sensevoice.supervisor")
-
-
-class ReloadRefused(ValueError):
-    """A reload request that is not attempted at all (bad path); the old model keeps serving."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,12 @@ class ReloadJob:
     green: set[str] = field(default_factory=set)  # ids of the workers loading the new model
     passed: set[str] = field(default_factory=set)  # greens that answered their health ping
     old_model: ModelInfo | None = None  # serving when it started
+    # It loads what SENSEVOICE_MODEL_DIR resolves to (asked for by that path, or by none
+    # while the service serves it): once it serves, a path-less reload follows that setting.
+    follows_configured: bool = False
 
-    def merge(self, request: ReloadRequest, path: str | None, waiter: Waiter) -> list[Waiter]:
+    def merge(self, request: ReloadRequest, path: str | None, waiter: Waiter,
+              follows_configured: bool) -> list[Waiter]:
         """A trigger arriving while this job waits its turn: the latest path wins.
 
         Returns the waiters that asked for another path: they are answered "superseded", so
@@ -85,7 +90,7 @@ class ReloadJob:
         superseded = [] if path == self.path else self.waiters
         if superseded:
             self.waiters, self.force_fresh = [], False
-        self.path = path
+        self.path, self.follows_configured = path, follows_configured
         self.force_fresh = self.force_fresh or request.force_fresh
         self.origin = request.origin
         self.waiters.append(waiter)
@@ -113,9 +118,11 @@ class BlueGreen:
         self.job: ReloadJob | None = None  # in progress: started, not finished
         self.next_job: ReloadJob | None = None  # waits for it; later triggers merge into it
         self.last: ReloadOutcome | None = None
-        # outcome (ok, failed, refused) -> count, and the successful ones by cache level
-        # (L1, L2, fresh) -> count
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # outcome (ok, failed, refused) -> count
+        self.levels: Counter[str] = Counter()  # successful ones by cache level (L1, L2, fresh)
+        # The first load is SENSEVOICE_MODEL_DIR when set (else the usual places).
+        self.follows_configured = self.settings.model_dir is not None
+        self.canary = canary_at_start(self.settings.reload_canary_dir, self.settings.languages)
         # From other threads (the file watcher): requests for the loop to pick up.
         self.from_threads: deque[tuple[ReloadRequest, threading.Event]] = deque()
 
@@ -126,9 +133,10 @@ class BlueGreen:
 
     def request(self, request: ReloadRequest, waiter: Waiter) -> None:
         served = self.supervisor.model
+        configured = self.settings.model_dir
         try:
             path = check_reload_path(request.path, served, self.settings.model_roots,
-                                     self.settings.model_dir)
+                                     configured, self.follows_configured)
         except ReloadRefused as e:
             logger.error(failure_line(served, str(e), verb="refused"))
             self.counts["refused"] += 1
@@ -138,14 +146,19 @@ class BlueGreen:
                                                    "reload_refused", str(e))
             notify([waiter])
             return
+        follows = path is not None and configured is not None and (
+            (request.path is None and self.follows_configured)
+            or path == resolved_or_none(configured))
         if self.job is None:
-            self.job = ReloadJob(path, request.force_fresh, request.origin, [waiter])
+            self.job = ReloadJob(path, request.force_fresh, request.origin, [waiter],
+                                 follows_configured=follows)
             self.start()
         elif self.next_job is None:
-            self.next_job = ReloadJob(path, request.force_fresh, request.origin, [waiter])
+            self.next_job = ReloadJob(path, request.force_fresh, request.origin, [waiter],
+                                      follows_configured=follows)
         else:
             replaced = self.next_job.path
-            superseded = self.next_job.merge(request, path, waiter)
+            superseded = self.next_job.merge(request, path, waiter, follows)
             self.answer(superseded, self.unattempted(
                 request.origin, replaced, f"superseded by a later reload request for {path}"))
 
@@ -196,7 +209,7 @@ class BlueGreen:
         if not workers or any(w.model is None or w.model.fingerprint != serving.fingerprint
                               for w in workers):
             return False
-        verdict = unchanged_verdict(job.path, serving, self.settings.cache_dir)
+        verdict = unchanged_verdict(job.path, serving)
         if not verdict.hit:
             logger.debug("Reload of %s is not an L1 hit: %s", job.path or serving.model_dir,
                          verdict.reason)
@@ -241,8 +254,23 @@ class BlueGreen:
 
     def check_deadline(self, now: float) -> None:
         if self.job is not None and now > self.job.deadline:
-            self.fail(f"not ready within {self.settings.hotreload_timeout:g} s "
-                      f"(SENSEVOICE_HOTRELOAD_TIMEOUT)")
+            self.fail(self.timeout_cause(self.job))
+
+    def timeout_cause(self, job: ReloadJob) -> str:
+        """Past SENSEVOICE_HOTRELOAD_TIMEOUT: a green without Ready that was told to run the
+        canary may have been in any of its load, warm-up or canary; a long canary is the
+        usual culprit, so the cause names its size."""
+        cause = (f"not ready within {self.settings.hotreload_timeout:g} s "
+                 f"(SENSEVOICE_HOTRELOAD_TIMEOUT)")
+        pool = self.supervisor.pool
+        waiting = [pool.workers[worker_id] for worker_id in sorted(job.green)
+                   if worker_id in pool and pool.workers[worker_id].model is None]
+        if self.settings.reload_canary_dir is None or not any(
+                worker.assignment is not None for worker in waiting):
+            return cause
+        size = f" ({self.canary.size()})" if self.canary else ""
+        return (f"{cause} while loading the model, warming up or running the canary{size}; "
+                f"if the canary is what takes the time, shorten it or raise the timeout")
 
     def green_exited(self, worker: WorkerHandle, cause: str) -> None:
         self.fail(f"the new worker (pid {worker.pid}): {cause}", worker.canary)
@@ -263,7 +291,9 @@ class BlueGreen:
         self.last = outcome
         self.counts["ok" if outcome.ok else "failed"] += 1
         if outcome.ok and outcome.cache_level is not None:
-            self.counts[outcome.cache_level] += 1
+            self.levels[outcome.cache_level] += 1
+        if outcome.ok:
+            self.follows_configured = self.job.follows_configured
         self.answer(self.job.waiters, outcome)
         self.job, self.next_job = self.next_job, None
         if self.job is None:
@@ -300,41 +330,6 @@ def notify(waiters: list[Waiter]) -> None:
     for waiter in waiters:
         if waiter.done is not None:
             waiter.done.set()
-
-
-def check_reload_path(path: str | None, served: ModelInfo | None, roots: list[Path],
-                      configured: Path | None = None) -> str | None:
-    """The absolute directory to load, or None for the default; ReloadRefused when not allowed.
-
-    Allowed roots: SENSEVOICE_MODEL_ROOTS, or by default the parent of the served model
-    directory (before any serves: of SENSEVOICE_MODEL_DIR; with neither, no path is allowed).
-    """
-    if path is None:
-        return served.model_dir if served else None
-    try:
-        candidate = Path(path).expanduser()
-        if not candidate.is_absolute():
-            raise ReloadRefused(f"reload path {path!r} is relative; send an absolute path")
-        resolved = candidate.resolve()
-        allowed = [root.expanduser().resolve() for root in roots]
-        if not allowed and served is not None:
-            allowed = [Path(served.model_dir).parent]
-        elif not allowed and configured is not None:
-            allowed = [configured.expanduser().resolve().parent]
-        elif not allowed:
-            raise ReloadRefused(f"reload path {resolved}: no model is serving yet to take the "
-                                f"allowed roots from; set SENSEVOICE_MODEL_ROOTS")
-        if not any(resolved.is_relative_to(root) for root in allowed):
-            listed = ", ".join(str(root) for root in allowed)
-            raise ReloadRefused(f"reload path {resolved} is outside the allowed model roots "
-                                f"({listed}); add its parent to SENSEVOICE_MODEL_ROOTS")
-        if not resolved.is_dir():
-            raise ReloadRefused(f"reload path {resolved} is not a directory")
-    except ReloadRefused:
-        raise
-    except (OSError, ValueError, RuntimeError) as e:  # too long, NUL byte, ~nosuchuser, EACCES
-        raise ReloadRefused(f"reload path {path[:200]!r} is not usable: {e}") from None
-    return str(resolved)
 
 
 def describe_model(model: ModelInfo) -> str:

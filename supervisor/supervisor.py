@@ -325,6 +325,11 @@ class Supervisor:
             self.read_backlog()  # its last words (a StreamMoved, a reply) before its end
         for worker, code in self.pool.reap():
             self.worker_exited(worker, code)
+        job = self.reloads.job
+        for old_id, new_id in self.pool.take_renamed():  # a lost fork's worker, spawned
+            if job is not None and old_id in job.green:
+                job.green.discard(old_id)
+                job.green.add(new_id)
 
     def expire_requests(self, now: float) -> None:
         """Fail requests past SENSEVOICE_REQUEST_TIMEOUT: queued ones, and running ones, whose

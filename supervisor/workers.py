@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -16,7 +15,6 @@ import zmq
 from pydantic import BaseModel
 
 from sensevoice_core.canary import CanaryReport
-from sensevoice_core.exit_codes import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_LIVENESS,
@@ -29,8 +27,11 @@ from sensevoice_core.protocol import (
 from supervisor.launch import (
     Backoff,
     ForkServer,
+    PendingFork,
     StartMethod,
     WorkerProcess,
+    describe_exit,
+    reap_orphans,
     spawn_worker_process,
 )
 
@@ -104,6 +105,7 @@ class WorkerPool:
         self.exiting: list[WorkerProcess] = []  # retired, not yet reaped
         self.spawned = 0
         self.nonces = itertools.count(1)  # for pings
+        self.renamed: list[tuple[str, str]] = []  # (old id, new id) of lost forks, spawned
 
     def __iter__(self):
         return iter(list(self.workers.values()))
@@ -137,13 +139,8 @@ class WorkerPool:
         process: WorkerProcess | None = None
         method: StartMethod = "spawn"
         if self.start_method == "fork":
-            process = self.fork_server.fork(worker_id, standby)
+            process = self.fork_server.fork(worker_id, standby)  # answered later: check()
             method = "fork"
-            if process is None and self.fork_server.lost_request:
-                # A fork may still come of the unanswered request: its Hello must not pass
-                # for this worker's (the supervisor ignores unknown ids).
-                self.spawned += 1
-                worker_id = f"w{self.spawned}"
         if process is None:
             process, method = spawn_worker_process(worker_id, self.backend_address,
                                                    standby), "spawn"
@@ -167,7 +164,11 @@ class WorkerPool:
         self.exiting.append(worker.process)
 
     def reap(self) -> list[tuple[WorkerHandle, int]]:
-        """The workers that exited, with their exit codes, removed from the pool."""
+        """The workers that exited, with their exit codes, removed from the pool. Takes the
+        fork server's answers first: a failed fork's worker is spawned here."""
+        if self.start_method == "fork":
+            self.fork_server.check()
+            self.spawn_failed_forks()
         exited = []
         for worker in list(self.workers.values()):
             code = worker.process.poll()
@@ -175,9 +176,41 @@ class WorkerPool:
                 del self.workers[worker.worker_id]
                 exited.append((worker, code))
         self.exiting = [p for p in self.exiting if p.poll() is None]
-        if self.start_method == "fork":
-            self.fork_server.check()
+        known = {w.pid for w in self.workers.values()} | {p.pid for p in self.exiting}
+        if self.fork_server.process is not None:
+            known.add(self.fork_server.process.pid)
+        for pid, code in reap_orphans(known):
+            logger.info("Reaped process %d, not a worker (an orphan of a worker or of the fork "
+                        "server): it %s", pid, describe_exit(code))
         return exited
+
+    def spawn_failed_forks(self) -> None:
+        """Spawn each worker whose fork was refused (same id) or went unanswered (a new id:
+        a late fork's Hello must not pass for it; the supervisor ignores unknown ids)."""
+        for worker in list(self.workers.values()):
+            fork = worker.process
+            if not isinstance(fork, PendingFork) or fork.failed is None or fork.cancelled:
+                continue
+            asked_as = worker.worker_id
+            if fork.lost:
+                self.spawned += 1
+                worker.worker_id = f"w{self.spawned}"
+                del self.workers[asked_as]
+                self.workers[worker.worker_id] = worker
+                self.renamed.append((asked_as, worker.worker_id))
+            logger.warning("Spawning worker %s%s: %s", worker.worker_id,
+                           f" (forked as {asked_as}: unanswered)" if fork.lost else "",
+                           fork.failed)
+            try:
+                worker.process = spawn_worker_process(worker.worker_id, self.backend_address,
+                                                      standby=worker.assignment is None)
+                worker.start_method = "spawn"
+            except OSError as e:  # out of processes or memory: reaped as killed next tick
+                worker.kill(f"could not be spawned: {e}")
+
+    def take_renamed(self) -> list[tuple[str, str]]:
+        renamed, self.renamed = self.renamed, []
+        return renamed
 
     def check_liveness(self, now: float) -> None:
         """Kill a worker past its start, load or drain deadline, or that missed
@@ -211,26 +244,11 @@ class WorkerPool:
                 self.ping(worker)
 
     def kill_all(self, reason: str) -> None:
+        self.fork_server.close()  # first: settles the forks it was asked for
         for worker in self.workers.values():
             worker.kill(reason)
             worker.process.wait()
         for process in self.exiting:
             process.kill()
             process.wait()
-        self.fork_server.close()
 
-
-def describe_exit(code: int) -> str:
-    """Why a worker exited, in words a user can act on."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:  # a real-time signal has no name
-            name = f"signal {-code}"
-        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
-    if code == EXIT_MODEL_LOAD_ERROR:
-        return "could not load its model (exit code 4)"
-    if code == EXIT_BOOT_ERROR:
-        return "could not start (exit code 3): check the settings and the installation"
-    return f"exited with code {code}"

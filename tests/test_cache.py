@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_factory import one_pass, write_official
 from safetensors import safe_open
 
 from sensevoice_core import Settings, load_model, load_sensevoice_cached
 from sensevoice_core.errors import ModelFileError
 from sensevoice_core.snapshot import read_header, verify_data
 from sensevoice_core.snapshot_trust import boot_id
-from model_factory import one_pass, write_official
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP = ROOT / "tests" / "data" / "en.mp3"
@@ -91,8 +91,8 @@ def test_a_changed_file_gives_a_new_fingerprint_and_a_rebuild(model_dir, setting
             handle.write("\n# edited\n")
     elif change == "tokenizer":
         path = model_dir / "chn_jpn_yue_eng_ko_spectok.bpe.model"
-        from sensevoice_core.tokenizer import all_tag_pieces, build_sentencepiece_model
         from sensevoice_core.random_model import SMALL_NORMAL_PIECES
+        from sensevoice_core.tokenizer import all_tag_pieces, build_sentencepiece_model
         pieces = list(reversed(SMALL_NORMAL_PIECES))  # same size, other ids
         path.write_bytes(build_sentencepiece_model(pieces, all_tag_pieces()))
     else:

@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from model_factory import write_hf
+from service import OrderedClient, Service, start_service, stopped
+
 from sensevoice_core.compute import served_fingerprint
+from sensevoice_core.errors import ServiceError
 from sensevoice_core.layout import model_files
-from sensevoice_core.path_cache import PathCache
+from sensevoice_core.load_report import LoadReport
+from sensevoice_core.path_cache import MAX_L3_ENTRIES, PathCache
 from sensevoice_core.protocol import (
     ModelInfo,
     ReloadRequest,
@@ -29,7 +32,7 @@ from sensevoice_core.protocol import (
     TranscribeRequest,
     encode,
 )
-from service import OrderedClient, Service, start_service, stopped
+from sensevoice_core.settings import Settings
 from supervisor.unchanged import unchanged_verdict
 from ui.metrics import ServiceMetrics
 from ui.views import reload_summary, status_markdown
@@ -40,17 +43,20 @@ CLIP = Path(__file__).parent / "data" / "demo_eval" / "en_02.flac"
 # ----------------------------------------------------------------- the decision, on files
 
 def serving_info(model_dir: Path, cache_dir: Path, compute_type: str = "float32") -> ModelInfo:
-    """What a worker reports after loading model_dir, with its L3 record written as a load
-    writes it (hashed now)."""
+    """What a worker reports after loading model_dir (inference_worker.worker.model_info, which
+    takes the identities from L3), with its L3 record written as a load writes it."""
+    from inference_worker.worker import model_info
+
     cache = PathCache(cache_dir)
     record = cache.record_for(model_files(model_dir))
     cache.store(record)
-    return ModelInfo(model_dir=record.model_dir, layout=record.layout,
-                     fingerprint=served_fingerprint(record.fingerprint, compute_type),
-                     short_ids=record.short_ids(), cache_level="L2", load_s=0.1,
-                     file_sha256={role: f.sha256 for role, f in record.files.items()},
-                     file_paths={role: f.path for role, f in record.files.items()},
-                     steps_s={}, warmup_s=0.1, compute_type=compute_type)
+    report = LoadReport(level="L2", model_dir=Path(record.model_dir), layout=record.layout,
+                        fingerprint=served_fingerprint(record.fingerprint, compute_type),
+                        short_ids=record.short_ids(), snapshot=None,
+                        file_sha256={role: f.sha256 for role, f in record.files.items()},
+                        file_paths={role: f.path for role, f in record.files.items()},
+                        compute_type=compute_type)
+    return model_info(report, 0.1, Settings(cache_dir=cache_dir))
 
 
 @pytest.fixture
@@ -61,46 +67,78 @@ def served(tmp_path: Path) -> tuple[Path, Path, ModelInfo]:
 
 
 def test_unchanged_files_are_a_hit(served):
-    model_dir, cache_dir, info = served
-    assert unchanged_verdict(str(model_dir), info, cache_dir).hit
-    assert unchanged_verdict(None, info, cache_dir).hit  # None: the served directory
+    model_dir, _, info = served
+    assert set(info.file_identities) == {"weights", "config", "tokenizer", "cmvn"}
+    assert unchanged_verdict(str(model_dir), info).hit
+    assert unchanged_verdict(None, info).hit  # None: the served directory
+
+
+def test_the_decision_reads_no_cache_file(served):
+    """L3 replaced by a FIFO nobody writes (a read would block the supervisor's loop for
+    ever): the decision only stats the model files."""
+    _, cache_dir, info = served
+    l3 = cache_dir / "model_path.json"
+    l3.unlink()
+    os.mkfifo(l3)
+    started = time.monotonic()
+    assert unchanged_verdict(None, info).hit
+    assert time.monotonic() - started < 0.5
 
 
 def test_a_reduced_compute_type_compares_its_served_fingerprint(tmp_path: Path):
     model_dir = write_hf(tmp_path / "a").resolve()
     info = serving_info(model_dir, tmp_path / "cache", compute_type="int8")
-    assert unchanged_verdict(None, info, tmp_path / "cache").hit
+    assert unchanged_verdict(None, info).hit
     as_float32 = info.model_copy(update={"compute_type": "float32"})
-    assert not unchanged_verdict(None, as_float32, tmp_path / "cache").hit
+    verdict = unchanged_verdict(None, as_float32)
+    assert not verdict.hit and "float32" in verdict.reason
 
 
 def test_touching_a_file_is_a_miss(served):
-    model_dir, cache_dir, info = served
+    model_dir, _, info = served
     weights = model_dir / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    verdict = unchanged_verdict(None, info, cache_dir)
-    assert not verdict.hit and "no L3 entry" in verdict.reason
+    verdict = unchanged_verdict(None, info)
+    assert not verdict.hit and "weights file" in verdict.reason and "touched" in verdict.reason
 
 
 def test_rewriting_a_file_with_its_mtime_set_back_is_a_miss(served):
     """Same size, same mtime, same bytes even: the ctime moved, so it is hashed again."""
-    model_dir, cache_dir, info = served
+    model_dir, _, info = served
     config = model_dir / "config.json"
     stat = config.stat()
     config.write_bytes(config.read_bytes())
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert config.stat().st_mtime_ns == stat.st_mtime_ns
-    assert not unchanged_verdict(None, info, cache_dir).hit
+    assert not unchanged_verdict(None, info).hit
 
 
 def test_a_replaced_file_is_a_miss(served):
-    model_dir, cache_dir, info = served
+    model_dir, _, info = served
     weights = model_dir / "model.safetensors"
     staging = model_dir / "staging"
     shutil.copy2(weights, staging)  # same bytes and mtime, another inode
     os.replace(staging, weights)
-    assert not unchanged_verdict(None, info, cache_dir).hit
+    assert not unchanged_verdict(None, info).hit
+
+
+def test_a_flipped_file_link_is_a_miss(tmp_path: Path):
+    """The weights are a symbolic link into a release directory; the link moves to another
+    release's weights (each file unchanged): another file serves the same name now."""
+    model_dir = write_hf(tmp_path / "a").resolve()
+    releases = tmp_path / "releases"
+    for name, seed in (("v1", 1), ("v2", 2)):
+        write_hf(releases / name, seed=seed)
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "model.safetensors").symlink_to(releases / "v1" / "model.safetensors")
+    info = serving_info(model_dir, tmp_path / "cache")
+    assert unchanged_verdict(None, info).hit
+    staging = model_dir / "staging"
+    staging.symlink_to(releases / "v2" / "model.safetensors")
+    os.replace(staging, model_dir / "model.safetensors")
+    verdict = unchanged_verdict(None, info)
+    assert not verdict.hit and "v2" in verdict.reason
 
 
 def test_same_files_in_another_directory_are_a_miss(served, tmp_path: Path):
@@ -110,47 +148,61 @@ def test_same_files_in_another_directory_are_a_miss(served, tmp_path: Path):
     copy = model_dir.parent / "copy"
     shutil.copytree(model_dir, copy)
     assert serving_info(copy, cache_dir).fingerprint == info.fingerprint  # L3 knows it too
-    verdict = unchanged_verdict(str(copy), info, cache_dir)
+    verdict = unchanged_verdict(str(copy), info)
     assert not verdict.hit and "another directory" in verdict.reason
 
 
-def test_an_edited_l3_entry_is_a_miss(served):
-    model_dir, cache_dir, info = served
+def test_a_worker_reports_no_identities_from_an_edited_l3_entry(tmp_path: Path):
+    """The worker takes identities only from an entry that vouches for exactly the checksums
+    it loaded; without them the supervisor never answers L1."""
+    from inference_worker.worker import model_info
+
+    model_dir = write_hf(tmp_path / "a").resolve()
+    cache_dir = tmp_path / "cache"
+    info = serving_info(model_dir, cache_dir)
     path = cache_dir / "model_path.json"
     content = json.loads(path.read_text())
     entry = content["entries"][str(model_dir)]
     entry["files"]["weights"]["sha256"] = "0" * 64  # its fingerprint no longer adds up
     path.write_text(json.dumps(content))
-    assert not unchanged_verdict(None, info, cache_dir).hit
-    entry["files"]["weights"]["sha256"] = "f" * 64
-    entry["fingerprint"] = "f" * 64  # and the fingerprint is not what serves
-    path.write_text(json.dumps(content))
-    assert not unchanged_verdict(None, info, cache_dir).hit
+    report = LoadReport(level="L2", model_dir=model_dir, layout=info.layout,
+                        fingerprint=info.fingerprint, short_ids=info.short_ids, snapshot=None,
+                        file_sha256=info.file_sha256, file_paths=info.file_paths)
+    edited = model_info(report, 0.1, Settings(cache_dir=cache_dir))
+    assert edited.file_identities == {}
+    verdict = unchanged_verdict(None, edited)
+    assert not verdict.hit and "no file identities" in verdict.reason
+    for damage in (b"", b"{not json", b'{"version": 2, "entries": 7}'):
+        path.write_bytes(damage)
+        assert model_info(report, 0.1, Settings(cache_dir=cache_dir)).file_identities == {}
+    assert model_info(report, 0.1,
+                      Settings(cache_dir=tmp_path / "empty")).file_identities == {}
 
 
-@pytest.mark.parametrize("damage", [b"", b"{not json", b'{"version": 2, "entries": 7}'])
-def test_an_unreadable_l3_is_a_miss(served, damage: bytes):
-    _, cache_dir, info = served
-    (cache_dir / "model_path.json").write_bytes(damage)
-    assert not unchanged_verdict(None, info, cache_dir).hit
-
-
-def test_an_oversized_l3_is_not_read(served):
-    _, cache_dir, info = served
-    path = cache_dir / "model_path.json"
-    with open(path, "ab") as handle:  # still valid JSON, padded past the limit
-        handle.write(b" " * (5 << 20))
-    verdict = unchanged_verdict(None, info, cache_dir)
-    assert not verdict.hit and "MiB" in verdict.reason
-
-
-def test_no_l3_entry_or_a_missing_file_or_no_model_is_a_miss(served, tmp_path: Path):
-    model_dir, cache_dir, info = served
-    assert not unchanged_verdict(None, info, tmp_path / "empty-cache").hit
-    assert not unchanged_verdict(None, None, cache_dir).hit
+def test_a_missing_file_or_no_model_is_a_miss(served):
+    model_dir, _, info = served
+    assert not unchanged_verdict(None, None).hit
     (model_dir / "am.mvn").unlink()
-    verdict = unchanged_verdict(None, info, cache_dir)
+    verdict = unchanged_verdict(None, info)
     assert not verdict.hit and "cannot be checked" in verdict.reason
+
+
+def test_l3_keeps_the_newest_entries(tmp_path: Path):
+    """A service reloaded to versioned directories: L3 keeps MAX_L3_ENTRIES, dropping the
+    entries stored longest ago; storing an old one again makes it the newest."""
+    model_dir = write_hf(tmp_path / "a").resolve()
+    cache = PathCache(tmp_path / "cache")
+    record = cache.record_for(model_files(model_dir))
+    names = [f"/releases/v{i}" for i in range(MAX_L3_ENTRIES + 6)]
+    for name in names:
+        cache.store(record.model_copy(update={"model_dir": name}))
+    cache.store(record.model_copy(update={"model_dir": names[10]}))  # used again
+    cache.store(record)
+    content = cache.read()
+    assert len(content.entries) == MAX_L3_ENTRIES
+    kept = [name for name in names[7:] if name != names[10]] + [names[10], str(model_dir)]
+    assert list(content.entries) == kept  # v0-v6 dropped: stored longest ago
+    assert content.last_model_dir == str(model_dir)
 
 
 def test_the_supervisor_still_does_not_import_torch():
@@ -193,7 +245,7 @@ def test_populate_maps_every_page_of_the_snapshot_at_once(tmp_path: Path):
 
 
 def test_warm_up_runs_the_model_once_and_loads_the_vad(demo_model):
-    from inference_worker.worker import warm_up
+    from inference_worker.warmup import warm_up
 
     calls = []
     hook = demo_model.model.register_forward_hook(lambda *_: calls.append(1))
@@ -207,11 +259,27 @@ def test_warm_up_runs_the_model_once_and_loads_the_vad(demo_model):
 # ----------------------------------------------------------------- through the service
 
 @pytest.fixture(scope="module")
-def service(models: Path, tmp_path_factory: pytest.TempPathFactory):
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service").resolve()
+
+
+@pytest.fixture(scope="module")
+def service(models: Path, work_dir: Path):
+    """SENSEVOICE_MODEL_DIR is a symbolic link (work_dir/current -> models/a), as a deploy
+    that flips a link configures it; work_dir is a model root too, for copies."""
+    (work_dir / "current").symlink_to(models / "a")
     # Batching off: a worker holds one request, so the others wait in the supervisor's queue.
-    running = start_service(tmp_path_factory.mktemp("service"), models / "a", batch_wait_ms="0")
+    running = start_service(work_dir, work_dir / "current", batch_wait_ms="0",
+                            model_roots=f"{models},{work_dir}")
     yield running
     assert running.stop() == 0
+
+
+def flip(link: Path, target: Path) -> None:
+    """Point the link at target atomically (ln -sfn target link.new && mv -T link.new link)."""
+    staging = link.with_name(link.name + ".new")
+    staging.symlink_to(target)
+    os.replace(staging, link)
 
 
 def workers_of(service: Service) -> list[tuple[str, int, str]]:
@@ -221,7 +289,7 @@ def workers_of(service: Service) -> list[tuple[str, int, str]]:
 def test_an_unchanged_reload_is_an_l1_hit_with_no_new_worker(service: Service):
     before = workers_of(service)
     status = service.status()
-    l1_hits = status.reload_counts.get("L1", 0)
+    l1_hits, oks = status.reload_levels.get("L1", 0), status.reload_counts.get("ok", 0)
     started = time.monotonic()
     outcome = service.client.hot_reload_model()
     took = time.monotonic() - started
@@ -232,7 +300,10 @@ def test_an_unchanged_reload_is_an_l1_hit_with_no_new_worker(service: Service):
     after = service.status()
     assert [(w.worker_id, w.pid, w.role) for w in after.workers] == before  # none spawned
     assert not after.reloading and after.model == status.model
-    assert after.last_reload == outcome and after.reload_counts["L1"] == l1_hits + 1
+    assert after.last_reload == outcome and after.reload_levels["L1"] == l1_hits + 1
+    # Outcomes and cache levels are counted apart: each sums to the reloads it counts.
+    assert after.reload_counts == {**status.reload_counts, "ok": oks + 1}
+    assert set(after.reload_counts) <= {"ok", "failed", "refused"}
     assert "[HOTRELOAD] Reload answered from L1" in service.log()
     assert service.client.transcribe(CLIP).fingerprint == status.model.fingerprint
 
@@ -245,7 +316,7 @@ def test_status_the_page_and_metrics_say_l1(service: Service):
     assert "**Last reload** ✅ Model unchanged" in status_markdown(status)
     metrics = ServiceMetrics(lambda: status, lambda: 0, 1).render().decode()
     assert (f'sensevoice_reloads_by_cache_level_total{{level="L1"}} '
-            f'{float(status.reload_counts["L1"])}') in metrics
+            f'{float(status.reload_levels["L1"])}') in metrics
     assert 'sensevoice_reloads_total{outcome="ok"}' in metrics  # the existing name stays
 
 
@@ -257,8 +328,12 @@ def test_force_fresh_is_never_l1(service: Service):
     assert service.client.hot_reload_model().cache_level == "L1"
 
 
-def test_a_touched_weights_file_is_not_l1_and_still_reloads(service: Service):
-    weights = Path(service.status().model.model_dir) / "model.safetensors"
+def test_a_touched_weights_file_is_not_l1_and_still_reloads(service: Service, models: Path,
+                                                            work_dir: Path):
+    copy = work_dir / "a-copy"  # the session's models/a stays untouched for other modules
+    shutil.copytree(models / "a", copy)
+    assert service.client.hot_reload_model(copy).ok
+    weights = copy / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     serving = service.status().model.fingerprint
@@ -299,3 +374,29 @@ def test_a_request_queued_while_the_reload_switches_is_served_by_green(service: 
             assert reply.fingerprint == outcome.new_fingerprint and reply.worker_pid != blue
         first = client.reply(held.request_id, timeout=30)  # blue finishes it, or its retry
         assert isinstance(first, TranscribeReply), first
+
+
+def test_a_pathless_reload_follows_a_flipped_model_dir_link(service: Service, models: Path,
+                                                            work_dir: Path):
+    """A deploy flips SENSEVOICE_MODEL_DIR's link to another release and asks for a reload
+    without a path: the new release loads (never "unchanged (L1)" for the old one)."""
+    link = work_dir / "current"
+    assert service.client.hot_reload_model(link).ok  # the service serves the configured link
+    flip(link, models / "c")
+    outcome = service.client.hot_reload_model()
+    assert outcome.ok and outcome.cache_level != "L1", outcome
+    assert outcome.model_dir == str((models / "c").resolve())
+    assert outcome.new_fingerprint != outcome.old_fingerprint
+    assert service.client.hot_reload_model().cache_level == "L1"  # and now c is unchanged
+    # Pinned: an explicit other directory serves until the link is asked for again.
+    assert service.client.hot_reload_model(models / "b").ok
+    flip(link, models / "a")
+    assert service.client.hot_reload_model().model_dir == str((models / "b").resolve())
+    assert service.client.hot_reload_model(link).model_dir == str((models / "a").resolve())
+    flip(link, work_dir / "no-such-release")
+    with pytest.raises(ServiceError) as refused:  # follows the link again: a dangling one
+        service.client.hot_reload_model()
+    assert refused.value.code == "reload_refused"
+    assert "no-such-release" in refused.value.message and "not a directory" in refused.value.message
+    assert service.status().model.model_dir == str((models / "a").resolve())  # still serving
+    flip(link, models / "a")

@@ -45,7 +45,7 @@ class SupervisorCollector(Collector):
                                        "successful model reloads by where the new model came "
                                        "from (L1: unchanged, no new worker)", labels=["level"])
         for name in CACHE_LEVELS:
-            by_level.add_metric([name], status.reload_counts.get(name, 0))
+            by_level.add_metric([name], status.reload_levels.get(name, 0))
         yield by_level
         restarts = CounterMetricFamily("sensevoice_worker_restarts",
                                        "workers replaced after a crash or hang")

@@ -208,6 +208,7 @@ def public_status(status: ServiceStatus) -> dict:
         "queued": status.queued, "in_flight": status.in_flight,
         "requests_served": status.requests_served, "worker_restarts": status.worker_restarts,
         "reloading": status.reloading, "reload_counts": status.reload_counts,
+        "reload_levels": status.reload_levels,
         "last_reload": None if last is None else {
             "ok": last.ok, "origin": last.origin, "old_fingerprint": last.old_fingerprint,
             "new_fingerprint": last.new_fingerprint, "seconds": last.seconds,
