@@ -90,7 +90,7 @@ def pick_threads(setting: int, workers: int, cores: int) -> tuple[int, str]:
     workers, at least one each: with more workers than cores they share cores (main warns).
     The warm standby and a reload's green are not counted: a standby computes nothing until
     it serves (it then replaces a worker), and a green warms up on one thread
-    (worker.warm_up) and serves only once the worker it replaces drains, so the overlap is
+    (warmup.warm_up) and serves only once the worker it replaces drains, so the overlap is
     that drain's last requests.
     """
     if setting > 0:

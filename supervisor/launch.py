@@ -1,23 +1,21 @@
-"""How worker processes start: forked by the fork server (inference_worker/forkserver.py), or
+"""How worker processes start and end: forked by the fork server (forking.py asks it), or
 spawned as ``python -m inference_worker`` (SENSEVOICE_WORKER_START=spawn, and the fallback
 while the fork server is down, starting, stopped or refusing).
 
 A forked worker is double-forked by the server and so reparented to the supervisor, which is a
 child subreaper (PR_SET_CHILD_SUBREAPER): the pool waits for it like any child, by its pid only
-(never waitpid(-1), which would steal the exit codes of subprocess.Popen's children).
+(never waitpid(-1), which would steal the exit codes of subprocess.Popen's children); other
+orphans the subreaper inherits are reaped by reap_orphans, by pid too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -28,11 +26,6 @@ from sensevoice_core.linux import PR_SET_CHILD_SUBREAPER, prctl
 logger = logging.getLogger("sensevoice.supervisor")
 
 StartMethod = Literal["fork", "spawn"]
-FORK_TIMEOUT_S = 2.0  # a fork takes milliseconds; past this the server is stopped or stuck
-SERVER_START_TIMEOUT_S = 120.0  # importing torch on a loaded machine
-FIRST_START_WAIT_S = 20.0  # the first worker waits this long for the first server, then spawns
-SERVER_STABLE_S = 30.0  # a server up this long resets the restart backoff
-SERVER_STOP_S = 2.0
 
 
 class WorkerProcess(Protocol):
@@ -130,6 +123,18 @@ def children() -> set[int]:
     return pids
 
 
+def leave_idle_priority(pid: int) -> bool:
+    """Move a spawned standby's main thread from SCHED_IDLE (its start-up on idle CPU only)
+    to normal scheduling, as on a saturated machine it would get no CPU at all; threads it
+    makes later inherit this. True if it was at SCHED_IDLE; OSError if it cannot be moved."""
+    if pid <= 0 or not hasattr(os, "SCHED_IDLE"):
+        return False
+    if os.sched_getscheduler(pid) != os.SCHED_IDLE:
+        return False
+    os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+    return True
+
+
 def process_stopped(pid: int) -> bool:
     """Stopped by a signal (SIGSTOP, SIGTSTP) or traced, per /proc/PID/stat."""
     try:
@@ -169,292 +174,3 @@ class Backoff:
 
     def reset(self) -> None:
         self.delay_s = 0.0
-
-
-class PendingFork:
-    """A worker asked of the fork server, whose answer may not be read yet: it has not exited
-    (poll: None) until the answer gives its pid, then it is that process; or the answer (or its
-    absence) says why it must be spawned instead (`failed`), which the pool then does."""
-
-    def __init__(self, worker_id: str, deadline: float):
-        self.worker_id = worker_id
-        self.asked_at = time.monotonic()
-        self.deadline = deadline
-        self.adopted: AdoptedProcess | None = None
-        self.failed: str | None = None
-        self.lost = False  # unanswered: a late fork may still say hello under worker_id
-        self.cancelled = False  # killed before its answer came
-
-    @property
-    def pid(self) -> int:
-        """Its pid; 0 for the milliseconds before the server's answer is read."""
-        return self.adopted.pid if self.adopted is not None else 0
-
-    def forked(self, pid: int) -> None:
-        self.adopted = AdoptedProcess(pid)
-        if self.cancelled:
-            self.adopted.kill()
-
-    def fail(self, why: str, lost: bool) -> None:
-        if self.adopted is None and self.failed is None:
-            self.failed, self.lost = why, lost
-
-    def poll(self) -> int | None:
-        if self.adopted is not None:
-            return self.adopted.poll()
-        return -signal.SIGKILL if self.cancelled and self.failed is not None else None
-
-    def kill(self) -> None:
-        self.cancelled = True
-        if self.adopted is not None:
-            self.adopted.kill()
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"worker {self.worker_id}", timeout or 0.0)
-            time.sleep(0.005)
-        return code
-
-
-class ForkServer:
-    """The supervisor's end of the fork server: starts it, asks it for workers without waiting
-    (answers are read from the loop, check()), notices when it dies or stops answering, and
-    restarts it with backoff. fork() returns None when a worker must be spawned at once, having
-    logged why; a PendingFork that fails later says why in its `failed`."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-        self.process: subprocess.Popen | None = None
-        self.ready = False
-        self.started_at = 0.0
-        self.ready_at = 0.0
-        self.buffer = b""
-        self.backoff = Backoff(30.0)
-        self.running = False  # between start() and close()
-        self.disabled: str | None = None  # set: fork is off for good, and why
-        self.down_reason: str | None = None  # why the last server went away
-        self.pending: deque[PendingFork] = deque()  # asked, in order; the server answers in order
-        self.first_wait = False  # the service's first worker waits for the first server
-
-    @property
-    def first_start(self) -> bool:
-        """The service's first fork server is importing torch: its first worker waits for it
-        (check() takes its ready line) rather than import torch beside it, up to
-        FIRST_START_WAIT_S or until the server is seen stopped."""
-        return self.first_wait and self.running and self.disabled is None
-
-    @property
-    def pid(self) -> int | None:
-        """The server's pid while it is ready to fork."""
-        return self.process.pid if self.process is not None and self.ready else None
-
-    def start(self) -> None:
-        self.running = True
-        why = become_subreaper()
-        if why is not None:
-            self.disable(why)
-            return
-        self.launch_server()
-        if self.process is not None:
-            self.first_wait = True
-            logger.info("Waiting for the fork server (pid %s) to import torch; the first worker "
-                        "is spawned instead if it is not ready within %.0f s",
-                        self.process.pid, FIRST_START_WAIT_S)
-
-    def disable(self, why: str) -> None:
-        self.disabled = why
-        self.first_wait = False
-        logger.warning("Workers will be spawned, not forked: %s", why)
-        self.stop()
-
-    def launch_server(self) -> None:
-        try:
-            # numpy's OpenBLAS starts a thread pool at import unless told not to, before the
-            # server's first line runs; a second thread forbids forking.
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "inference_worker.forkserver", "--backend", self.backend,
-                 "--parent-pid", str(os.getpid()),
-                 "--blas-threads", os.environ.get("OPENBLAS_NUM_THREADS", "")],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
-        except OSError as e:
-            self.process = None
-            self.down(f"could not start: {e}")
-            return
-        self.ready, self.buffer, self.started_at = False, b"", time.monotonic()
-
-    def fork(self, worker_id: str, standby: bool) -> PendingFork | None:
-        """Ask the server for a worker (never waits), or None: spawn it (the reason logged)."""
-        if not self.running or self.disabled is not None:
-            return None
-        why = self.usable()
-        if why is not None:
-            logger.info("Spawning worker %s, not forking it: %s", worker_id, why)
-            return None
-        assert self.process is not None and self.process.stdin is not None
-        pending = PendingFork(worker_id, time.monotonic() + FORK_TIMEOUT_S)
-        try:  # a line into an empty pipe: does not block
-            self.process.stdin.write(json.dumps(
-                {"worker_id": worker_id, "standby": standby, "deadline": pending.deadline})
-                .encode() + b"\n")
-            self.process.stdin.flush()
-        except OSError as e:
-            self.down(f"broke its pipe ({e})")
-            logger.warning("Spawning worker %s: the fork server %s", worker_id, self.down_reason)
-            return None
-        self.pending.append(pending)
-        return pending
-
-    def check(self) -> None:
-        """From the loop, every tick: take the server's answers, notice a dead, stuck or
-        never-ready server and restart it once the backoff allows. Never blocks."""
-        if not self.running or self.disabled is not None:
-            return
-        now = time.monotonic()
-        if self.process is not None and self.process.poll() is not None:
-            how = describe_exit(self.process.returncode)
-            logger.warning("The fork server (pid %s) %s; workers are spawned until it is "
-                           "back", self.process.pid, how)
-            self.down(how)
-        if self.process is None and not self.first_wait and now >= self.backoff.until:
-            self.launch_server()
-        if self.process is not None:
-            self.take_answers()
-        if self.process is not None and self.pending and now > self.pending[0].deadline:
-            self.down(f"did not answer a fork request within {FORK_TIMEOUT_S:g} s (stopped "
-                      f"or stuck), so it was killed")
-        elif self.process is not None and not self.ready \
-                and now - self.started_at > SERVER_START_TIMEOUT_S:
-            self.down(f"was not ready within {SERVER_START_TIMEOUT_S:.0f} s, so it was killed")
-            logger.warning("The fork server %s; workers are spawned; next try in %.0f s",
-                           self.down_reason, self.backoff.delay_s)
-        if self.first_wait:
-            self.end_first_wait(now)
-        if self.ready and self.backoff.delay_s and now - self.ready_at > SERVER_STABLE_S:
-            self.backoff.reset()  # up a while: a crash-looping server still backs off
-
-    def end_first_wait(self, now: float) -> None:
-        process = self.process
-        if process is not None and self.ready:
-            self.first_wait = False
-            return
-        stopped = process is not None and process_stopped(process.pid)
-        waited = now - self.started_at
-        if process is None or stopped or waited > FIRST_START_WAIT_S:
-            self.first_wait = False
-            why = (f"{self.down_reason}" if process is None else
-                   f"(pid {process.pid}) is stopped" if stopped else
-                   f"(pid {process.pid}) is not ready after {waited:.0f} s")
-            logger.warning("The fork server %s: spawning the first worker instead; later ones "
-                           "are forked once it is ready", why)
-
-    def usable(self) -> str | None:
-        """None when the server can fork now, else why not (restarting it when it is down and
-        the backoff allows)."""
-        if self.process is None:
-            if time.monotonic() < self.backoff.until:
-                return f"the fork server {self.down_reason}; restarting it in " \
-                       f"{self.backoff.until - time.monotonic():.0f} s"
-            self.launch_server()
-            if self.process is None:
-                return f"the fork server {self.down_reason}"
-        if self.process.poll() is not None:
-            how = describe_exit(self.process.returncode)
-            self.down(how)
-            return f"the fork server {how}; restarting it in {self.backoff.delay_s:.0f} s"
-        if not self.ready:
-            self.take_answers()
-            if self.process is None:
-                return f"the fork server {self.down_reason}"
-            if not self.ready:
-                return f"the fork server (pid {self.process.pid}) is still starting " \
-                       f"({time.monotonic() - self.started_at:.0f} s)"
-        return None
-
-    def take_answers(self) -> None:
-        """Apply every answer the server has written so far (reads without waiting)."""
-        while self.process is not None and (answer := self.read_answer()) is not None:
-            if not self.ready:
-                if answer.get("ready"):
-                    self.ready, self.ready_at = True, time.monotonic()
-                    logger.info("Fork server ready (pid %s) after %.1f s", self.process.pid,
-                                self.ready_at - self.started_at)
-                else:
-                    self.down(f"said {answer} at start")
-                    logger.warning("The fork server %s; workers are spawned; next try in "
-                                   "%.0f s", self.down_reason, self.backoff.delay_s)
-            else:
-                self.settle(answer, live=True)
-
-    def settle(self, answer: dict, live: bool) -> None:
-        """The oldest pending fork's answer."""
-        if not self.pending:
-            logger.error("The fork server answered a request it was not sent: %s", answer)
-            return
-        pending = self.pending.popleft()
-        if "pid" in answer:
-            pending.forked(int(answer["pid"]))
-            logger.debug("Forked worker %s (pid %s) in %.1f ms", pending.worker_id, pending.pid,
-                         (time.monotonic() - pending.asked_at) * 1000)
-            return
-        pending.fail(f"the fork server refused: {answer.get('error')}", lost=False)
-        if live and answer.get("permanent"):
-            self.disable(str(pending.failed))
-
-    def read_answer(self) -> dict | None:
-        """The server's next whole line, if it has written one; None otherwise."""
-        assert self.process is not None and self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self.buffer:
-            if not select.select([fd], [], [], 0.0)[0]:
-                return None
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            return {"error": f"unreadable answer {line[:80]!r}", "permanent": False}
-        return answer if isinstance(answer, dict) else {"error": f"unreadable answer {line[:80]!r}"}
-
-    def down(self, why: str) -> None:
-        """The server is gone or useless: kill it, and restart it after the backoff."""
-        self.down_reason = why
-        self.backoff.fail()
-        self.stop(grace_s=0.0)
-
-    def close(self) -> None:
-        """The service is stopping: stop the server for good."""
-        self.running = False
-        self.first_wait = False
-        self.stop()
-
-    def stop(self, grace_s: float = SERVER_STOP_S) -> None:
-        """End the server: end of requests (it exits), SIGKILL after grace_s. Answers it wrote
-        are still applied; forks still unanswered are lost (spawned under a new id)."""
-        process = self.process
-        if process is not None:
-            try:
-                if process.stdin is not None:
-                    process.stdin.close()
-            except OSError:
-                pass
-            try:
-                process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()  # SIGKILL works on a stopped process too
-                process.wait()
-            if self.ready:
-                while (answer := self.read_answer()) is not None:  # all written: EOF after
-                    self.settle(answer, live=False)
-            if process.stdout is not None:
-                process.stdout.close()
-        self.process, self.ready = None, False
-        why = f"the fork server {self.down_reason}" if self.down_reason else \
-            "the fork server stopped before answering"
-        while self.pending:
-            self.pending.popleft().fail(why, lost=True)

@@ -146,9 +146,11 @@ class BlueGreen:
                                                    "reload_refused", str(e))
             notify([waiter])
             return
+        # Loading what the setting resolves to follows it; reloading the served directory
+        # (the file watcher, an explicit path) keeps what was followed; another one pins it.
         follows = path is not None and configured is not None and (
-            (request.path is None and self.follows_configured)
-            or path == resolved_or_none(configured))
+            path == resolved_or_none(configured)
+            or (self.follows_configured and served is not None and path == served.model_dir))
         if self.job is None:
             self.job = ReloadJob(path, request.force_fresh, request.origin, [waiter],
                                  follows_configured=follows)

@@ -395,7 +395,8 @@ class Supervisor:
                     and not self.pool.in_roles("standby", "draining", "loading")
                     and not any(w.assignment is None for w in self.pool.in_roles("starting"))):
                 standby = self.pool.spawn(None)
-                logger.debug("Spawned warm standby %s (pid %s)", standby.worker_id, standby.pid)
+                logger.debug("Spawned warm standby %s (%s)", standby.worker_id,
+                             f"pid {standby.pid}" if standby.pid else "being forked")
         except OSError as e:  # fork/exec failed: out of processes or memory
             self.backoff.fail()
             self.standby_backoff.fail()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import zmq
@@ -24,13 +25,13 @@ from sensevoice_core.protocol import (
     WorkerRole,
     encode,
 )
+from supervisor.forking import ForkServer, PendingFork
 from supervisor.launch import (
     Backoff,
-    ForkServer,
-    PendingFork,
     StartMethod,
     WorkerProcess,
     describe_exit,
+    leave_idle_priority,
     reap_orphans,
     spawn_worker_process,
 )
@@ -38,6 +39,8 @@ from supervisor.launch import (
 __all__ = ["Assignment", "Backoff", "WorkerHandle", "WorkerPool", "describe_exit"]
 
 logger = logging.getLogger("sensevoice.supervisor")
+
+IDLE_BOOT_S = 10.0  # a standby starting on idle CPU only gets normal priority after this
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class WorkerHandle:
     load_error: str | None = None  # what the worker said when its load failed
     canary: CanaryReport | None = None  # the canary it failed, with that load_error
     kill_reason: str | None = None  # why the supervisor killed it (set: awaiting reaping)
+    idle_boot_ended: bool = False  # moved off SCHED_IDLE after IDLE_BOOT_S without a Hello
 
     @property
     def pid(self) -> int:
@@ -107,8 +111,11 @@ class WorkerPool:
         self.nonces = itertools.count(1)  # for pings
         self.renamed: list[tuple[str, str]] = []  # (old id, new id) of lost forks, spawned
 
-    def __iter__(self):
-        return iter(list(self.workers.values()))
+    def __iter__(self) -> Iterator[WorkerHandle]:
+        """The workers with a process: a fork whose answer is not read yet (milliseconds; up
+        to RESTART_WAIT_S while it waits for a restarting server) has no pid to show or
+        signal, so status lists it once it has one; in_roles() and get() see it at once."""
+        return iter([w for w in self.workers.values() if w.pid])
 
     def __contains__(self, worker_id: str) -> bool:
         return worker_id in self.workers
@@ -131,7 +138,8 @@ class WorkerPool:
 
     def spawn(self, assignment: Assignment | None) -> WorkerHandle:
         """A new worker process: it loads `assignment` once it says hello, or stands by.
-        Forked when the fork server can, else spawned (fork_server logs why)."""
+        Forked when the fork server can (asked now, its pid known when the answer is read:
+        reap()), else spawned (fork_server logs why). Never waits for the fork server."""
         asked_at = time.monotonic()
         standby = assignment is None
         self.spawned += 1
@@ -219,6 +227,17 @@ class WorkerPool:
         for worker in self.workers.values():
             if worker.process.poll() is not None or worker.killed:
                 continue  # reaped next tick
+            if worker.role == "starting" and not worker.idle_boot_ended and worker.pid \
+                    and now - worker.spawned_at > IDLE_BOOT_S:
+                worker.idle_boot_ended = True  # a saturated machine leaves idle CPU to none
+                try:
+                    if leave_idle_priority(worker.pid):
+                        logger.info("Worker %s (pid %s) has not started after %.0f s on idle "
+                                    "CPU; it now starts at normal priority", worker.worker_id,
+                                    worker.pid, IDLE_BOOT_S)
+                except OSError as e:  # it exited meanwhile, or a policy forbids it
+                    logger.debug("Worker %s (pid %s) stays at idle priority: %s",
+                                 worker.worker_id, worker.pid, e)
             if worker.role == "starting" and now - worker.spawned_at > SPAWN_TIMEOUT_S:
                 logger.error("Worker %s (pid %s) did not start within %.0f s; killing it",
                              worker.worker_id, worker.pid, SPAWN_TIMEOUT_S)

@@ -10,8 +10,10 @@ import signal
 from pathlib import Path
 
 import jiwer
+import numpy
 import pytest
 import sentencepiece
+import soundfile
 import torch
 from model_factory import DEMO_MODEL
 from safetensors.torch import load_file, save_file
@@ -20,6 +22,8 @@ from service import BackgroundTraffic, Service, start_service
 from sensevoice_core import load_model
 from sensevoice_core.canary import (
     CANARY_FILE,
+    CANARY_S_PER_AUDIO_S,
+    MAX_CLIP_S,
     CanaryClip,
     CanaryError,
     CanaryReport,
@@ -55,7 +59,7 @@ def test_the_shipped_canary_is_balanced_and_mixes_itn():
     for language in ("en", "zh"):
         mine = [entry for entry in entries if entry.language == language]
         assert len(mine) == 4 and sum(entry.use_itn for entry in mine) == 2
-    assert check_canary_dir(CANARY).startswith("8 clips (")
+    assert check_canary_dir(CANARY).line().startswith("8 clips (")
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -132,8 +136,41 @@ def test_the_start_check_reads_every_clip(tmp_path: Path):
         check_canary_dir(canary)
 
 
+def long_clip(path: Path, seconds: float) -> Path:
+    """The demo clip tiled to `seconds`."""
+    audio, rate = soundfile.read(CLIP)
+    soundfile.write(path, numpy.resize(audio, round(seconds * rate)), rate)
+    return path
+
+
+def test_a_clip_longer_than_an_utterance_is_refused_at_start_and_at_reload(demo_model,
+                                                                           tmp_path: Path):
+    canary = write_canary(tmp_path, '{"audio": "a.flac", "text": "close the window"}',
+                          '{"audio": "long.flac", "text": "close the window"}')
+    long_clip(canary / "long.flac", MAX_CLIP_S + 1)
+    problem = rf"long.flac \(in canary.jsonl\) is {MAX_CLIP_S + 1:.1f} s long; a canary clip "
+    with pytest.raises(CanaryError, match=problem):
+        check_canary_dir(canary)
+    with pytest.raises(CanaryError, match=problem):  # replaced after the start
+        run_canary(demo_model, canary, 0.1)
+    long_clip(canary / "long.flac", MAX_CLIP_S)  # the bound is inclusive
+    assert check_canary_dir(canary).seconds == pytest.approx(
+        MAX_CLIP_S + soundfile.info(CLIP).duration, abs=0.01)
+
+
+def test_a_canary_long_against_the_reload_timeout_is_warned_about():
+    check = check_canary_dir(CANARY)
+    assert check.size() == f"8 clips, {check.seconds:.1f} s of audio"
+    assert check.timeout_warning(30.0) is None  # the shipped canary: ~4 s of a 30 s budget
+    budget = check.seconds * CANARY_S_PER_AUDIO_S * 2  # the canary alone: half of it
+    assert check.timeout_warning(budget + 0.01) is None
+    warning = check.timeout_warning(budget - 0.01)
+    assert warning is not None and "SENSEVOICE_HOTRELOAD_TIMEOUT=" in warning
+    assert check.size() in warning and str(check.root) in warning
+
+
 def test_the_start_check_refuses_a_language_the_service_rules_out():
-    assert check_canary_dir(CANARY, ["zh", "english"]).startswith("8 clips (")
+    assert check_canary_dir(CANARY, ["zh", "english"]).line().startswith("8 clips (")
     with pytest.raises(CanaryError, match=r"en_00.flac \(in canary.jsonl\) is expected as 'en', "
                                           r"which SENSEVOICE_LANGUAGES \(zh\) rules out"):
         check_canary_dir(CANARY, ["zh"])
@@ -258,7 +295,7 @@ def test_a_model_with_swapped_language_tags_fails_on_language_id(canary_models: 
 def test_a_clip_that_no_longer_decodes_is_the_canary_s_fault(demo_model, tmp_path: Path):
     canary = write_canary(tmp_path, '{"audio": "a.flac", "text": "close the window"}')
     (canary / "a.flac").write_bytes(b"RIFF....WAVEfmt garbage")
-    with pytest.raises(CanaryError, match="canary clip .*a.flac"):
+    with pytest.raises(CanaryError, match=r"a\.flac \(in canary.jsonl\): not audio"):
         run_canary(demo_model, canary, 0.1)
 
 
@@ -374,3 +411,27 @@ def test_a_misconfigured_canary_stops_the_supervisor_at_start(tmp_path: Path,
     [line] = [line for line in started.log().splitlines() if "Cannot start" in line]
     assert f"SENSEVOICE_RELOAD_CANARY_DIR: {bad.resolve() / CANARY_FILE} line 2: audio file " \
            f"{bad.resolve() / 'gone.flac'} is missing" in line
+
+
+@pytest.mark.slow
+def test_a_reload_timed_out_with_a_long_canary_says_so(tmp_path: Path, canary_models: Path):
+    """Ten 29 s clips against a 1 s SENSEVOICE_HOTRELOAD_TIMEOUT: the start warns, and the
+    timed-out reload names the canary and its size, not only the timeout."""
+    canary = write_canary(tmp_path / "canary", *(
+        f'{{"audio": "c{i}.flac", "text": "close the window"}}' for i in range(10)), clips=())
+    for i in range(10):
+        long_clip(canary / f"c{i}.flac", 29.0)
+    running = start_service(tmp_path / "work", canary_models / "good",
+                            reload_canary_dir=str(canary), hotreload_timeout="1")
+    try:
+        assert "Reload canary: the reload canary (10 clips, 290.0 s of audio) may take" \
+            in running.log()
+        outcome = running.client.hot_reload_model(canary_models / "swapped")
+        assert not outcome.ok
+        assert outcome.error == ("not ready within 1 s (SENSEVOICE_HOTRELOAD_TIMEOUT) while "
+                                 "loading the model, warming up or running the canary (10 "
+                                 "clips, 290.0 s of audio); if the canary is what takes the "
+                                 "time, shorten it or raise the timeout")
+        assert running.status().model.model_dir == str((canary_models / "good").resolve())
+    finally:
+        assert running.stop() == 0

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from model_factory import write_hf
+from service import BackgroundTraffic, OrderedClient, Service, start_service, stopped
+
 from sensevoice_core.client import ServiceError
 from sensevoice_core.protocol import ReloadRequest
-from service import BackgroundTraffic, OrderedClient, Service, start_service, stopped
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,14 @@ CLIP = Path(__file__).parent / "data" / "demo_eval" / "en_02.flac"
 
 
 @pytest.fixture(scope="module")
-def service(models: Path, tmp_path_factory: pytest.TempPathFactory):
-    running = start_service(tmp_path_factory.mktemp("service"), models / "a")
+def work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service").resolve()
+
+
+@pytest.fixture(scope="module")
+def service(models: Path, work_dir: Path):
+    # work_dir is a model root too: tests change copies there, never the session's models.
+    running = start_service(work_dir, models / "a", model_roots=f"{models},{work_dir}")
     yield running
     assert running.stop() == 0
 
@@ -71,10 +77,14 @@ def test_continuous_client_sees_no_failure_across_ten_reloads(service: Service, 
     assert sequence[-1] == fingerprints["a"]
 
 
-def test_reload_of_the_same_model_comes_from_l2_once_a_file_was_touched(service: Service):
+def test_reload_of_the_same_model_comes_from_l2_once_a_file_was_touched(service: Service,
+                                                                         models: Path,
+                                                                         work_dir: Path):
+    copy = Path(shutil.copytree(models / "a", work_dir / "a-touched"))
+    assert service.client.hot_reload_model(copy).ok
     serving = service.status().model
     assert service.client.hot_reload_model().cache_level == "L1"  # unchanged: test_reload_l1
-    weights = Path(serving.model_dir) / "model.safetensors"
+    weights = copy / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     outcome = service.client.hot_reload_model()
     assert outcome.ok and outcome.new_fingerprint == serving.fingerprint

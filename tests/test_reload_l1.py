@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from model_factory import write_hf
+import torch
+from model_factory import copy_demo_model, write_hf
+from pydantic import ValidationError
 from service import OrderedClient, Service, start_service, stopped
 
 from sensevoice_core.compute import served_fingerprint
@@ -256,6 +258,33 @@ def test_warm_up_runs_the_model_once_and_loads_the_vad(demo_model):
     assert calls == [1] and demo_model._vad is not None and seconds > 0
 
 
+def nan_model(directory: Path) -> Path:
+    """The demo model with a NaN CTC bias: it loads, and every score it makes is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    copy_demo_model(directory)
+    weights = load_file(directory / "model.safetensors")
+    weights["ctc.ctc_lo.bias"] = torch.full_like(weights["ctc.ctc_lo.bias"], float("nan"))
+    save_file(weights, directory / "model.safetensors")
+    return directory
+
+
+WARMUP_FAILURE = ("warm-up: ValidationError: Segment.no_speech_prob: Input should be a finite "
+                  "number (got nan)")
+
+
+def test_a_warm_up_failure_names_the_stage_and_the_field(tmp_path: Path):
+    from inference_worker.warmup import describe_failure, warm_up
+    from sensevoice_core import load_model
+
+    with pytest.raises(ValidationError) as error:
+        warm_up(load_model(nan_model(tmp_path / "nan"), compute_type="float32"))
+    assert describe_failure("warm-up", error.value) == WARMUP_FAILURE
+    assert describe_failure("load", RuntimeError("first line\nsecond")) == \
+        "load: RuntimeError: first line"
+    assert describe_failure("canary", OSError()) == "canary: OSError: (no message)"
+
+
 # ----------------------------------------------------------------- through the service
 
 @pytest.fixture(scope="module")
@@ -383,6 +412,9 @@ def test_a_pathless_reload_follows_a_flipped_model_dir_link(service: Service, mo
     link = work_dir / "current"
     assert service.client.hot_reload_model(link).ok  # the service serves the configured link
     flip(link, models / "c")
+    # The served directory asked for by name (as the file watcher asks): unchanged, L1, and
+    # the service still follows the link.
+    assert service.client.hot_reload_model(models / "a").cache_level == "L1"
     outcome = service.client.hot_reload_model()
     assert outcome.ok and outcome.cache_level != "L1", outcome
     assert outcome.model_dir == str((models / "c").resolve())
@@ -400,3 +432,14 @@ def test_a_pathless_reload_follows_a_flipped_model_dir_link(service: Service, mo
     assert "no-such-release" in refused.value.message and "not a directory" in refused.value.message
     assert service.status().model.model_dir == str((models / "a").resolve())  # still serving
     flip(link, models / "a")
+
+
+def test_a_reload_to_a_model_that_breaks_at_warm_up_says_where_and_why(service: Service,
+                                                                      work_dir: Path):
+    serving = service.status().model
+    outcome = service.client.hot_reload_model(nan_model(work_dir / "nan"))
+    assert not outcome.ok and outcome.error.endswith(f"): {WARMUP_FAILURE}"), outcome
+    line = next(line for line in service.log().splitlines()
+                if "[HOTRELOAD] Reload failed" in line and "warm-up:" in line)
+    assert line.endswith(WARMUP_FAILURE)
+    assert service.status().model == serving

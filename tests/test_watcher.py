@@ -161,7 +161,9 @@ def test_a_reload_that_lands_before_the_first_load_starts_the_watcher(models: Pa
     the watcher starts then too, and the reload path is held to SENSEVOICE_MODEL_DIR's parent."""
     served = tmp_path / "models" / "served"
     shutil.copytree(models / "a", served)
+    # Spawned: a forked worker says hello within milliseconds, past the "starting" window.
     service = start_service(tmp_path / "service", served, wait=False, standby=False,
+                            worker_start="spawn",
                             enable_file_watch="true", watch_quiet_s=str(QUIET_S),
                             hotreload_timeout="120")
     try:
