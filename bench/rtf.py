@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import importlib.metadata
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from cpuinfo import cpu_model_and_flags
 from roofline import RooflineRuns, roofline_runs
 from sherpa_onnx_export import (
     VARIANTS,
@@ -98,17 +98,7 @@ def clip_of(seconds: int) -> torch.Tensor:
 
 def cpu_description() -> tuple[str, list[str]]:
     """The CPU's model name and which of SHOWN_FLAGS it has (from /proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    name, flags = cpu_model_and_flags()
     return name, [flag for flag in SHOWN_FLAGS if flag in flags]
 
 

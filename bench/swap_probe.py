@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cpuinfo import cpu_model_and_flags
+
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.compute import machine_features
 from sensevoice_core.layout import model_files
@@ -160,17 +162,7 @@ def start_method(status: ServiceStatus) -> str:
 
 def cpu_line() -> str:
     """The CPU's model name, its fast paths (AVX2, AVX-512, AMX: yes or no), usable cores."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    name, flags = cpu_model_and_flags()
     has = {"AVX2": "avx2", "AVX-512": "avx512f", "AMX": "amx_tile"}
     paths = ", ".join(f"{label} {'yes' if flag in flags else 'no'}" for label, flag in has.items())
     return (f"{name}; {paths}; fast paths: {machine_features('cpu').describe()}; "
