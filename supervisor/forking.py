@@ -24,6 +24,7 @@ from supervisor.launch import (
     become_subreaper,
     describe_exit,
     process_stopped,
+    wait_polling,
 )
 
 logger = logging.getLogger("sensevoice.supervisor")
@@ -76,12 +77,7 @@ class PendingFork:
             self.adopted.kill()
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"worker {self.worker_id}", timeout or 0.0)
-            time.sleep(0.005)
-        return code
+        return wait_polling(self.poll, timeout, f"worker {self.worker_id}")
 
 
 class ForkServer:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -69,12 +70,17 @@ class AdoptedProcess:
                 pass
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
-            time.sleep(0.005)
-        return code
+        return wait_polling(self.poll, timeout, f"pid {self.pid}")
+
+
+def wait_polling(poll: Callable[[], int | None], timeout: float | None, name: str) -> int:
+    """Popen.wait for a process this one cannot block on: poll() until it has an exit code."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (code := poll()) is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(name, timeout or 0.0)
+        time.sleep(0.005)
+    return code
 
 
 def spawn_worker_process(worker_id: str, backend: str, standby: bool) -> subprocess.Popen:
