@@ -4,6 +4,7 @@ hold several requests at once and batch their forward passes; thread settings in
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -26,14 +27,24 @@ MAX_QUEUE = 4
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory):
+def model_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model in another directory: a reload between the two is a real swap (a reload
+    of the model serving, unchanged, is answered from L1 without one)."""
+    copy = tmp_path_factory.mktemp("copy") / "model"
+    shutil.copytree(MODEL, copy, ignore=shutil.ignore_patterns("canary"))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, model_copy: Path):
     # A long wait makes requests released together share passes whatever the CPU load; small
     # per-request batches (BATCH_S) make a long request many passes. int8: the service path
     # of a reduced compute type (its layers are row-independent, so batching holds there too).
     running = start_service(tmp_path_factory.mktemp("batching"), MODEL, threads="0",
                             compute_type="int8",
                             batch_wait_ms="100", max_batch_requests=str(MAX_BATCH_REQUESTS),
-                            max_queue=str(MAX_QUEUE), batch_s="6", max_batch_s="30")
+                            max_queue=str(MAX_QUEUE), batch_s="6", max_batch_s="30",
+                            model_roots=f"{MODEL.parent},{model_copy.parent}")
     yield running
     assert running.stop() == 0
 
@@ -55,21 +66,26 @@ def serving(status: ServiceStatus):
     return next(w for w in status.workers if w.role == "serving")
 
 
-def send_all(service: Service, requests: list[tuple[object, dict]]
-             ) -> tuple[list[object], list[threading.Thread]]:
+def send_all(service: Service, requests: list[tuple[object, dict]],
+             go: threading.Event | None = None) -> tuple[list[object], list[threading.Thread]]:
     """Send requests from one thread each: their outcomes (replies or ServiceErrors, in
-    order, filled as they come) and the threads to join."""
+    order, filled as they come) and the threads to join. Clips are read and the clients made
+    first; the sends then go together, at once or when `go` is set: what reaches the
+    supervisor arrives within milliseconds, well inside a stopped worker's heartbeat window."""
     outcomes: list[object] = [None] * len(requests)
-    # Connected before any is sent, and released together: what reaches the supervisor
-    # arrives within milliseconds, well inside a stopped worker's heartbeat window.
+    prepared = [(audio.read_bytes(), {"filename": audio.name, **options})
+                if isinstance(audio, Path) else (audio, options) for audio, options in requests]
     clients = [SupervisorClient(service.address, Settings(supervisor_address=service.address))
                for _ in requests]
     start = threading.Barrier(len(requests))
 
     def send(index: int) -> None:
-        audio, options = requests[index]
+        audio, options = prepared[index]
         client = clients[index]
-        start.wait()
+        if go is None:
+            start.wait()
+        else:
+            go.wait()
         try:
             outcomes[index] = client.transcribe(audio, **options)
         except ServiceError as e:
@@ -108,8 +124,10 @@ def test_requests_held_together_share_passes_and_each_reply_is_its_own(service: 
     before = serving(service.wait_until(lambda s: serving(s).batches >= 3, 30, "counters"))
     pid = before.pid
     requests = [*zip(clips, options), (b"this is not audio" * 50, {"filename": "junk.wav"})]
+    go = threading.Event()
+    outcomes, threads = send_all(service, requests, go)
     with stopped(pid):  # what the supervisor sends waits in the worker's socket
-        outcomes, threads = send_all(service, requests)
+        go.set()
         service.wait_until(lambda s: s.in_flight == len(requests), 10, "all dispatched")
     join(threads)
     *replies, junk = outcomes
@@ -157,7 +175,11 @@ def test_a_long_request_does_not_stall_a_short_one(service: Service, long_audio:
 
 
 def test_a_reload_drains_a_worker_holding_a_batch_and_loses_nothing(service: Service,
-                                                                     long_audio: Path):
+                                                                     long_audio: Path,
+                                                                     model_copy: Path):
+    # Serve the copy first, so that the reload under test goes back to the model's own L2
+    # snapshot: a swap in a fraction of a second, while the long request is still running.
+    assert service.client.hot_reload_model(model_copy).ok
     old_pid = serving(service.wait_ready()).pid
     decoding = threading.Event()
     long_outcome, long_threads = send_all(service, [(long_audio, {
@@ -169,8 +191,8 @@ def test_a_reload_drains_a_worker_holding_a_batch_and_loses_nothing(service: Ser
     # caller's pass does not wait, and the demo model is fast).
     service.wait_until(lambda s: s.queued == 0 and s.in_flight
                        + s.requests_served - served == 4, 10, "a batch in the old worker")
-    outcome = service.client.hot_reload_model(force_fresh=True)  # an unchanged reload is L1
-    assert outcome.ok, outcome
+    outcome = service.client.hot_reload_model(MODEL)
+    assert outcome.ok and outcome.cache_level == "L2", outcome
     status = service.status()
     old = next(w for w in status.workers if w.pid == old_pid)
     assert old.role == "draining" and old.busy  # still holding the long request
@@ -185,8 +207,10 @@ def test_more_clients_than_a_worker_holds_and_the_queue_are_answered_busy(servic
     # A standby still starting (after the reload test) loads the CPU; with it ready, the
     # requests all land inside the 3 s before the stopped worker counts as hung.
     pid = serving(service.wait_ready()).pid
+    go = threading.Event()
+    outcomes, threads = send_all(service, [(CLIPS[1], {})] * count, go)
     with stopped(pid):
-        outcomes, threads = send_all(service, [(CLIPS[1], {})] * count)
+        go.set()
         service.wait_until(lambda s: s.in_flight == MAX_BATCH_REQUESTS and
                            s.queued == MAX_QUEUE, 10, "a full worker and queue")
         # The others were answered busy, while the worker is still stopped.
@@ -205,9 +229,11 @@ def test_a_worker_lost_while_holding_a_batch_has_every_request_retried(service: 
     status = service.wait_ready()
     restarts, pid = status.worker_restarts, serving(status).pid
     alone = service.client.transcribe(CLIPS[2])
+    go = threading.Event()
+    outcomes, threads = send_all(service, [(CLIPS[2], {})] * MAX_BATCH_REQUESTS, go)
     os.kill(pid, signal.SIGSTOP)
     try:
-        outcomes, threads = send_all(service, [(CLIPS[2], {})] * MAX_BATCH_REQUESTS)
+        go.set()
         service.wait_until(lambda s: s.in_flight == MAX_BATCH_REQUESTS, 10, "a full worker")
         if how == "kill":
             os.kill(pid, signal.SIGKILL)
