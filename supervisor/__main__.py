@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "reload", "transcribe"):
         return run_client_command(args, settings)
     configure_logging("supervisor", settings.log_level)
+    canary = None
     if settings.reload_canary_dir is not None:  # now, not at the first reload
         from sensevoice_core.canary import CanaryError, check_canary_dir
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from supervisor.supervisor import StartupError, Supervisor
 
     try:
-        return Supervisor(settings).run()
+        return Supervisor(settings, canary).run()
     except (StartupError, SettingsError) as e:
         logging.getLogger("sensevoice.supervisor").error("Cannot start: %s", e)
         return EXIT_FAILED

@@ -42,7 +42,6 @@ from sensevoice_core.protocol import (
 )
 from supervisor.reload_path import (
     ReloadRefused,
-    canary_at_start,
     check_reload_path,
     resolved_or_none,
 )
@@ -122,7 +121,6 @@ class BlueGreen:
         self.levels: Counter[str] = Counter()  # successful ones by cache level (L1, L2, fresh)
         # The first load is SENSEVOICE_MODEL_DIR when set (else the usual places).
         self.follows_configured = self.settings.model_dir is not None
-        self.canary = canary_at_start(self.settings.reload_canary_dir, self.settings.languages)
         # From other threads (the file watcher): requests for the loop to pick up.
         self.from_threads: deque[tuple[ReloadRequest, threading.Event]] = deque()
 
@@ -270,7 +268,7 @@ class BlueGreen:
         if self.settings.reload_canary_dir is None or not any(
                 worker.assignment is not None for worker in waiting):
             return cause
-        size = f" ({self.canary.size()})" if self.canary else ""
+        size = f" ({self.supervisor.canary.size()})" if self.supervisor.canary else ""
         return (f"{cause} while loading the model, warming up or running the canary{size}; "
                 f"if the canary is what takes the time, shorten it or raise the timeout")
 

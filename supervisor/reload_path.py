@@ -1,27 +1,15 @@
 """What a reload request asks for, checked before anything starts: the directory to load
-(check_reload_path), and the canary's size for a timed-out reload's cause."""
+(check_reload_path)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sensevoice_core.canary import CanaryCheck, CanaryError, check_canary_dir
 from sensevoice_core.protocol import ModelInfo
 
 
 class ReloadRefused(ValueError):
     """A reload request that is not attempted at all (bad path); the old model keeps serving."""
-
-
-def canary_at_start(canary_dir: Path | None, languages: list[str]) -> CanaryCheck | None:
-    """The canary's size, for a timed-out reload's cause; None when there is none (or it is
-    unusable: the start already refused that, and a reload's green says why)."""
-    if canary_dir is None:
-        return None
-    try:
-        return check_canary_dir(canary_dir, languages)
-    except CanaryError:
-        return None
 
 
 def resolved_or_none(path: Path) -> str | None:

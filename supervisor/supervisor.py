@@ -29,6 +29,7 @@ from pathlib import Path
 
 import zmq
 
+from sensevoice_core.canary import CanaryCheck
 from sensevoice_core.exit_codes import EXIT_BOOT_ERROR, EXIT_MODEL_LOAD_ERROR, EXIT_OK
 from sensevoice_core.protocol import (
     CACHE_LEVEL_WORDS,
@@ -80,8 +81,11 @@ BACKLOG_BURSTS = 10
 
 
 class Supervisor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, canary: CanaryCheck | None = None):
+        """canary: SENSEVOICE_RELOAD_CANARY_DIR as checked at start (its size names a
+        timed-out reload's likely cause)."""
         self.settings = settings
+        self.canary = canary
         self.frontend_address = settings.client_address()
         self.runtime_dir = make_runtime_dir()
         self.backend_address = f"ipc://{self.runtime_dir}/workers.ipc"
