@@ -4,6 +4,8 @@ reload canary (a reload's green), and the one line that says which of them faile
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.resources import files
 
 import torch
@@ -35,15 +37,11 @@ def warm_up(model: SenseVoice) -> float:
     One thread: a reload warms up beside the old worker, which is serving on every core;
     two thread pools spinning on the same cores would slow both far more than half.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    try:
+    with one_thread():
         audio = load_audio(str(WARMUP_CLIP))
         speech_probabilities(model.vad, [audio])
         model.decode([audio[:round(WARMUP_MODEL_S * SAMPLE_RATE)]], TranscribeOptions())
-    finally:
-        torch.set_num_threads(threads)
     return time.perf_counter() - start
 
 
@@ -52,11 +50,18 @@ def check_canary(model: SenseVoice, settings: Settings) -> CanaryReport | None:
     on one thread like the warm-up and for the same reason."""
     if settings.reload_canary_dir is None:
         return None
+    with one_thread():
+        return run_canary(model, settings.reload_canary_dir, settings.reload_canary_max_cer,
+                          settings=settings)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for the block, then the worker's count again."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_canary(model, settings.reload_canary_dir, settings.reload_canary_max_cer,
-                          settings=settings)
+        yield
     finally:
         torch.set_num_threads(threads)
 

@@ -22,7 +22,6 @@ accuracy gate, compute_check.py) and an L2 load maps them, then prepacks int8 la
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ from sensevoice_core.compute import (
 from sensevoice_core.errors import ModelFileError, SnapshotError
 from sensevoice_core.int8 import int8_layers, prepack_all
 from sensevoice_core.layout import ModelFiles, model_files
+from sensevoice_core.linux import libc
 from sensevoice_core.load_report import LoadReport, StepTimer, remove_file, warn
 from sensevoice_core.loader import load_model_dir
 from sensevoice_core.model_path import diagnose_model_paths, find_or_fix_model_path
@@ -337,10 +337,9 @@ def _finish(report: LoadReport, path_cache: PathCache) -> LoadReport:
 def _return_freed_memory_to_os() -> None:
     """glibc keeps freed heap pages for reuse; give the dropped fresh weights back now."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the allocator keeps its own policy
+    lib = libc()
+    if lib is not None and hasattr(lib, "malloc_trim"):  # else the allocator keeps its policy
+        lib.malloc_trim(0)
 
 
 def _forget(path_cache: PathCache, files: ModelFiles, settings: Settings,
