@@ -49,7 +49,10 @@ class ClientDesk:
             broker.reply_error(client, message.request_id, "unavailable",
                                "no inference worker is running; see the supervisor log")
         else:
+            # Dispatched at once: SENSEVOICE_MAX_QUEUE bounds what waits for a worker, so a
+            # burst read in one go must not be refused while the workers have room for it.
             broker.accept(client, message, payload)
+            supervisor.dispatch()
 
     def can_serve_soon(self) -> bool:
         """A worker serves, or one will: a reload or a load is under way, or a failed load is

@@ -136,11 +136,14 @@ class Supervisor:
                 self.streams.tick(now)
                 self.reloads.check_deadline(now)
                 self.manage_workers()
-                self.broker.dispatch(self.pool, frozenset(
-                    s.worker_id for s in self.streams.streams.values() if s.worker_id))
+                self.dispatch()
         finally:
             self.shutdown()
         return self.exit_code
+
+    def dispatch(self) -> None:
+        self.broker.dispatch(self.pool, frozenset(
+            s.worker_id for s in self.streams.streams.values() if s.worker_id))
 
     def read_burst(self, socket: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
         """Handle up to BURST messages waiting on one socket."""

@@ -18,10 +18,8 @@ import zmq
 
 from sensevoice_core.client import ServiceError, SupervisorClient
 from sensevoice_core.protocol import (
-    ErrorReply,
-    ReloadReply,
+    ReplyMessage,
     ServiceStatus,
-    StatusReply,
     StatusRequest,
     decode_reply,
     encode,
@@ -229,10 +227,10 @@ class OrderedClient:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
-        self.replies: dict[str | None, ReloadReply | StatusReply | ErrorReply] = {}
+        self.replies: dict[str | None, ReplyMessage] = {}
 
-    def send(self, message) -> str:
-        self.socket.send_multipart(encode(message))
+    def send(self, message, payload: bytes | None = None) -> str:
+        self.socket.send_multipart(encode(message, payload))
         return message.request_id
 
     def reply(self, request_id: str, timeout: float = 60.0):

@@ -12,10 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from service import Service, start_service, stopped
+from service import OrderedClient, Service, start_service, stopped
 
 from sensevoice_core.client import ServiceError, SupervisorClient
-from sensevoice_core.protocol import Progress, ServiceStatus, TranscribeReply
+from sensevoice_core.protocol import (
+    ErrorReply,
+    Progress,
+    ServiceStatus,
+    StatusRequest,
+    TranscribeReply,
+    TranscribeRequest,
+)
 from sensevoice_core.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -221,6 +228,30 @@ def test_more_clients_than_a_worker_holds_and_the_queue_are_answered_busy(servic
     served = [o for o in outcomes if isinstance(o, TranscribeReply)]
     assert len(served) == MAX_BATCH_REQUESTS + MAX_QUEUE
     assert len({o.text for o in served}) == 1
+
+
+def test_a_burst_read_in_one_go_fills_the_worker_before_the_queue(service: Service):
+    """Requests the supervisor reads together (all sent while it was stopped) go to the
+    worker as they are accepted: only those beyond its room and SENSEVOICE_MAX_QUEUE are
+    refused. (Queueing the burst first, then dispatching, refused all but MAX_QUEUE.)"""
+    count = MAX_BATCH_REQUESTS + MAX_QUEUE + 3
+    status = service.wait_ready()
+    worker = serving(status).pid
+    audio = CLIPS[1].read_bytes()
+    with OrderedClient(service.address) as client:
+        client.barrier()  # connected: what is sent next waits in the supervisor's socket
+        with stopped(worker), stopped(service.process.pid):
+            sent = [client.send(TranscribeRequest(filename=CLIPS[1].name), audio)
+                    for _ in range(count)]
+            barrier = client.send(StatusRequest())
+        # Everything sent before the barrier has been handled when its reply comes.
+        after = client.reply(barrier).status
+        assert (after.in_flight, after.queued) == (MAX_BATCH_REQUESTS, MAX_QUEUE), after
+        replies = [client.reply(request_id) for request_id in sent]
+    refused = [r for r in replies if isinstance(r, ErrorReply)]
+    assert [r.code for r in refused] == ["busy"] * (count - MAX_BATCH_REQUESTS - MAX_QUEUE)
+    served = [r for r in replies if isinstance(r, TranscribeReply)]
+    assert len(served) == MAX_BATCH_REQUESTS + MAX_QUEUE and len({r.text for r in served}) == 1
 
 
 @pytest.mark.parametrize("how", ["kill", "hang"])

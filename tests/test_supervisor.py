@@ -149,7 +149,8 @@ def test_error_reply_names_the_request_it_answers(service: Service):
 
 
 def test_a_full_queue_answers_busy_instead_of_growing(service: Service):
-    requests = [TranscribeRequest(request_id=f"q{i}") for i in range(12)]
+    # The worker takes up to SENSEVOICE_MAX_BATCH_REQUESTS (16) as they come, the queue 2.
+    requests = [TranscribeRequest(request_id=f"q{i}") for i in range(30)]
     audio = CLIP.read_bytes()
     with zmq.Context() as context, context.socket(zmq.DEALER) as socket:
         socket.setsockopt(zmq.LINGER, 0)
