@@ -21,20 +21,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import zmq
 
 from inference_worker.streams import StreamSessions
-from inference_worker.warmup import check_canary, describe_failure, warm_up
-from sensevoice_core.batching import ForwardBatcher, max_requests
-from sensevoice_core.cache import LoadReport, load_sensevoice_cached
-from sensevoice_core.errors import REQUEST_AUDIO, AudioError, AudioTooLongError
+from sensevoice_core.batching import max_requests
 from sensevoice_core.exit_codes import EXIT_MODEL_LOAD_ERROR, EXIT_OK
 from sensevoice_core.linux import PR_SET_PDEATHSIG, prctl
 from sensevoice_core.long_audio import ProgressCallback
 from sensevoice_core.model import SenseVoiceSmall
-from sensevoice_core.path_cache import PathCache
 from sensevoice_core.pipeline import SenseVoice
 from sensevoice_core.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -45,7 +40,6 @@ from sensevoice_core.protocol import (
     LoadFailed,
     LoadModel,
     MiB,
-    ModelInfo,
     Ping,
     Pong,
     Progress,
@@ -63,6 +57,7 @@ from sensevoice_core.protocol import (
 )
 from sensevoice_core.random_model import random_model, small_dims
 from sensevoice_core.result import Segment
+from sensevoice_core.serving import LoadFailure, answer, attach_batcher, load_for_serving
 from sensevoice_core.settings import Settings
 
 logger = logging.getLogger("sensevoice.worker")
@@ -75,20 +70,6 @@ def prewarm() -> None:
     rows = torch.zeros(1, dtype=torch.long)
     with torch.inference_mode():
         model(features, torch.tensor([50]), rows, rows)
-
-
-def model_info(report: LoadReport, warmup_s: float, settings: Settings) -> ModelInfo:
-    # The identities L3 holds for exactly these checksums: what the supervisor's L1 check
-    # compares stats with (read here, once per load, not on the supervisor's loop).
-    identities = PathCache(settings.cache_dir).identities(str(report.model_dir),
-                                                          report.file_sha256)
-    return ModelInfo(model_dir=str(report.model_dir), layout=report.layout,
-                     fingerprint=report.fingerprint, short_ids=report.short_ids,
-                     file_sha256=report.file_sha256, file_paths=report.file_paths,
-                     file_identities=identities,
-                     cache_level=report.level, load_s=report.total_s,
-                     steps_s=report.steps_s, warmup_s=warmup_s, warnings=report.warnings,
-                     compute_type=report.compute_type, compute_reason=report.compute_reason)
 
 
 class InferenceWorker:
@@ -236,73 +217,27 @@ class InferenceWorker:
         return len(self.in_flight) + (1 if self.streams.sessions else 0)
 
     def load(self, request: LoadModel) -> int | None:
-        stage = "load"
         try:
-            model, report = load_sensevoice_cached(request.path, request.force_fresh,
-                                                   self.settings)
-            stage = "warm-up"
-            warmup_s = warm_up(model)
-            stage = "canary"
-            canary = check_canary(model, self.settings) if request.canary else None
-        except Exception as e:  # noqa: BLE001 - any failure to load means "not ready"
-            cause = describe_failure(stage, e)
-            logger.error("cannot load model %s: %s", request.path or "(default)", cause)
-            self.send(LoadFailed(worker_id=self.worker_id, error=cause))
+            loaded = load_for_serving(request.path, request.force_fresh, self.settings,
+                                      request.canary)
+        except LoadFailure as e:
+            if e.canary is not None:
+                logger.error("not ready: %s", e.cause)
+            else:
+                logger.error("cannot load model %s: %s", request.path or "(default)", e.cause)
+            self.send(LoadFailed(worker_id=self.worker_id, error=e.cause, canary=e.canary))
             return EXIT_MODEL_LOAD_ERROR
-        if canary is not None and not canary.passed:
-            logger.error("not ready: %s", canary.summary())
-            self.send(LoadFailed(worker_id=self.worker_id, error=canary.summary(), canary=canary))
-            return EXIT_MODEL_LOAD_ERROR
-        if canary is not None:
-            logger.info("%s", canary.summary())
-        if self.settings.batch_wait_ms > 0:  # after the warm-up, which runs on one thread
-            model.batcher = ForwardBatcher(
-                model.forward_rows, self.settings.batch_wait_ms / 1000,
-                round(self.settings.max_batch_s / model.frontend.feature_frame_s),
-                threads=self.threads, callers=self.callers)
-        self.model, self.fingerprint = model, report.fingerprint
-        logger.info("ready after a %.2f s warm-up", warmup_s)
-        info = model_info(report, warmup_s, self.settings).model_copy(update={"canary": canary})
-        self.send(Ready(worker_id=self.worker_id, pid=os.getpid(), model=info))
+        attach_batcher(loaded.model, self.settings, self.threads, self.callers)
+        self.model, self.fingerprint = loaded.model, loaded.report.fingerprint
+        self.send(Ready(worker_id=self.worker_id, pid=os.getpid(), model=loaded.info))
         return None
 
     def transcribe(self, request: TranscribeRequest, payload: bytes) -> TranscribeReply | ErrorReply:
         if self.model is None:
             return ErrorReply(request_id=request.request_id, code="unavailable",
                               message="this worker has no model loaded")
-        start = time.perf_counter()
-        try:
-            if request.audio_format == "pcm_f32le":
-                if len(payload) % 4:
-                    raise AudioError(request.filename or REQUEST_AUDIO,
-                                     f"{len(payload)} bytes is not a whole number of float32 "
-                                     f"samples (pcm_f32le)")
-                audio: bytes | np.ndarray = np.frombuffer(payload, dtype="<f4")
-            else:
-                audio = payload
-            options = self.settings.transcribe_options(
-                request.language, request.use_itn, request.vad_threshold,
-                request.word_timestamps, request.languages)
-            result = self.model.transcribe(audio, options, sample_rate=request.sample_rate,
-                                           source_name=request.filename,
-                                           progress=self.progress_sender(request))
-        except AudioTooLongError as e:
-            return ErrorReply(request_id=request.request_id, code="too_long",
-                              message=f"{e} (SENSEVOICE_MAX_AUDIO_S)")
-        except AudioError as e:
-            return ErrorReply(request_id=request.request_id, code="bad_audio", message=str(e))
-        except ValueError as e:
-            return ErrorReply(request_id=request.request_id, code="bad_request", message=str(e))
-        except Exception as e:  # e.g. out of memory: answer, and keep serving the next request
-            logger.exception("Request %s failed", request.request_id)
-            return ErrorReply(request_id=request.request_id, code="internal",
-                              message=f"the worker failed on this request: {type(e).__name__}: "
-                                      f"{e}"[:500])
-        # dict(result), not model_dump(): the Segments go in as they are, not dumped to dicts
-        # and validated again (thousands of them for hours of audio).
-        return TranscribeReply(**dict(result), request_id=request.request_id,
-                               fingerprint=self.fingerprint, worker_pid=os.getpid(),
-                               inference_s=time.perf_counter() - start)
+        return answer(self.model, self.fingerprint, request, payload, self.settings,
+                      self.progress_sender(request))
 
     def progress_sender(self, request: TranscribeRequest) -> ProgressCallback | None:
         """When the request asks for progress: a callback that sends each step as a Progress

@@ -131,6 +131,17 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(
         256.0, gt=0, description="largest upload the UI and HTTP API accept, in MiB")
 
+    # Cluster mode (python -m cluster, Ray Serve)
+    cluster_host: str = Field(
+        "127.0.0.1", description="address the cluster's HTTP ingress listens on (every node)")
+    cluster_port: int = Field(
+        8000, ge=1, le=65535, description="port of the cluster's HTTP ingress (Ray Serve's)")
+    cluster_replicas: int = Field(
+        1, ge=1, le=1024, description="model replicas `python -m cluster up` deploys")
+    cluster_address: str | None = Field(
+        None, description="the Ray cluster `python -m cluster reload/status/down` talk to "
+                          "(host:port of its GCS); unset: the one `up` started")
+
     # Long audio
     vad_threshold: float = Field(_VAD.threshold, **THRESHOLD_BOUNDS.field,
                                  description="speech probability above which audio is speech")

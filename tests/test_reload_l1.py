@@ -45,9 +45,9 @@ CLIP = Path(__file__).parent / "data" / "demo_eval" / "en_02.flac"
 # ----------------------------------------------------------------- the decision, on files
 
 def serving_info(model_dir: Path, cache_dir: Path, compute_type: str = "float32") -> ModelInfo:
-    """What a worker reports after loading model_dir (inference_worker.worker.model_info, which
+    """What a worker reports after loading model_dir (sensevoice_core.serving.model_info, which
     takes the identities from L3), with its L3 record written as a load writes it."""
-    from inference_worker.worker import model_info
+    from sensevoice_core.serving import model_info
 
     cache = PathCache(cache_dir)
     record = cache.record_for(model_files(model_dir))
@@ -157,7 +157,7 @@ def test_same_files_in_another_directory_are_a_miss(served, tmp_path: Path):
 def test_a_worker_reports_no_identities_from_an_edited_l3_entry(tmp_path: Path):
     """The worker takes identities only from an entry that vouches for exactly the checksums
     it loaded; without them the supervisor never answers L1."""
-    from inference_worker.worker import model_info
+    from sensevoice_core.serving import model_info
 
     model_dir = write_hf(tmp_path / "a").resolve()
     cache_dir = tmp_path / "cache"
@@ -247,7 +247,7 @@ def test_populate_maps_every_page_of_the_snapshot_at_once(tmp_path: Path):
 
 
 def test_warm_up_runs_the_model_once_and_loads_the_vad(demo_model):
-    from inference_worker.warmup import warm_up
+    from sensevoice_core.warmup import warm_up
 
     calls = []
     hook = demo_model.model.register_forward_hook(lambda *_: calls.append(1))
@@ -274,7 +274,7 @@ WARMUP_FAILURE = ("warm-up: ValidationError: Segment.no_speech_prob: Input shoul
 
 
 def test_a_warm_up_failure_names_the_stage_and_the_field(tmp_path: Path):
-    from inference_worker.warmup import describe_failure, warm_up
+    from sensevoice_core.warmup import describe_failure, warm_up
     from sensevoice_core import load_model
 
     with pytest.raises(ValidationError) as error:
