@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
 
-from sensevoice_core.client import ServiceError, SupervisorClient
+from sensevoice_core.client import ServiceError
 from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.protocol import (
+    STATUS_TIMEOUT_S,
     Progress,
     ReloadOutcome,
     ReloadRequest,
@@ -55,6 +57,25 @@ PUBLIC_MESSAGES = {
     "internal": "the transcription service failed on this request; its log says why",
 }
 RETRY_AFTER_S = 1  # what a refused (busy) or unavailable caller is told to wait
+
+
+class ServiceClient(Protocol):
+    """What a Gateway calls on the transcription service: the supervisor's client
+    (sensevoice_core.client.SupervisorClient) or the cluster's (cluster.client.FleetClient).
+    Failures are ServiceErrors with the protocol's error codes."""
+
+    def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
+                   sample_rate: int = 16000, timeout: float | None = None,
+                   vad_threshold: float | None = None,
+                   filename: str | None = None, word_timestamps: bool = False,
+                   languages: Sequence[str] | None = None,
+                   on_progress: Callable[[Progress], None] | None = None
+                   ) -> TranscribeReply: ...
+
+    def status(self, timeout: float = STATUS_TIMEOUT_S) -> ServiceStatus: ...
+
+    def reload(self, request: ReloadRequest, timeout: float | None = None
+               ) -> ReloadOutcome: ...
 
 
 @dataclass
@@ -134,7 +155,7 @@ class FrontDoor:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, client: SupervisorClient, metrics: ServiceMetrics,
+    def __init__(self, settings: Settings, client: ServiceClient, metrics: ServiceMetrics,
                  door: FrontDoor):
         self.settings = settings
         self.client = client

@@ -1,0 +1,258 @@
+"""The ingress's door to the model replicas: what ui.gateway.Gateway calls on its client
+(ServiceClient), over a Ray Serve DeploymentHandle to the SenseVoiceModel deployment.
+
+Called from Gateway's worker threads (no event loop there), so it uses the handle's blocking
+calls. Ray routes each call to a replica with room (max_ongoing_requests); a call the handle
+cannot place within max_queued_requests is refused at once: "busy", as the supervisor's full
+queue is. A replica that dies while holding a request (its process killed, its node lost) has
+the request sent once more, to another replica (the router drops a dead one at once), as the
+supervisor retries a request its worker died on; a second death is "worker_lost".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle
+
+from cluster.types import FleetReloadResult, ReplicaReport
+from sensevoice_core.client import REPLY_MARGIN_S, _encode_audio
+from sensevoice_core.errors import ServiceError
+from sensevoice_core.protocol import (
+    STATUS_TIMEOUT_S,
+    ErrorReply,
+    ModelInfo,
+    Progress,
+    ReloadOutcome,
+    ReloadRequest,
+    ServiceStatus,
+    TranscribeReply,
+    TranscribeRequest,
+    WorkerStatus,
+)
+from sensevoice_core.settings import MiB, Settings
+
+logger = logging.getLogger("sensevoice.cluster")
+
+ATTEMPTS = 2  # a request whose replica died is sent once more, as the supervisor does
+# The replica died or its actor cannot be reached (RayActorError: ActorDiedError,
+# ActorUnavailableError), or the router picked a replica that was just removed.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+
+
+class FleetClient:
+    """handle: to the model deployment. fleet_reports(timeout_s): the live replicas' last
+    ReplicaReports; last_fleet_reload(timeout_s): the last `python -m cluster reload`'s
+    result (both from the fleet registry: cluster.fleet)."""
+
+    def __init__(self, handle: DeploymentHandle, settings: Settings,
+                 fleet_reports: Callable[[float], Sequence[ReplicaReport]],
+                 last_fleet_reload: Callable[[float], FleetReloadResult | None]):
+        self.handle = handle
+        self.stream_handle = handle.options(stream=True)
+        self.settings = settings
+        self.fleet_reports = fleet_reports
+        self.last_fleet_reload = last_fleet_reload
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._outstanding = 0  # calls sent to the fleet and not answered yet
+        self._served = 0  # replies this client passed on
+        self._seen: set[str] = set()  # replica ids its status calls saw
+        self._departed: set[str] = set()  # ...that left the fleet since
+
+    def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
+                   sample_rate: int = 16000, timeout: float | None = None,
+                   vad_threshold: float | None = None,
+                   filename: str | None = None, word_timestamps: bool = False,
+                   languages: Sequence[str] | None = None,
+                   on_progress: Callable[[Progress], None] | None = None) -> TranscribeReply:
+        """As SupervisorClient.transcribe, answered by a model replica."""
+        audio_format, payload = _encode_audio(audio, filename)
+        if len(payload) > self.settings.max_request_bytes:
+            raise ServiceError("too_large", f"the audio is {len(payload) / MiB:.1f} MiB; at most "
+                                            f"{self.settings.max_request_mb:g} MiB "
+                                            f"(SENSEVOICE_MAX_REQUEST_MB)")
+        request = TranscribeRequest(language=language, use_itn=use_itn,
+                                    audio_format=audio_format, sample_rate=sample_rate,
+                                    vad_threshold=vad_threshold,
+                                    filename=filename[:255] if filename else None,
+                                    word_timestamps=word_timestamps,
+                                    languages=None if languages is None else list(languages),
+                                    progress=on_progress is not None)
+        # The supervisor's bound: a request may wait, run, and be retried once.
+        limit = timeout if timeout is not None else (
+            3 * self.settings.request_timeout + REPLY_MARGIN_S)
+        deadline = time.monotonic() + limit
+        with self._lock:
+            self._outstanding += 1
+        try:
+            reply = self._send(request, payload, deadline, limit, on_progress)
+        finally:
+            with self._lock:
+                self._outstanding -= 1
+        if isinstance(reply, ErrorReply):
+            raise ServiceError(reply.code, reply.message)
+        with self._lock:
+            self._served += 1
+        return reply
+
+    def _send(self, request: TranscribeRequest, payload: bytes, deadline: float, limit: float,
+              on_progress: Callable[[Progress], None] | None) -> TranscribeReply | ErrorReply:
+        seen = Seen()
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                if on_progress is None:
+                    return self._call(request, payload, deadline)
+                return self._stream(request, payload, deadline, on_progress, seen)
+            except REPLICA_LOST as e:
+                cause = f"the replica serving it was lost ({type(e).__name__})"
+                if attempt == ATTEMPTS:
+                    raise ServiceError("worker_lost", f"{cause} while serving this request, "
+                                                      f"twice") from None
+                logger.warning("%s while serving request %s; retrying it on another replica",
+                               cause, request.request_id)
+            except BackPressureError:
+                raise ServiceError("busy", "every model replica is full, and so is the "
+                                           "handle's queue (max_queued_requests); retry "
+                                           "later") from None
+            except DeploymentUnavailableError as e:
+                raise ServiceError("unavailable", e.message) from None
+            except (TimeoutError, RequestCancelledError):
+                raise ServiceError("timeout", f"no reply from the model replicas within "
+                                              f"{limit:g} s") from None
+            except RayError as e:  # the replica's method raised: a bug there, not the audio
+                logger.error("Request %s failed in a model replica: %s", request.request_id, e)
+                raise ServiceError("internal", f"the model replica failed on this request: "
+                                               f"{type(e).__name__}") from None
+        raise AssertionError("unreachable")
+
+    def _call(self, request: TranscribeRequest, payload: bytes, deadline: float
+              ) -> TranscribeReply | ErrorReply:
+        response = self.handle.transcribe.remote(request, payload)
+        try:
+            return response.result(timeout_s=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            response.cancel()
+            raise
+
+    def _stream(self, request: TranscribeRequest, payload: bytes, deadline: float,
+                on_progress: Callable[[Progress], None], seen: Seen
+                ) -> TranscribeReply | ErrorReply:
+        """The replica's transcribe_stream: each Progress to on_progress, then the reply.
+        A stream has no wait limit of its own: a timer cancels it at the deadline."""
+        response = self.stream_handle.transcribe_stream.remote(request, payload)
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), response.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            for step in response:
+                if not isinstance(step, Progress):
+                    return step
+                if step.done > seen.done:  # a retry goes over steps the caller already has
+                    seen.done = step.done
+                    on_progress(step)  # what it raises (ClientGone) ends the wait
+        except BaseException:
+            response.cancel()
+            raise
+        finally:
+            timer.cancel()
+        raise ServiceError("internal", "the model replica's stream ended without a reply")
+
+    def status(self, timeout: float = STATUS_TIMEOUT_S) -> ServiceStatus:
+        try:
+            reports = list(self.fleet_reports(timeout))
+            last_reload = self.last_fleet_reload(timeout)
+        except TimeoutError:
+            raise ServiceError("unavailable", f"the fleet registry did not answer within "
+                                              f"{timeout:g} s") from None
+        with self._lock:
+            live = {r.replica_id for r in reports}
+            self._departed |= self._seen - live
+            self._seen |= live
+            outstanding, served, departed = self._outstanding, self._served, len(self._departed)
+        return fleet_status(reports, last_reload, time.monotonic() - self.started,
+                            outstanding, served, departed)
+
+    def reload(self, request: ReloadRequest, timeout: float | None = None) -> ReloadOutcome:
+        raise ServiceError("reload_refused", "a cluster reloads every replica at once: run "
+                                             "`python -m cluster reload [PATH]`")
+
+
+@dataclass
+class Seen:
+    """The last Progress.done passed on, across a request's attempts (-1: none)."""
+
+    done: int = -1
+
+
+def fleet_status(reports: Sequence[ReplicaReport], last_reload: FleetReloadResult | None,
+                 uptime_s: float, outstanding: int, served: int, departed: int
+                 ) -> ServiceStatus:
+    """The fleet as a ServiceStatus: one worker per replica, as it last reported."""
+    now = time.time()
+    workers = [WorkerStatus(worker_id=r.replica_id, pid=r.pid,
+                            role="serving" if r.model is not None else "loading",
+                            age_s=max(0.0, now - r.started_at),
+                            requests_served=r.requests_served, busy=r.in_flight > 0,
+                            fingerprint=r.model.fingerprint if r.model else None,
+                            threads=r.threads, batches=r.batches, batch_items=r.batch_items)
+               for r in sorted(reports, key=lambda r: r.replica_id)]
+    # Counted by the replicas as of their last report (every few seconds, and on each change).
+    in_flight = sum(r.in_flight for r in reports)
+    generations = {r.generation for r in reports}
+    model = fleet_model(reports)
+    return ServiceStatus(
+        # In cluster mode the process answering status is the ingress replica: its pid, its
+        # uptime. There is no supervisor process.
+        supervisor_pid=os.getpid(), uptime_s=uptime_s,
+        model=model, workers=workers,
+        # Sent by this ingress and not yet taken by a replica (waiting in the handle's router).
+        queued=max(0, outstanding - in_flight), in_flight=in_flight,
+        requests_served=served,  # replies this ingress passed on
+        # Replicas its status calls saw that have left the fleet since (died and replaced, or
+        # removed by a redeploy): the nearest thing to the supervisor's worker restarts.
+        worker_restarts=departed,
+        # A fleet reload is under way while the replicas have not all applied one generation.
+        reloading=len(generations) > 1,
+        last_reload=None if last_reload is None else reload_outcome(last_reload, model),
+        watching=None)  # no file watcher in cluster mode: `python -m cluster reload` only
+
+
+def fleet_model(reports: Sequence[ReplicaReport]) -> ModelInfo | None:
+    """What the fleet serves: the model most replicas serve (during a fleet reload, the newer
+    generation's on a tie)."""
+    serving = [(r.model, r.generation) for r in reports if r.model is not None]
+    if not serving:
+        return None
+    counts = Counter(model.fingerprint for model, _ in serving)
+    model, _ = max(serving, key=lambda each: (counts[each[0].fingerprint], each[1]))
+    return model
+
+
+def reload_outcome(result: FleetReloadResult, serving: ModelInfo | None) -> ReloadOutcome:
+    """A fleet reload as the single-host service states a reload."""
+    levels = {r.last_reload.cache_level for r in result.replicas
+              if r.last_reload is not None and r.generation == result.generation}
+    failures = "; ".join(f"replica {rid}: {why}" for rid, why in sorted(result.failures.items()))
+    return ReloadOutcome(
+        ok=result.ok, origin="cli", requested_path=result.requested_path,
+        model_dir=serving.model_dir if serving else None,
+        new_fingerprint=result.fingerprint, seconds=result.seconds,
+        # One level when every replica loaded the same way; mixed levels are not one answer.
+        cache_level=levels.pop() if result.ok and len(levels) == 1 else None,
+        error=(failures + (" (rolled back: every replica serves the old model)"
+                           if result.rolled_back else "")) or None)
