@@ -1,0 +1,260 @@
+"""python -m cluster [up | down | reload [PATH] [--force-fresh] [--json] | status [--json]]
+
+up runs a local Ray instance (loopback, no dashboard, no usage stats) and the application of
+serve_config.yaml on SENSEVOICE_MODEL_DIR with SENSEVOICE_CLUSTER_REPLICAS replicas, HTTP on
+SENSEVOICE_CLUSTER_HOST:SENSEVOICE_CLUSTER_PORT, in the foreground until Ctrl-C, SIGTERM or
+`down`. reload, status and down talk to SENSEVOICE_CLUSTER_ADDRESS, else to the instance `up`
+started (its address is in <SENSEVOICE_CACHE_DIR>/cluster.json).
+Exit codes (sensevoice_core.exit_codes): 0 done, 1 failed (no cluster, a reload that did not
+succeed everywhere), 2 invalid settings or a reload path that is not allowed, 4 the model did
+not load on `up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sensevoice_core.atomic import atomic_file
+from sensevoice_core.cli import settings_or_exit
+from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_MODEL_LOAD_ERROR, EXIT_OK, EXIT_USAGE
+from sensevoice_core.logs import configure_logging
+from sensevoice_core.settings import Settings
+
+logger = logging.getLogger("sensevoice.cluster")
+
+# Read by ray when it is first imported: without it ray.init turns 127.0.0.1 into the
+# machine's routable address, which a loopback-only Ray instance does not listen on.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# `up` keeps Ray's token authentication on (its token: ~/.ray/auth_token), and says so to the
+# commands that connect to it: a client left in the default mode is refused.
+TOKEN_AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+STATE_FILE = "cluster.json"
+DOWN_TIMEOUT_S = 60.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="a local Ray instance and the application, in the foreground")
+    commands.add_parser("down", help="stop what `up` started (or delete the application)")
+    reload = commands.add_parser("reload", help="load a model on every replica")
+    reload.add_argument("path", nargs="?", help="model directory; default: the one serving")
+    reload.add_argument("--force-fresh", action="store_true",
+                        help="load from the model's files, not its L2 snapshot")
+    reload.add_argument("--json", action="store_true", help="print the FleetReloadResult")
+    status = commands.add_parser("status", help="the replicas and what each serves")
+    status.add_argument("--json", action="store_true", help="print the replicas as JSON")
+    args = parser.parse_args(argv)
+    settings = settings_or_exit()
+    configure_logging("cluster", settings.log_level)
+    if args.command == "up":
+        return up(settings)
+    address = cluster_address(settings)
+    if address is None:
+        print("error: no cluster: start one with `python -m cluster up`, or set "
+              "SENSEVOICE_CLUSTER_ADDRESS to a running Ray cluster's address", file=sys.stderr)
+        return EXIT_FAILED
+    if args.command == "down":
+        return down(settings, address)
+    ray_environment(address, settings)
+    from cluster.deploy import FleetError, connect  # ray: only once its environment is set
+
+    try:
+        connect(address)
+        if args.command == "reload":
+            return reload_command(settings, args.path, args.force_fresh, args.json)
+        return status_command(args.json)
+    except FleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.cache_dir.expanduser().resolve() / STATE_FILE
+
+
+def read_state(settings: Settings) -> dict[str, object] | None:
+    try:
+        return json.loads(state_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cluster_address(settings: Settings) -> str | None:
+    if settings.cluster_address:
+        return settings.cluster_address
+    state = read_state(settings)
+    return str(state["address"]) if state else None
+
+
+def ray_environment(address: str, settings: Settings) -> None:
+    """What this process's ray must be imported with to reach `address`."""
+    if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        for name, value in LOOPBACK_RAY_ENV.items():
+            os.environ.setdefault(name, value)
+    state = read_state(settings)
+    if state is not None and state.get("address") == address and state.get("auth") == "token":
+        os.environ.update(TOKEN_AUTH_ENV)
+
+
+def up(settings: Settings) -> int:
+    if settings.model_dir is None or not settings.model_dir.is_dir():
+        print(f"error: SENSEVOICE_MODEL_DIR {settings.model_dir or '(unset)'} is not a model "
+              f"directory; set it to the model every replica loads", file=sys.stderr)
+        return EXIT_USAGE
+    running = read_state(settings)
+    if running is not None and pid_alive(int(running["pid"])):  # type: ignore[call-overload]
+        print(f"error: a cluster is up already (`up` pid {running['pid']}, Ray at "
+              f"{running['address']}): stop it with `python -m cluster down`", file=sys.stderr)
+        return EXIT_FAILED
+    os.environ.update(LOOPBACK_RAY_ENV | TOKEN_AUTH_ENV)
+    import ray
+    from ray import serve
+
+    from cluster.deploy import FleetError, deploy_app
+    from cluster.fleet import fleet_view
+
+    # address="local": a new instance, never the last one any process on this host started
+    # (which ray.init() without an address would join).
+    context = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                       log_to_driver=False, logging_level="WARNING")
+    address = context.address_info["gcs_address"]
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(signum, lambda *_: stop.set())
+    state = state_path(settings)
+    try:
+        with atomic_file(state, mode=0o600) as handle:  # owner-only: it leads to the cluster
+            handle.write(json.dumps({"address": address, "pid": os.getpid(),
+                                     "auth": "token"}).encode())
+        logger.info("Ray at %s; deploying %d replica(s) of %s", address,
+                    settings.cluster_replicas, settings.model_dir)
+        try:
+            deploy_app(settings.model_dir, settings.cluster_replicas, settings.cluster_port,
+                       settings.cluster_host)
+        except FleetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_MODEL_LOAD_ERROR
+        models = {v.report.model.fingerprint[:16] for v in fleet_view()
+                  if v.report and v.report.model}
+        print(f"SenseVoice cluster up: http://{settings.cluster_host}:{settings.cluster_port} "
+              f"({settings.cluster_replicas} replica(s), model {', '.join(models)}); Ray at "
+              f"{address}. Ctrl-C or `python -m cluster down` stops it.", flush=True)
+        stop.wait()
+        logger.info("stopping")
+        return EXIT_OK
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            state.unlink(missing_ok=True)
+
+
+def down(settings: Settings, address: str) -> int:
+    state = read_state(settings)
+    if state is not None and not settings.cluster_address:
+        pid = int(state["pid"])  # type: ignore[call-overload]
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            state_path(settings).unlink(missing_ok=True)
+            print(f"the cluster's `up` (pid {pid}) was gone; removed its {STATE_FILE}")
+            return EXIT_OK
+        deadline = time.monotonic() + DOWN_TIMEOUT_S
+        while state_path(settings).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if state_path(settings).exists():
+            print(f"error: `up` (pid {pid}) has not stopped after {DOWN_TIMEOUT_S:g} s",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print("stopped")
+        return EXIT_OK
+    ray_environment(address, settings)
+    from ray import serve
+
+    from cluster.deploy import connect
+    from cluster.types import APP_NAME
+
+    connect(address)
+    serve.delete(APP_NAME)  # a cluster someone else runs: take only our application off it
+    print(f"deleted the application {APP_NAME!r} from {address}")
+    return EXIT_OK
+
+
+def reload_command(settings: Settings, path: str | None, force_fresh: bool, as_json: bool
+                   ) -> int:
+    from cluster.fleet import reload_fleet
+    from supervisor.reload_path import ReloadRefused
+
+    try:
+        result = reload_fleet(path, force_fresh, settings)
+    except ReloadRefused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    elif result.ok:
+        print(f"reloaded {len(result.replicas)} replica(s) to {result.requested_path} "
+              f"(fingerprint {result.fingerprint and result.fingerprint[:16]}) in "
+              f"{result.seconds:.1f} s, generation {result.generation}")
+    else:
+        print(f"reload of {result.requested_path} failed"
+              + ("; every replica serves the previous model again" if result.rolled_back
+                 else ""))
+        for replica, why in sorted(result.failures.items()):
+            print(f"  {replica}: {why}")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def status_command(as_json: bool) -> int:
+    from cluster.fleet import fleet_view, last_fleet_reload
+
+    views = fleet_view()
+    last = last_fleet_reload()
+    if as_json:
+        print(json.dumps({
+            "replicas": [{"replica_id": v.live.replica_id, "node_id": v.live.node_id,
+                          "node_ip": v.live.node_ip, "state": v.live.state, "pid": v.live.pid,
+                          "report": v.report.model_dump(mode="json") if v.report else None}
+                         for v in views],
+            "last_reload": last.model_dump(mode="json") if last else None}, indent=2))
+        return EXIT_OK
+    print(f"{'replica':10} {'node':10} {'state':9} {'pid':>7} {'gen':>4} {'fingerprint':17} "
+          f"{'cache':6} {'load_s':>6} {'served':>7}  error")
+    for v in views:
+        r, model = v.report, v.report.model if v.report else None
+        print(f"{v.live.replica_id:10} {v.live.node_id[:8]:10} {v.live.state:9} "
+              f"{v.live.pid or '':>7} {r.generation if r else '':>4} "
+              f"{model.fingerprint[:16] if model else '-':17} "
+              f"{model.cache_level if model else '-':6} "
+              f"{f'{model.load_s:.2f}' if model else '-':>6} "
+              f"{r.requests_served if r else '':>7}  {(r.error or '') if r else ''}")
+    if last is not None:
+        outcome = "ok" if last.ok else ("failed, rolled back" if last.rolled_back else "failed")
+        print(f"last reload: {outcome}, {last.requested_path}, generation {last.generation}, "
+              f"{last.seconds:.1f} s"
+              + "".join(f"\n  {rid}: {why}" for rid, why in sorted(last.failures.items())))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
