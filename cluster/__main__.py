@@ -24,7 +24,12 @@ from pathlib import Path
 
 from sensevoice_core.atomic import atomic_file
 from sensevoice_core.cli import settings_or_exit
-from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_MODEL_LOAD_ERROR, EXIT_OK, EXIT_USAGE
+from sensevoice_core.exit_codes import (
+    EXIT_FAILED,
+    EXIT_MODEL_LOAD_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 from sensevoice_core.logs import configure_logging
 from sensevoice_core.settings import Settings
 
@@ -65,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         return down(settings, address)
     ray_environment(address, settings)
-    from cluster.deploy import FleetError, connect  # ray: only once its environment is set
+    from cluster.deploy import (  # ray: only once its environment is set
+        FleetError,
+        connect,
+    )
 
     try:
         connect(address)
@@ -126,6 +134,9 @@ def up(settings: Settings) -> int:
               f"{running['address']}): stop it with `python -m cluster down`", file=sys.stderr)
         return EXIT_FAILED
     os.environ.update(LOOPBACK_RAY_ENV | TOKEN_AUTH_ENV)
+    # The replicas read their settings from this environment (Ray's workers inherit it), in
+    # another working directory: the cache as an absolute path, so they share this one.
+    os.environ["SENSEVOICE_CACHE_DIR"] = str(settings.cache_dir.expanduser().resolve())
     import ray
     from ray import serve
 

@@ -113,10 +113,23 @@ def wait_running(timeout_s: float) -> None:
             if status == "RUNNING":
                 return
             if status == "DEPLOY_FAILED":
-                raise FleetError(f"the application failed to deploy: {message}")
+                raise FleetError(f"the application failed to deploy: {failure_cause(app)}")
         time.sleep(POLL_S)
     raise FleetError(f"the application is not running after {timeout_s:g} s ({status}"
                      f"{': ' + message if message else ''})")
+
+
+def failure_cause(app: dict[str, Any]) -> str:
+    """The failed deployment and the last error line of its message (a replica constructor's
+    traceback: for the model, "RuntimeError: cannot load the model ...")."""
+    for name, deployment in app["deployments"].items():
+        if deployment["status"] in ("DEPLOY_FAILED", "UNHEALTHY"):
+            lines = [line.strip() for line in deployment.get("message", "").splitlines()
+                     if line.strip()]
+            cause = next((line for line in reversed(lines) if "Error" in line),
+                         lines[-1] if lines else "no message")
+            return f"{name}: {cause}"
+    return app.get("message", "")
 
 
 def deployed_config() -> ServeDeploySchema:

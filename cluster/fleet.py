@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.serve.schema import ServeDeploySchema
 
 from cluster.deploy import (
     CONTROLLER_TIMEOUT_S,
     POLL_S,
+    FleetError,
     deployed_config,
     fleet_config,
     redeploy,
@@ -58,6 +60,7 @@ class FleetRegistry:
         self.last_reload: FleetReloadResult | None = None
         self.outcomes: Counter[str] = Counter()  # fleet reloads: "ok" / "failed"
         self.levels: Counter[str] = Counter()  # successful ones by the replicas' cache level
+        self.reloading_until = 0.0  # time.time() when a claimed reload is presumed dead
 
     def put(self, report: ReplicaReport) -> None:
         known = self.reports.get(report.replica_id)
@@ -76,7 +79,18 @@ class FleetRegistry:
         self.reports = {rid: r for rid, r in self.reports.items() if rid in replica_ids}
         return list(self.reports.values())
 
-    def record_reload(self, result: FleetReloadResult) -> None:
+    def claim_reload(self, until: float) -> bool:
+        """One fleet reload at a time: False while another one's claim holds."""
+        if self.reloading_until > time.time():
+            return False
+        self.reloading_until = until
+        return True
+
+    def record_reload(self, result: FleetReloadResult | None) -> None:
+        """The reload's result (None: it was abandoned); the claim ends."""
+        self.reloading_until = 0.0
+        if result is None:
+            return
         self.last_reload = result
         self.outcomes["ok" if result.ok else "failed"] += 1
         levels = Counter(r.model.cache_level for r in result.replicas if r.model is not None)
@@ -175,6 +189,23 @@ def reload_fleet(path: str | None, force_fresh: bool, settings: Settings) -> Fle
     new = FleetConfig(model_dir=target, force_fresh=force_fresh,
                       generation=current.generation + 1)
     timeout_s = reload_timeout(settings, len(views))
+    claim_until = time.time() + 2 * timeout_s + CONTROLLER_TIMEOUT_S
+    if not ray.get(registry().claim_reload.remote(claim_until), timeout=CONTROLLER_TIMEOUT_S):
+        raise FleetError("another fleet reload is under way: wait for it to finish "
+                         "(`python -m cluster status` shows the generations)")
+    try:
+        result = roll_out(current, new, config, timeout_s)
+    except BaseException:
+        registry().record_reload.remote(None)
+        raise
+    result = result.model_copy(update={"seconds": time.monotonic() - start})
+    registry().record_reload.remote(result)
+    return result
+
+
+def roll_out(current: FleetConfig, new: FleetConfig, config: ServeDeploySchema,
+             timeout_s: float) -> FleetReloadResult:
+    """Deploy `new`; on any failure deploy `current` again (as the next generation)."""
     redeploy(with_fleet_config(config, new))
     reports, failures = wait_generation(new.generation, timeout_s)
     rolled_back = False
@@ -185,19 +216,18 @@ def reload_fleet(path: str | None, force_fresh: bool, settings: Settings) -> Fle
         reports, back_failures = wait_generation(back.generation, timeout_s)
         rolled_back = True
         # Replicas Ray had already given the new config when the first failure came.
-        failures = ray.get(registry().failures.remote(new.generation),
-                           timeout=CONTROLLER_TIMEOUT_S) | failures
+        live = {r.replica_id for r in reports}
+        failures |= {rid: why for rid, why in ray.get(registry().failures.remote(
+            new.generation), timeout=CONTROLLER_TIMEOUT_S).items() if rid in live}
         failures |= {rid: f"rollback: {why}" for rid, why in back_failures.items()
                      if rid not in failures}
     fingerprints = Counter(r.model.fingerprint for r in reports if r.model is not None)
-    result = FleetReloadResult(
-        ok=not failures, requested_path=target,
+    return FleetReloadResult(
+        ok=not failures, requested_path=new.model_dir,
         fingerprint=fingerprints.most_common(1)[0][0] if fingerprints and not failures
         else None,
-        generation=new.generation, seconds=time.monotonic() - start, replicas=reports,
+        generation=new.generation, seconds=0.0, replicas=reports,
         failures=failures, rolled_back=rolled_back)
-    registry().record_reload.remote(result)
-    return result
 
 
 def reload_timeout(settings: Settings, replicas: int) -> float:
@@ -217,9 +247,9 @@ def wait_generation(generation: int, timeout_s: float
         views = fleet_view()
         reports = [v.report for v in views if v.report is not None]
         failures = {r.replica_id: r.error for r in reports
-                    if r.generation == generation and r.error}
+                    if r.generation == generation and r.error is not None}
         if failures:
-            return reports, failures  # type: ignore[return-value]
+            return reports, {rid: why or "" for rid, why in failures.items()}
         done = [r for r in reports if r.generation >= generation]
         if views and len(done) == len(views):
             return reports, {}

@@ -37,7 +37,12 @@ from sensevoice_core.protocol import (
     TranscribeRequest,
 )
 from sensevoice_core.result import Segment
-from sensevoice_core.serving import LoadFailure, answer, attach_batcher, load_for_serving
+from sensevoice_core.serving import (
+    LoadFailure,
+    answer,
+    attach_batcher,
+    load_for_serving,
+)
 from sensevoice_core.settings import Settings
 from supervisor.unchanged import unchanged_verdict
 
@@ -144,6 +149,7 @@ class SenseVoiceModel:
                          config.generation, config.model_dir, e.cause)
             return
         attach_batcher(loaded.model, self.settings, self.threads, self.callers)
+        idle = False
         with self.lock:
             self.serving = Serving(loaded.model, loaded.info)
             if old is not None:
@@ -163,8 +169,8 @@ class SenseVoiceModel:
 
     def applied(self, config: FleetConfig, error: str | None, outcome: ReloadOutcome) -> None:
         self.generation, self.error = config.generation, error
-        if self.serving is not None:  # the first load is not a reload
-            self.last_reload = outcome if outcome.old_fingerprint else self.last_reload
+        if outcome.old_fingerprint is not None:  # the first load is not a reload
+            self.last_reload = outcome
         self.push()
 
     # ------------------------------------------------------------------ requests
