@@ -93,7 +93,9 @@ class FleetRegistry:
             return
         self.last_reload = result
         self.outcomes["ok" if result.ok else "failed"] += 1
-        levels = Counter(r.model.cache_level for r in result.replicas if r.model is not None)
+        levels = Counter(r.last_reload.cache_level for r in result.replicas
+                         if r.generation == result.generation and r.last_reload is not None
+                         and r.last_reload.ok and r.last_reload.cache_level is not None)
         if result.ok and levels:
             self.levels[levels.most_common(1)[0][0]] += 1
 
