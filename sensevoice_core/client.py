@@ -62,6 +62,7 @@ from sensevoice_core.settings import (
 
 REPLY_MARGIN_S = 10.0  # on top of the server-side timeouts, for transfer
 CONNECT_TIMEOUT_S = 3.0  # a supervisor completes the ZeroMQ handshake well within this
+LOST_REPLY_GRACE_S = 0.5  # after a lost connection: how long a reply already sent may take to land
 HEARTBEAT_IVL_MS = 1000  # ZMTP pings on each connection...
 HEARTBEAT_TIMEOUT_MS = 3000  # ...and a connection with no answer this long is dropped
 REMOTE_HEARTBEAT_TIMEOUT_MS = 30_000  # off loopback (tcp with CURVE)
@@ -187,6 +188,11 @@ class SupervisorClient:
             if (reply := self._read_reply(connection, request_id, on_progress)) is not None:
                 return reply
             connection.update()
+            # The monitor's disconnect event and the last reply reach this thread apart: a
+            # reply the peer sent before closing may still be on its way to the socket.
+            if connection.lost and connection.socket.poll(LOST_REPLY_GRACE_S * 1000):
+                if (reply := self._read_reply(connection, request_id, on_progress)) is not None:
+                    return reply
             if connection.lost:
                 raise ServiceUnavailableError(
                     f"the supervisor at {self.address} went away or closed the connection "
