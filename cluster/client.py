@@ -15,9 +15,9 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray.exceptions import RayActorError, RayError
@@ -29,6 +29,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
+from cluster.fleet import last_fleet_reload, live_reports, reload_counts, serving_model
 from cluster.types import FleetReloadResult, ReplicaReport
 from sensevoice_core.client import REPLY_MARGIN_S, _encode_audio
 from sensevoice_core.errors import ServiceError
@@ -55,18 +56,13 @@ REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
 
 
 class FleetClient:
-    """handle: to the model deployment. fleet_reports(timeout_s): the live replicas' last
-    ReplicaReports; last_fleet_reload(timeout_s): the last `python -m cluster reload`'s
-    result (both from the fleet registry: cluster.fleet)."""
+    """handle: to the model deployment. Its status is the fleet registry's (cluster.fleet):
+    the live replicas' last reports and the fleet reloads."""
 
-    def __init__(self, handle: DeploymentHandle, settings: Settings,
-                 fleet_reports: Callable[[float], Sequence[ReplicaReport]],
-                 last_fleet_reload: Callable[[float], FleetReloadResult | None]):
+    def __init__(self, handle: DeploymentHandle, settings: Settings):
         self.handle = handle
         self.stream_handle = handle.options(stream=True)
         self.settings = settings
-        self.fleet_reports = fleet_reports
-        self.last_fleet_reload = last_fleet_reload
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._outstanding = 0  # calls sent to the fleet and not answered yet
@@ -81,6 +77,8 @@ class FleetClient:
                    languages: Sequence[str] | None = None,
                    on_progress: Callable[[Progress], None] | None = None) -> TranscribeReply:
         """As SupervisorClient.transcribe, answered by a model replica."""
+        if filename is None and isinstance(audio, (str, Path)):
+            filename = Path(audio).name
         audio_format, payload = _encode_audio(audio, filename)
         if len(payload) > self.settings.max_request_bytes:
             raise ServiceError("too_large", f"the audio is {len(payload) / MiB:.1f} MiB; at most "
@@ -174,22 +172,34 @@ class FleetClient:
 
     def status(self, timeout: float = STATUS_TIMEOUT_S) -> ServiceStatus:
         try:
-            reports = list(self.fleet_reports(timeout))
-            last_reload = self.last_fleet_reload(timeout)
+            reports = live_reports(timeout)
+            reloads = FleetReloads(last_fleet_reload(timeout), *reload_counts(timeout))
         except TimeoutError:
-            raise ServiceError("unavailable", f"the fleet registry did not answer within "
-                                              f"{timeout:g} s") from None
+            raise ServiceError("unavailable", f"the Serve controller or the fleet registry did "
+                                              f"not answer within {timeout:g} s") from None
+        except RayError as e:
+            raise ServiceError("unavailable", f"the fleet's state could not be read: "
+                                              f"{type(e).__name__}: {e}"[:500]) from None
         with self._lock:
             live = {r.replica_id for r in reports}
             self._departed |= self._seen - live
             self._seen |= live
             outstanding, served, departed = self._outstanding, self._served, len(self._departed)
-        return fleet_status(reports, last_reload, time.monotonic() - self.started,
+        return fleet_status(reports, reloads, time.monotonic() - self.started,
                             outstanding, served, departed)
 
     def reload(self, request: ReloadRequest, timeout: float | None = None) -> ReloadOutcome:
         raise ServiceError("reload_refused", "a cluster reloads every replica at once: run "
                                              "`python -m cluster reload [PATH]`")
+
+
+@dataclass(frozen=True)
+class FleetReloads:
+    """What the fleet registry knows of `python -m cluster reload`s."""
+
+    last: FleetReloadResult | None
+    outcomes: dict[str, int]  # "ok" / "failed" -> count
+    levels: dict[str, int]  # successful ones by cache level
 
 
 @dataclass
@@ -199,9 +209,8 @@ class Seen:
     done: int = -1
 
 
-def fleet_status(reports: Sequence[ReplicaReport], last_reload: FleetReloadResult | None,
-                 uptime_s: float, outstanding: int, served: int, departed: int
-                 ) -> ServiceStatus:
+def fleet_status(reports: list[ReplicaReport], reloads: FleetReloads, uptime_s: float,
+                 outstanding: int, served: int, departed: int) -> ServiceStatus:
     """The fleet as a ServiceStatus: one worker per replica, as it last reported."""
     now = time.time()
     workers = [WorkerStatus(worker_id=r.replica_id, pid=r.pid,
@@ -214,7 +223,7 @@ def fleet_status(reports: Sequence[ReplicaReport], last_reload: FleetReloadResul
     # Counted by the replicas as of their last report (every few seconds, and on each change).
     in_flight = sum(r.in_flight for r in reports)
     generations = {r.generation for r in reports}
-    model = fleet_model(reports)
+    model = serving_model(reports)
     return ServiceStatus(
         # In cluster mode the process answering status is the ingress replica: its pid, its
         # uptime. There is no supervisor process.
@@ -228,19 +237,9 @@ def fleet_status(reports: Sequence[ReplicaReport], last_reload: FleetReloadResul
         worker_restarts=departed,
         # A fleet reload is under way while the replicas have not all applied one generation.
         reloading=len(generations) > 1,
-        last_reload=None if last_reload is None else reload_outcome(last_reload, model),
+        last_reload=None if reloads.last is None else reload_outcome(reloads.last, model),
+        reload_counts=reloads.outcomes, reload_levels=reloads.levels,
         watching=None)  # no file watcher in cluster mode: `python -m cluster reload` only
-
-
-def fleet_model(reports: Sequence[ReplicaReport]) -> ModelInfo | None:
-    """What the fleet serves: the model most replicas serve (during a fleet reload, the newer
-    generation's on a tie)."""
-    serving = [(r.model, r.generation) for r in reports if r.model is not None]
-    if not serving:
-        return None
-    counts = Counter(model.fingerprint for model, _ in serving)
-    model, _ = max(serving, key=lambda each: (counts[each[0].fingerprint], each[1]))
-    return model
 
 
 def reload_outcome(result: FleetReloadResult, serving: ModelInfo | None) -> ReloadOutcome:
