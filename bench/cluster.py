@@ -207,11 +207,7 @@ def main() -> None:
     # Both systems' processes read these (children inherit this environment).
     os.environ.update(SENSEVOICE_THREADS=str(args.threads),
                       SENSEVOICE_MODEL_ROOTS=f"{model.parent},{copy.parent}",
-                      SENSEVOICE_ENABLE_FILE_WATCH="false",
-                      # `python -m cluster reload/status` reach the loopback instance `up`
-                      # starts, whose Ray turns token auth on (~/.ray/auth_token).
-                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-                      RAY_USAGE_STATS_ENABLED="0")
+                      SENSEVOICE_ENABLE_FILE_WATCH="false")
     settings = Settings()
     audio = clip_bytes()
     print(cpu_line(args.threads))
