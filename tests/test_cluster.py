@@ -1,0 +1,304 @@
+"""Cluster mode on a real two-node Ray cluster (one per module: starting one costs most of
+the time): the HTTP ingress, fleet reloads under traffic, a broken reload rolled back, a
+killed replica replaced, and the `python -m cluster` CLI against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from cluster_fixture import REPO, RunningCluster, running_cluster
+from model_factory import copy_demo_model, nudge_weights
+
+from cluster.types import FleetReloadResult, ReplicaReport
+from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_USAGE
+from sensevoice_core.settings import Settings
+from supervisor.reload_path import ReloadRefused
+
+# ray is imported by the fixture and inside the tests, once this module runs at all.
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed: pip install -e '.[cluster]'")
+pytestmark = pytest.mark.slow
+
+HELLO = REPO / "ui" / "examples" / "en_02.flac"  # "Hello world." with ITN
+FINGERPRINT = "x-sensevoice-fingerprint"
+REPLACE_TIMEOUT_S = 120.0
+STUCK_S = 3.0  # a request unanswered this long is held by a stopped replica
+
+
+@dataclass
+class Models:
+    root: Path  # SENSEVOICE_MODEL_ROOTS
+    a: Path  # served first
+    b: Path  # a's weights nudged: another fingerprint, the same transcripts
+    broken: Path  # a's weights cut in half
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    root = tmp_path_factory.mktemp("cluster-models")
+    a, b, broken = (copy_demo_model(root / name) for name in ("a", "b", "broken"))
+    nudge_weights(b)
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    return Models(root, a, b, broken)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, models: Models):
+    with running_cluster(tmp_path_factory.mktemp("cluster"), models.a, [models.root]) as running:
+        yield running
+
+
+def reports() -> list[ReplicaReport]:
+    """The live model replicas' last reports (this process is connected to the cluster)."""
+    from cluster.fleet import live_reports
+
+    return live_reports(10.0)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def serving_fingerprints() -> set[str]:
+    return {r.model.fingerprint for r in reports() if r.model is not None}
+
+
+def transcribe(http: httpx.Client, response_format: str = "json", audio: bytes | None = None,
+               name: str = HELLO.name) -> httpx.Response:
+    return http.post("/v1/audio/transcriptions",
+                     files={"file": (name, HELLO.read_bytes() if audio is None else audio)},
+                     data={"model": "whisper-1", "response_format": response_format})
+
+
+@dataclass
+class Sent:
+    started: float  # time.monotonic() when the request was sent
+    status: int
+    fingerprint: str | None
+    body: str
+
+
+@dataclass
+class HttpTraffic:
+    """Clients each sending the clip back to back through the ingress, from threads.
+
+        with HttpTraffic(fleet.url, clients=2) as traffic:
+            ...  # reload, kill a replica
+        assert not traffic.failed()
+    """
+
+    url: str
+    clients: int = 2
+    sent: list[Sent] = field(default_factory=list)
+    pending: dict[int, float] = field(default_factory=dict)  # client -> its request's start
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self, client: int) -> None:
+        audio = HELLO.read_bytes()
+        with httpx.Client(base_url=self.url, timeout=120) as http:
+            while not self._stop.is_set():
+                started = self.pending[client] = time.monotonic()
+                try:
+                    response = transcribe(http, audio=audio)
+                    self.sent.append(Sent(started, response.status_code,
+                                          response.headers.get(FINGERPRINT), response.text))
+                except httpx.HTTPError as e:
+                    self.sent.append(Sent(started, 0, None, repr(e)))
+                del self.pending[client]
+
+    def waiting_longer_than(self, seconds: float) -> list[float]:
+        """When the requests still unanswered after `seconds` were sent."""
+        now = time.monotonic()
+        return [started for started in list(self.pending.values()) if now - started > seconds]
+
+    def wait_for_more(self, count: int, timeout: float = 60.0) -> None:
+        target = len(self.sent) + count
+        wait_for(lambda: len(self.sent) >= target, timeout, f"{count} more replies")
+
+    def failed(self) -> list[Sent]:
+        return [s for s in self.sent if s.status != 200]
+
+    def __enter__(self) -> HttpTraffic:
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(self.clients)]
+        for thread in self._threads:
+            thread.start()
+        self.wait_for_more(2 * self.clients)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def test_two_replicas_on_two_nodes_and_the_cli_status(fleet: RunningCluster):
+    live = reports()
+    assert len(live) == 2
+    assert {r.node_id for r in live} == set(fleet.node_ids)  # one replica on each node
+    assert all(r.model is not None and r.error is None for r in live)
+    assert len({r.model.fingerprint for r in live}) == 1
+    for report in live:  # each node built its own L2 snapshot, in its own cache directory
+        assert list((fleet.cache_dirs[report.node_id] / "snapshots").glob("*.safetensors"))
+    shown = fleet.cli("status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert {r["replica_id"]: r["node_id"] for r in status["replicas"]} == \
+        {r.replica_id: r.node_id for r in live}
+    assert {(r["report"]["model"]["fingerprint"], r["pid"]) for r in status["replicas"]} == \
+        {(r.model.fingerprint, r.pid) for r in live}
+    assert {r["state"] for r in status["replicas"]} == {"RUNNING"}
+
+
+def test_the_http_api_through_the_ingress(fleet: RunningCluster, models: Models):
+    (fingerprint,) = serving_fingerprints()
+    with httpx.Client(base_url=fleet.url, timeout=60) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        ready = http.get("/ready")
+        assert ready.status_code == 200, ready.text
+        assert ready.json() | {"reloading": False} == {
+            "status": "ready", "fingerprint": fingerprint, "workers": 2, "reloading": False,
+            "model_dir": str(models.a)}  # a loopback caller sees the directory
+        listed = http.get("/v1/models")
+        assert listed.status_code == 200 and listed.json()["data"], listed.text
+        plain = transcribe(http)
+        assert plain.status_code == 200, plain.text
+        assert plain.json() == {"text": "Hello world."}
+        assert plain.headers[FINGERPRINT] == fingerprint
+        verbose = transcribe(http, "verbose_json").json()
+        assert verbose["text"] == "Hello world." and verbose["fingerprint"] == fingerprint
+        assert verbose["segments"][0]["text"] == "Hello world."
+        assert "sensevoice_" in http.get("/metrics").text
+        srt = transcribe(http, "srt")
+        assert srt.status_code == 200 and srt.text.startswith("1\n00:00:")
+        assert "Hello world." in srt.text
+        with http.stream("POST", "/v1/audio/transcriptions", data={"stream": "true"},
+                         files={"file": (HELLO.name, HELLO.read_bytes())}) as streamed:
+            assert streamed.status_code == 200
+            events = [json.loads(line[len("data: "):]) for line in streamed.iter_lines()
+                      if line.startswith("data: {")]
+        assert events[-1]["type"] == "transcript.text.done"
+        assert events[-1]["text"] == "Hello world."
+    client = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="unused", max_retries=0)
+    with HELLO.open("rb") as audio:
+        assert client.audio.transcriptions.create(model="whisper-1", file=audio).text == \
+            "Hello world."
+    client.close()
+
+
+@pytest.mark.parametrize(("audio", "name", "says"), [
+    (b"", "empty.wav", "empty.wav is empty"),
+    (b"this is not audio" * 50, "junk.wav", "junk.wav"),
+])
+def test_empty_or_garbage_audio_is_answered_400(fleet: RunningCluster, audio: bytes, name: str,
+                                               says: str):
+    with httpx.Client(base_url=fleet.url, timeout=60) as http:
+        response = transcribe(http, audio=audio, name=name)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_audio" and says in error["message"], error
+
+
+def test_reload_paths_that_are_not_allowed_are_refused_before_anything_changes(
+        fleet: RunningCluster, models: Models):
+    from cluster.fleet import reload_fleet
+
+    before = {(r.replica_id, r.generation, r.model.fingerprint) for r in reports()}
+    settings = Settings(model_roots=[models.root])
+    for path, says in ((str(REPO / "model"), "outside the allowed model roots"),
+                       ("cluster-models/a", "is relative"),
+                       (str(models.root / "missing"), "is not a directory")):
+        with pytest.raises(ReloadRefused, match=says):
+            reload_fleet(path, False, settings)
+    refused = fleet.cli("reload", str(REPO / "model"))
+    assert refused.returncode == EXIT_USAGE, refused.stderr
+    assert "outside the allowed model roots" in refused.stderr
+    assert {(r.replica_id, r.generation, r.model.fingerprint) for r in reports()} == before
+
+
+def test_a_fleet_reload_under_traffic_loses_no_request(fleet: RunningCluster, models: Models):
+    (old,) = serving_fingerprints()
+    pids = {r.replica_id: r.pid for r in reports()}
+    with HttpTraffic(fleet.url, clients=2) as traffic:
+        reloaded = fleet.cli("reload", str(models.b), "--json")
+        returned = time.monotonic()
+        traffic.wait_for_more(4)
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    result = FleetReloadResult.model_validate_json(reloaded.stdout)
+    assert result.ok and result.fingerprint not in (None, old), result
+    assert not traffic.failed(), traffic.failed()[:3]
+    assert {s.fingerprint for s in traffic.sent} == {old, result.fingerprint}
+    assert {s.fingerprint for s in traffic.sent if s.started > returned} == {result.fingerprint}
+    after = reports()
+    assert {r.model.fingerprint for r in after} == {result.fingerprint}
+    # Ray's lightweight update: reconfigure() on the running replicas, none restarted.
+    assert {r.replica_id: r.pid for r in after} == pids
+
+
+def test_a_reload_to_a_broken_model_keeps_the_old_one_everywhere(fleet: RunningCluster,
+                                                                 models: Models):
+    (old,) = serving_fingerprints()
+    replicas = {r.replica_id for r in reports()}
+    with HttpTraffic(fleet.url, clients=2) as traffic:
+        reloaded = fleet.cli("reload", str(models.broken), "--json")
+        traffic.wait_for_more(2)
+    assert reloaded.returncode == EXIT_FAILED, reloaded.stdout + reloaded.stderr
+    result = FleetReloadResult.model_validate_json(reloaded.stdout)
+    assert not result.ok and result.rolled_back and result.fingerprint is None
+    assert result.failures and set(result.failures) <= replicas, result.failures
+    assert all(why for why in result.failures.values())
+    assert not traffic.failed(), traffic.failed()[:3]
+    assert {s.fingerprint for s in traffic.sent} == {old}
+    after = reports()
+    assert {r.replica_id for r in after} == replicas
+    assert {r.model.fingerprint for r in after} == {old}
+    shown = json.loads(fleet.cli("status", "--json").stdout)
+    assert shown["last_reload"]["ok"] is False
+    assert shown["last_reload"]["failures"] == result.failures
+
+
+def test_a_killed_replica_is_replaced_and_its_requests_are_not_lost(fleet: RunningCluster):
+    (fingerprint,) = serving_fingerprints()
+    victim, survivor = sorted(reports(), key=lambda r: r.node_id != fleet.node_ids[1])
+    with HttpTraffic(fleet.url, clients=2) as traffic:
+        # Stopped first, so that requests are in flight on it when it dies: a client whose
+        # request went there waits (the other replica answers in well under a second).
+        os.kill(victim.pid, signal.SIGSTOP)
+        wait_for(lambda: traffic.waiting_longer_than(STUCK_S), REPLACE_TIMEOUT_S,
+                 "a request held by the stopped replica")
+        os.kill(victim.pid, signal.SIGKILL)
+        held = list(traffic.pending.values())  # in flight when it died
+        replaced = wait_for(lambda: [r for r in reports()
+                                     if r.replica_id not in (victim.replica_id,
+                                                             survivor.replica_id)
+                                     and r.model is not None],
+                            REPLACE_TIMEOUT_S, "a replacement replica serving")
+        traffic.wait_for_more(4)
+    (new,) = replaced
+    assert new.pid != victim.pid and new.model.fingerprint == fingerprint
+    assert new.model.cache_level == "L2"  # its node's snapshot, built by the one it replaced
+    assert new.node_id == victim.node_id  # the freed CPU; one replica per node again
+    # What the killed replica held is retried on the other one, or fails with a clear error.
+    outcomes = {s.started: s for s in traffic.sent}
+    for started in held:
+        outcome = outcomes[started]
+        assert outcome.status == 200 or (
+            outcome.status in (502, 503) and json.loads(outcome.body)["error"]["message"]), \
+            outcome
+    assert not [s for s in traffic.failed() if s.started not in held], traffic.failed()
+    assert {s.fingerprint for s in traffic.sent if s.status == 200} == {fingerprint}
