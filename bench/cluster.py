@@ -207,7 +207,10 @@ def main() -> None:
     # Both systems' processes read these (children inherit this environment).
     os.environ.update(SENSEVOICE_THREADS=str(args.threads),
                       SENSEVOICE_MODEL_ROOTS=f"{model.parent},{copy.parent}",
-                      SENSEVOICE_ENABLE_FILE_WATCH="false")
+                      SENSEVOICE_ENABLE_FILE_WATCH="false",
+                      # Both models' L2 snapshots stay (the copy's and the original's), and a
+                      # fresh load of the copy (its first) may take minutes on a busy machine.
+                      SENSEVOICE_KEEP_SNAPSHOTS="4", SENSEVOICE_HOTRELOAD_TIMEOUT="600")
     settings = Settings()
     audio = clip_bytes()
     print(cpu_line(args.threads))
@@ -219,19 +222,22 @@ def main() -> None:
     for replicas in args.replicas:
         os.environ["SENSEVOICE_WORKERS"] = str(replicas)  # the supervisor's, as replicas
         supervisor = start(f"supervisor-{replicas}", model, settings.batch_wait_ms, work)
-        fleet = start_cluster(model, replicas, work)
+        fleet: ClusterService | None = None
         try:
+            # One after the other: the first load of a full-size model builds its L2 snapshot
+            # (minutes on 2 cores); the cluster's replicas then load from it.
+            wait_ready(supervisor)
+            assert supervisor.status is not None
+            print(f"supervisor: {len(supervisor.status.workers)} worker(s), torch threads "
+                  f"{[w.threads for w in supervisor.status.workers]}", flush=True)
             started = time.monotonic()
+            fleet = start_cluster(model, replicas, work)
             ready = fleet.ready(replicas)
             status = json.loads(fleet.command("status", "--json"))
             print(f"{replicas} replica(s): up and ready in {time.monotonic() - started:.1f} s, "
                   f"serving {ready['fingerprint'][:8]}; torch threads "
                   f"{[r['report']['threads'] for r in status['replicas'] if r['report']]}",
                   flush=True)
-            wait_ready(supervisor)
-            assert supervisor.status is not None
-            print(f"supervisor: {len(supervisor.status.workers)} worker(s), torch threads "
-                  f"{[w.threads for w in supervisor.status.workers]}", flush=True)
             systems: dict[str, Service | ClusterService] = {"supervisor": supervisor,
                                                            "cluster": fleet}
             for system in systems.values():  # warm: page in, prime kernels
@@ -250,7 +256,8 @@ def main() -> None:
                                 f"over {len(values)}")
                     print(rows[-1], flush=True)
         finally:
-            fleet.stop()
+            if fleet is not None:
+                fleet.stop()
             supervisor.process.terminate()
             supervisor.process.wait(timeout=60)
     print(f"\n{'replicas':>8} {'system':>10} {'req/s':>7} {'audio s/s':>9} {'p50 s':>7} "
