@@ -39,6 +39,9 @@ class ReplicaReport(BaseModel):
     last_reload: ReloadOutcome | None = None
     requests_served: int = 0
     in_flight: int = 0
+    threads: int = 0  # torch threads of its compute (0: not reported)
+    batches: int = 0  # batched forward passes it ran (cross-request batching)
+    batch_items: int = 0  # items (requests' segments) in those passes
 
 
 class FleetReloadResult(BaseModel):
