@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ray.exceptions import RayActorError, RayError
@@ -31,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.fleet import last_fleet_reload, live_reports, reload_counts, serving_model
 from cluster.types import FleetReloadResult, ReplicaReport
-from sensevoice_core.client import REPLY_MARGIN_S, _encode_audio
+from sensevoice_core.client import reply_limit, transcribe_request
 from sensevoice_core.errors import ServiceError
 from sensevoice_core.protocol import (
     STATUS_TIMEOUT_S,
@@ -45,7 +44,7 @@ from sensevoice_core.protocol import (
     TranscribeRequest,
     WorkerStatus,
 )
-from sensevoice_core.settings import MiB, Settings
+from sensevoice_core.settings import Settings
 
 logger = logging.getLogger("sensevoice.cluster")
 
@@ -77,23 +76,10 @@ class FleetClient:
                    languages: Sequence[str] | None = None,
                    on_progress: Callable[[Progress], None] | None = None) -> TranscribeReply:
         """As SupervisorClient.transcribe, answered by a model replica."""
-        if filename is None and isinstance(audio, (str, Path)):
-            filename = Path(audio).name
-        audio_format, payload = _encode_audio(audio, filename)
-        if len(payload) > self.settings.max_request_bytes:
-            raise ServiceError("too_large", f"the audio is {len(payload) / MiB:.1f} MiB; at most "
-                                            f"{self.settings.max_request_mb:g} MiB "
-                                            f"(SENSEVOICE_MAX_REQUEST_MB)")
-        request = TranscribeRequest(language=language, use_itn=use_itn,
-                                    audio_format=audio_format, sample_rate=sample_rate,
-                                    vad_threshold=vad_threshold,
-                                    filename=filename[:255] if filename else None,
-                                    word_timestamps=word_timestamps,
-                                    languages=None if languages is None else list(languages),
-                                    progress=on_progress is not None)
-        # The supervisor's bound: a request may wait, run, and be retried once.
-        limit = timeout if timeout is not None else (
-            3 * self.settings.request_timeout + REPLY_MARGIN_S)
+        request, payload = transcribe_request(
+            audio, self.settings, language, use_itn, sample_rate, vad_threshold, filename,
+            word_timestamps, languages, progress=on_progress is not None)
+        limit = reply_limit(self.settings, timeout)
         deadline = time.monotonic() + limit
         with self._lock:
             self._outstanding += 1

@@ -21,13 +21,11 @@ from cluster.types import INGRESS_DEPLOYMENT
 from sensevoice_core.errors import ServiceError
 from sensevoice_core.protocol import ServiceStatus
 from sensevoice_core.settings import Settings
-from ui.gateway import RETRY_AFTER_S, FrontDoor, Gateway, RequestFailed
-from ui.metrics import ServiceMetrics
+from ui.gateway import FrontDoor, Gateway
+from ui.metrics import SCRAPE_STATUS_TIMEOUT_S, ServiceMetrics
 from ui.openai_api import build_openai_router
 from ui.ops import build_ops_router
 
-# ui.app's bound on a /metrics scrape's status call (ui.app itself would import Gradio).
-SCRAPE_STATUS_TIMEOUT_S = 2.0
 # Requests the ingress takes beside the front door's transcriptions: /health, /ready,
 # /metrics, /v1/models, and refusals answered at once.
 OPS_REQUESTS = 16
@@ -39,16 +37,6 @@ def front_door_capacity(settings: Settings, replicas: int) -> int:
     handle queues SENSEVOICE_MAX_QUEUE more (max_queued_requests) for the first replica with
     room. Beyond it a caller gets 429 at once, from the front door."""
     return settings.max_queue + replicas * settings.max_batch_requests
-
-
-class FleetFrontDoor(FrontDoor):
-    """The UI's front door, with the fleet's bound in its refusal."""
-
-    def busy(self) -> RequestFailed:
-        return RequestFailed(429, "busy", f"the service is busy: it already holds "
-                                          f"{self.capacity} transcriptions (SENSEVOICE_MAX_QUEUE "
-                                          f"+ replicas x SENSEVOICE_MAX_BATCH_REQUESTS); retry "
-                                          f"in {RETRY_AFTER_S} s")
 
 
 def ingress_max_ongoing(settings: Settings, replicas: int) -> int:
@@ -71,7 +59,8 @@ class SenseVoiceIngress:
     def __init__(self, model: DeploymentHandle, replicas: int):
         self.settings = cluster_settings()
         self.client = FleetClient(model, self.settings)
-        self.door = FleetFrontDoor(front_door_capacity(self.settings, replicas))
+        self.door = FrontDoor(front_door_capacity(self.settings, replicas),
+                              "SENSEVOICE_MAX_QUEUE + replicas x SENSEVOICE_MAX_BATCH_REQUESTS")
         self.gateway = Gateway(self.settings, self.client,
                                ServiceMetrics(self.scrape_status, self.door.held,
                                               self.door.capacity),

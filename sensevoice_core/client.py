@@ -101,24 +101,10 @@ class SupervisorClient:
         in time order. An exception it raises ends the wait and propagates; the service
         still finishes the request (there is no cancel), and its reply is never read.
         """
-        if filename is None and isinstance(audio, (str, Path)):
-            filename = Path(audio).name
-        audio_format, payload = _encode_audio(audio, filename)
-        if len(payload) > self.settings.max_request_bytes:
-            raise ServiceError("too_large", f"the audio is {len(payload) / MiB:.1f} MiB; at most "
-                                            f"{self.settings.max_request_mb:g} MiB "
-                                            f"(SENSEVOICE_MAX_REQUEST_MB)")
-        request = TranscribeRequest(language=language, use_itn=use_itn,
-                                    audio_format=audio_format, sample_rate=sample_rate,
-                                    vad_threshold=vad_threshold,
-                                    filename=filename[:255] if filename else None,
-                                    word_timestamps=word_timestamps,
-                                    languages=None if languages is None else list(languages),
-                                    progress=on_progress is not None)
-        # The service may queue a request for request_timeout, run it for as long, and retry
-        # it once on another worker if the first one dies: it always answers within 3x.
-        limit = timeout if timeout is not None else (
-            3 * self.settings.request_timeout + REPLY_MARGIN_S)
+        request, payload = transcribe_request(
+            audio, self.settings, language, use_itn, sample_rate, vad_threshold, filename,
+            word_timestamps, languages, progress=on_progress is not None)
+        limit = reply_limit(self.settings, timeout)
         reply = self.request(request, payload, limit, on_progress)
         assert isinstance(reply, TranscribeReply)
         return reply
@@ -296,6 +282,38 @@ class _Connection:
         self.socket.disable_monitor()
         self.monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+def transcribe_request(audio: Any, settings: Settings, language: str = "auto",
+                       use_itn: bool = False, sample_rate: int = 16000,
+                       vad_threshold: float | None = None, filename: str | None = None,
+                       word_timestamps: bool = False, languages: Sequence[str] | None = None,
+                       progress: bool = False) -> tuple[TranscribeRequest, bytes]:
+    """The request and its payload for transcribe()'s arguments (any client of the service:
+    this one, the cluster's FleetClient); ServiceError("too_large") past
+    SENSEVOICE_MAX_REQUEST_MB."""
+    if filename is None and isinstance(audio, (str, Path)):
+        filename = Path(audio).name
+    audio_format, payload = _encode_audio(audio, filename)
+    if len(payload) > settings.max_request_bytes:
+        raise ServiceError("too_large", f"the audio is {len(payload) / MiB:.1f} MiB; at most "
+                                        f"{settings.max_request_mb:g} MiB "
+                                        f"(SENSEVOICE_MAX_REQUEST_MB)")
+    request = TranscribeRequest(language=language, use_itn=use_itn,
+                                audio_format=audio_format, sample_rate=sample_rate,
+                                vad_threshold=vad_threshold,
+                                filename=filename[:255] if filename else None,
+                                word_timestamps=word_timestamps,
+                                languages=None if languages is None else list(languages),
+                                progress=progress)
+    return request, payload
+
+
+def reply_limit(settings: Settings, timeout: float | None) -> float:
+    """How long a transcription's caller waits: the service may queue a request for
+    request_timeout, run it for as long, and retry it once on another worker if the first
+    one dies, so it always answers within 3x."""
+    return timeout if timeout is not None else 3 * settings.request_timeout + REPLY_MARGIN_S
 
 
 def _encode_audio(audio: Any, filename: str | None) -> tuple[str, bytes]:

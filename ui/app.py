@@ -17,13 +17,12 @@ from ui.blocks import CSS, build_blocks
 from ui.downloads import SubtitleFiles
 from ui.gateway import FrontDoor, Gateway
 from ui.gradio_guard import TRANSCRIBE_API, GradioGuard, queued_transcriptions
-from ui.metrics import ServiceMetrics
+from ui.metrics import SCRAPE_STATUS_TIMEOUT_S, ServiceMetrics
 from ui.openai_api import build_openai_router
 from ui.ops import build_ops_router
 from ui.realtime import build_realtime_router
 from ui.uploads import EXAMPLES_DIR
 
-SCRAPE_STATUS_TIMEOUT_S = 2.0
 
 
 def front_door_capacity(settings: Settings) -> int:

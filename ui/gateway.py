@@ -110,8 +110,10 @@ class FrontDoor:
     there later. Beyond it a caller is refused at once (429), never made to wait.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int,
+                 bound: str = "SENSEVOICE_MAX_QUEUE + SENSEVOICE_WORKERS"):
         self.capacity = capacity
+        self.bound = bound  # what the capacity is made of, in settings' names
         self._entered = 0
         self._lock = threading.Lock()
         self._held_elsewhere: Callable[[], int] = lambda: 0
@@ -150,8 +152,8 @@ class FrontDoor:
 
     def busy(self) -> RequestFailed:
         return RequestFailed(429, "busy", f"the service is busy: it already holds "
-                                          f"{self.capacity} transcriptions (SENSEVOICE_MAX_QUEUE "
-                                          f"+ SENSEVOICE_WORKERS); retry in {RETRY_AFTER_S} s")
+                                          f"{self.capacity} transcriptions ({self.bound}); "
+                                          f"retry in {RETRY_AFTER_S} s")
 
 
 class Gateway:

@@ -20,6 +20,7 @@ from sensevoice_core.protocol import CacheLevel, ServiceStatus, WorkerRole
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CACHE_LEVELS = get_args(CacheLevel)
 WORKER_ROLES = get_args(WorkerRole)
+SCRAPE_STATUS_TIMEOUT_S = 2.0  # a /metrics scrape waits this long for the service's status
 
 
 class SupervisorCollector(Collector):
