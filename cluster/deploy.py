@@ -132,10 +132,10 @@ def failure_cause(app: dict[str, Any]) -> str:
     return app.get("message", "")
 
 
-def deployed_config() -> ServeDeploySchema:
+def deployed_config(timeout_s: float = CONTROLLER_TIMEOUT_S) -> ServeDeploySchema:
     """The config the running application was deployed with (every config-deployed
     application, so that a redeploy keeps the others)."""
-    details = serve_details()
+    details = serve_details(timeout_s)
     apps = details["applications"]
     ours = apps.get(APP_NAME)
     if ours is None:
@@ -148,6 +148,9 @@ def deployed_config() -> ServeDeploySchema:
     return ServeDeploySchema.model_validate({
         "proxy_location": details["proxy_location"],
         "http_options": details["http_options"],
+        # apply_config sets the controller's target capacity from the config: carried over,
+        # so that a reload does not reset an operator's setting to 100 %.
+        "target_capacity": details.get("target_capacity"),
         "applications": [app["deployed_app_config"] for app in apps.values()
                          if app.get("deployed_app_config") is not None]})
 

@@ -9,14 +9,17 @@ says which replicas are alive, and reports of the dead are dropped when read.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayError
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.deploy import (
@@ -42,53 +45,71 @@ from sensevoice_core.protocol import ModelInfo
 from sensevoice_core.settings import Settings
 from supervisor.reload_path import check_reload_path
 
-LIVE_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING")
+logger = logging.getLogger("sensevoice.cluster")
+
+# PENDING_MIGRATION: a replica on a draining node, still serving until its replacement runs.
+LIVE_STATES = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION")
 # Ray updates this fraction of a deployment's replicas at a time (rolling_update_percentage's
 # default), so a fleet reload takes about ceil(replicas / batch) replica loads in a row.
 ROLLOUT_FRACTION = 0.2
 FAILED_GENERATIONS_KEPT = 16
+REPORT_INTERVAL_S = 5.0  # each replica re-sends its whole report this often (a heartbeat)
+# A report this old is dropped: its replica is gone (a live one re-sends every interval).
+STALE_REPORT_S = 12 * REPORT_INTERVAL_S
+FLEET_FAILURE = "fleet"  # the failures key of a reload that broke off, not one replica's load
+# The head node's own resource: the registry lives there, and so it outlives any worker node.
+HEAD_NODE = {"node:__internal_head__": 0.001}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, resources=HEAD_NODE, max_restarts=-1)
 class FleetRegistry:
-    """{replica id: its last ReplicaReport}, each generation's load failures (a replica's
-    next report, e.g. the rollback's, replaces its error), and the last fleet reload."""
+    """{replica id: its last ReplicaReport and when it arrived}, each generation's load
+    failures (a replica's next report, e.g. the rollback's, replaces its error), and the last
+    fleet reload. Restarted empty if it dies; the replicas' heartbeats fill it again."""
 
     def __init__(self) -> None:
-        self.reports: dict[str, ReplicaReport] = {}
+        self.reports: dict[str, tuple[ReplicaReport, float]] = {}  # -> (report, time.time())
         self.failed: dict[int, dict[str, str]] = {}  # generation -> {replica id: why}
         self.last_reload: FleetReloadResult | None = None
         self.outcomes: Counter[str] = Counter()  # fleet reloads: "ok" / "failed"
         self.levels: Counter[str] = Counter()  # successful ones by the replicas' cache level
-        self.reloading_until = 0.0  # time.time() when a claimed reload is presumed dead
+        self.claim: tuple[str, float] | None = None  # (owner, time.time() it is presumed dead)
 
     def put(self, report: ReplicaReport) -> None:
+        now = time.time()
         known = self.reports.get(report.replica_id)
-        if known is None or known.reported_at <= report.reported_at:
-            self.reports[report.replica_id] = report
+        if known is None or known[0].reported_at <= report.reported_at:
+            self.reports[report.replica_id] = (report, now)
         if report.error:
             self.failed.setdefault(report.generation, {})[report.replica_id] = report.error
             for old in sorted(self.failed)[:-FAILED_GENERATIONS_KEPT]:
                 del self.failed[old]
+        self.reports = {rid: (r, at) for rid, (r, at) in self.reports.items()
+                        if now - at < STALE_REPORT_S}
 
     def failures(self, generation: int) -> dict[str, str]:
         return self.failed.get(generation, {})
 
-    def live(self, replica_ids: list[str]) -> list[ReplicaReport]:
-        """The reports of these replicas; every other one is forgotten."""
-        self.reports = {rid: r for rid, r in self.reports.items() if rid in replica_ids}
-        return list(self.reports.values())
+    def live(self, replica_ids: list[str]) -> list[tuple[ReplicaReport, float]]:
+        """The reports of these replicas, each with its age in seconds (since it arrived)."""
+        now = time.time()
+        return [(r, now - at) for rid, (r, at) in self.reports.items() if rid in replica_ids]
 
-    def claim_reload(self, until: float) -> bool:
-        """One fleet reload at a time: False while another one's claim holds."""
-        if self.reloading_until > time.time():
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def claim_reload(self, owner: str, until: float) -> bool:
+        """One fleet reload at a time: False while another owner's claim holds (the holder
+        may extend its own)."""
+        if self.claim is not None and self.claim[0] != owner and self.claim[1] > time.time():
             return False
-        self.reloading_until = until
+        self.claim = (owner, until)
         return True
 
-    def record_reload(self, result: FleetReloadResult | None) -> None:
-        """The reload's result (None: it was abandoned); the claim ends."""
-        self.reloading_until = 0.0
+    def record_reload(self, owner: str, result: FleetReloadResult | None) -> None:
+        """The reload's result (None: it did not start); the owner's claim ends."""
+        if self.claim is not None and self.claim[0] == owner:
+            self.claim = None
         if result is None:
             return
         self.last_reload = result
@@ -113,6 +134,16 @@ def registry() -> Any:
                                  lifetime="detached", get_if_exists=True).remote()
 
 
+def drop_registry() -> None:
+    """End the fleet registry for good (after the application is deleted), so that the next
+    deploy, whose generations start at 0 again, does not show this one's reloads."""
+    try:
+        actor = ray.get_actor(REGISTRY_NAME, namespace=RAY_NAMESPACE)
+    except ValueError:
+        return
+    ray.kill(actor, no_restart=True)
+
+
 @dataclass(frozen=True)
 class LiveReplica:
     """A model replica as the Serve controller lists it."""
@@ -128,6 +159,7 @@ class LiveReplica:
 class ReplicaView:
     live: LiveReplica
     report: ReplicaReport | None  # None until the replica first reported
+    age_s: float | None = None  # seconds since the registry received `report`
 
 
 def live_replicas(timeout_s: float = CONTROLLER_TIMEOUT_S) -> list[LiveReplica]:
@@ -146,8 +178,8 @@ def fleet_view(timeout_s: float = CONTROLLER_TIMEOUT_S) -> list[ReplicaView]:
     """Every live model replica with its last report (reports of dead ones dropped)."""
     live = live_replicas(timeout_s)
     reports = ray.get(registry().live.remote([r.replica_id for r in live]), timeout=timeout_s)
-    by_id = {r.replica_id: r for r in reports}
-    return [ReplicaView(r, by_id.get(r.replica_id)) for r in live]
+    by_id = {report.replica_id: (report, age) for report, age in reports}
+    return [ReplicaView(r, *by_id.get(r.replica_id, (None, None))) for r in live]
 
 
 def live_reports(timeout_s: float) -> list[ReplicaReport]:
@@ -180,56 +212,106 @@ def serving_model(reports: list[ReplicaReport]) -> ModelInfo | None:
 def reload_fleet(path: str | None, force_fresh: bool, settings: Settings) -> FleetReloadResult:
     """Every replica loads `path` (None: the directory served now); any failure puts the
     previous model back on every replica. ReloadRefused for a path that is not allowed,
-    FleetError when the application is not deployed from a config."""
+    FleetError when the application is not deployed from a config or another reload runs."""
     start = time.monotonic()
-    config = deployed_config()
-    current = fleet_config(config)
-    views = fleet_view()
-    served = serving_model([v.report for v in views if v.report is not None])
-    target = check_reload_path(path, served, settings.model_roots,
-                               configured=Path(current.model_dir)) or current.model_dir
-    new = FleetConfig(model_dir=target, force_fresh=force_fresh,
-                      generation=current.generation + 1)
-    timeout_s = reload_timeout(settings, len(views))
-    claim_until = time.time() + 2 * timeout_s + CONTROLLER_TIMEOUT_S
-    if not ray.get(registry().claim_reload.remote(claim_until), timeout=CONTROLLER_TIMEOUT_S):
+    owner = uuid.uuid4().hex
+    # Claimed before the deployed config is read, so that two reloads never read the same
+    # generation.
+    claim(owner, CLAIM_SETUP_S)
+    result: FleetReloadResult | None = None
+    try:
+        config = deployed_config()
+        current = fleet_config(config)
+        views = fleet_view()
+        served = serving_model([v.report for v in views if v.report is not None])
+        target = check_reload_path(path, served, settings.model_roots,
+                                   configured=Path(current.model_dir)) or current.model_dir
+        new = FleetConfig(model_dir=target, force_fresh=force_fresh,
+                          generation=current.generation + 1)
+        timeout_s = reload_timeout(settings, len(views))
+        # Two waits (the rollout, a rollback), each overrunning by at most one poll.
+        claim(owner, 2 * (timeout_s + CONTROLLER_TIMEOUT_S) + CLAIM_SETUP_S)
+        result = roll_out(config, current, new, timeout_s)
+        result = result.model_copy(update={"seconds": time.monotonic() - start})
+        return result
+    finally:
+        try:
+            ray.get(registry().record_reload.remote(owner, result), timeout=CONTROLLER_TIMEOUT_S)
+        except (RayError, TimeoutError):
+            logger.warning("could not record the reload in the fleet registry: its claim "
+                           "expires by itself", exc_info=True)
+
+
+CLAIM_SETUP_S = 3 * CONTROLLER_TIMEOUT_S  # reading the config and the fleet, deploying
+
+
+def claim(owner: str, seconds: float) -> None:
+    if not ray.get(registry().claim_reload.remote(owner, time.time() + seconds),
+                   timeout=CONTROLLER_TIMEOUT_S):
         raise FleetError("another fleet reload is under way: wait for it to finish "
                          "(`python -m cluster status` shows the generations)")
-    try:
-        result = roll_out(current, new, config, timeout_s)
-    except BaseException:
-        registry().record_reload.remote(None)
-        raise
-    result = result.model_copy(update={"seconds": time.monotonic() - start})
-    registry().record_reload.remote(result)
-    return result
 
 
-def roll_out(current: FleetConfig, new: FleetConfig, config: ServeDeploySchema,
+def roll_out(config: ServeDeploySchema, current: FleetConfig, new: FleetConfig,
              timeout_s: float) -> FleetReloadResult:
-    """Deploy `new`; on any failure deploy `current` again (as the next generation)."""
-    redeploy(with_fleet_config(config, new))
-    reports, failures = wait_generation(new.generation, timeout_s)
-    rolled_back = False
-    if failures:
-        back = current.model_copy(update={"generation": new.generation + 1,
-                                          "force_fresh": False})
+    """Deploy `new`; on any failure after that, whatever it is (a replica's load error,
+    fingerprints that disagree, the controller not answering, Ctrl-C), deploy `current`
+    again as the next generation."""
+    try:
+        redeploy(with_fleet_config(config, new))
+        reports, failures = wait_generation(new.generation, timeout_s)
+        failures = failures or disagreeing(reports, new.generation)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - rolled back, then reported
+        reports, failures = [], {FLEET_FAILURE: f"the reload broke off: {type(e).__name__}: {e}"}
+    if not failures:
+        (fingerprint,) = {r.model.fingerprint for r in reports if r.model is not None}
+        return FleetReloadResult(ok=True, requested_path=new.model_dir, fingerprint=fingerprint,
+                                 generation=new.generation, seconds=0.0, replicas=reports)
+    back_reports, back_failures = roll_back(current, new.generation, timeout_s)
+    live = {r.replica_id for r in back_reports}
+    try:  # replicas Ray had already given the new config when the first failure came
+        failed = ray.get(registry().failures.remote(new.generation), timeout=CONTROLLER_TIMEOUT_S)
+    except (RayError, TimeoutError):
+        failed = {}
+    failures |= {rid: why for rid, why in failed.items() if rid in live}
+    failures |= {rid: f"rollback: {why}" for rid, why in back_failures.items()
+                 if rid not in failures}
+    return FleetReloadResult(ok=False, requested_path=new.model_dir, generation=new.generation,
+                             seconds=0.0, replicas=back_reports or reports, failures=failures,
+                             rolled_back=not back_failures)
+
+
+def roll_back(previous: FleetConfig, failed_generation: int, timeout_s: float
+              ) -> tuple[list[ReplicaReport], dict[str, str]]:
+    """Deploy `previous` again, changing only our user_config in what is deployed NOW (not
+    in the snapshot the reload began with: another application's deploy meanwhile stays);
+    the live replicas' reports and what kept the rollback from completing."""
+    try:
+        config = deployed_config()
+        generation = max(failed_generation, fleet_config(config).generation) + 1
+        back = previous.model_copy(update={"generation": generation, "force_fresh": False})
         redeploy(with_fleet_config(config, back))
-        reports, back_failures = wait_generation(back.generation, timeout_s)
-        rolled_back = True
-        # Replicas Ray had already given the new config when the first failure came.
-        live = {r.replica_id for r in reports}
-        failures |= {rid: why for rid, why in ray.get(registry().failures.remote(
-            new.generation), timeout=CONTROLLER_TIMEOUT_S).items() if rid in live}
-        failures |= {rid: f"rollback: {why}" for rid, why in back_failures.items()
-                     if rid not in failures}
-    fingerprints = Counter(r.model.fingerprint for r in reports if r.model is not None)
-    return FleetReloadResult(
-        ok=not failures, requested_path=new.model_dir,
-        fingerprint=fingerprints.most_common(1)[0][0] if fingerprints and not failures
-        else None,
-        generation=new.generation, seconds=0.0, replicas=reports,
-        failures=failures, rolled_back=rolled_back)
+        return wait_generation(back.generation, timeout_s)
+    except Exception as e:  # noqa: BLE001 - reported: the rollback did not complete
+        return [], {FLEET_FAILURE: f"the rollback broke off: {type(e).__name__}: {e}"}
+
+
+def disagreeing(reports: list[ReplicaReport], generation: int) -> dict[str, str]:
+    """{replica id: why} when the replicas that applied `generation` do not all serve one
+    model (the path held different files on different nodes); {} when they do."""
+    by_fingerprint: dict[str | None, list[str]] = {}
+    for r in reports:
+        if r.generation >= generation:
+            fingerprint = r.model.fingerprint if r.model is not None else None
+            by_fingerprint.setdefault(fingerprint, []).append(r.replica_id)
+    if len(by_fingerprint) <= 1 and None not in by_fingerprint:
+        return {}
+    seen = ", ".join(f"{fp[:16] if fp else 'no model'} on {len(ids)}"
+                     for fp, ids in by_fingerprint.items())
+    return {rid: f"generation {generation} is not one model across the fleet ({seen}): "
+                 f"this replica serves {fp[:16] if fp else 'no model'}; check that the "
+                 f"directory holds the same files on every node"
+            for fp, ids in by_fingerprint.items() for rid in ids}
 
 
 def reload_timeout(settings: Settings, replicas: int) -> float:
@@ -242,11 +324,17 @@ def wait_generation(generation: int, timeout_s: float
                     ) -> tuple[list[ReplicaReport], dict[str, str]]:
     """Until every live replica has applied `generation` (or a later one), or one failed
     to (then at once: the caller rolls back); the live replicas' reports and the failures,
-    {replica id: why}."""
+    {replica id: why}. A poll the controller or the registry does not answer in time is no
+    news: the wait goes on until the deadline."""
     deadline = time.monotonic() + timeout_s
     views: list[ReplicaView] = []
     while True:
-        views = fleet_view()
+        remaining = deadline - time.monotonic()
+        try:
+            views = fleet_view(max(1.0, min(CONTROLLER_TIMEOUT_S, remaining)))
+        except (TimeoutError, RayError) as e:  # slow, or the registry restarting
+            logger.warning("the Serve controller or the fleet registry did not answer (%s); "
+                           "waiting on", e)
         reports = [v.report for v in views if v.report is not None]
         failures = {r.replica_id: r.error for r in reports
                     if r.generation == generation and r.error is not None}
@@ -259,5 +347,6 @@ def wait_generation(generation: int, timeout_s: float
             return reports, {
                 v.live.replica_id: f"did not apply generation {generation} within "
                                    f"{timeout_s:g} s (state {v.live.state})"
-                for v in views if v.report is None or v.report.generation < generation}
+                for v in views if v.report is None or v.report.generation < generation} or {
+                FLEET_FAILURE: f"no live replica listed within {timeout_s:g} s"}
         time.sleep(POLL_S)

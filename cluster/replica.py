@@ -19,12 +19,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 import torch
 from ray import serve
 
-from cluster.fleet import registry
+from cluster.fleet import REPORT_INTERVAL_S, registry
 from cluster.types import MODEL_DEPLOYMENT, FleetConfig, ReplicaReport
 from sensevoice_core.long_audio import ProgressCallback
 from sensevoice_core.pipeline import SenseVoice
@@ -44,11 +45,10 @@ from sensevoice_core.serving import (
     load_for_serving,
 )
 from sensevoice_core.settings import Settings
+from supervisor.reload_path import ReloadRefused, check_reload_path
 from supervisor.unchanged import unchanged_verdict
 
 logger = logging.getLogger("sensevoice.cluster")
-
-REPORT_INTERVAL_S = 5.0  # counters reach the registry at least this often while they change
 
 
 @dataclass
@@ -96,31 +96,50 @@ class SenseVoiceModel:
         self.node_id = context.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.started_at = time.time()
-        self.registry = registry()
+        self.registry: Any = None  # looked up on the first push, again after a failed one
         self.lock = threading.Lock()
+        # Ray calls reconfigure again before the last call returned when a config changes
+        # while the replica is still STARTING (a rollback during its first load).
+        self.reconfiguring = asyncio.Lock()
         self.serving: Serving | None = None
+        self.retiring: list[Serving] = []  # swapped out, still answering requests
         self.generation = -1  # no FleetConfig applied yet
         self.error: str | None = None
         self.last_reload: ReloadOutcome | None = None
         self.requests_served = 0
         self.in_flight = 0
-        self.past_batches = 0  # forward passes run by models swapped out
+        self.past_batches = 0  # forward passes run by models since released
         self.past_batch_items = 0
-        self.reported = (-1, -1)  # (requests_served, in_flight) in the last report sent
-        threading.Thread(target=self.report_counters, name="fleet-report", daemon=True).start()
+        threading.Thread(target=self.heartbeat, name="fleet-report", daemon=True).start()
         logger.info("replica %s on node %s with %d torch threads", self.replica_id,
                     self.node_id[:8], self.threads)
 
     # ------------------------------------------------------------------ configuration
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Apply a FleetConfig. A failed load keeps the old model serving and is reported,
-        never raised (raising here makes Ray replace the replica), except when there is no
-        old model: then the replica cannot serve, and Ray is told by the exception."""
+        """Apply a FleetConfig, one at a time and never one older than the last applied. A
+        failed load keeps the old model serving and is reported, never raised (raising here
+        makes Ray replace the replica), except when there is no old model: then the replica
+        cannot serve, and Ray is told by the exception."""
         config = FleetConfig.model_validate(user_config)
+        async with self.reconfiguring:
+            if config.generation < self.generation:
+                logger.info("generation %d skipped: generation %d is applied already",
+                            config.generation, self.generation)
+                return
+            await self.apply(config)
+
+    async def apply(self, config: FleetConfig) -> None:
         start = time.perf_counter()
         old = self.serving
-        if old is not None and not config.force_fresh:
+        # A replica's first load (a start, a replacement) uses its node's L2 snapshot even
+        # when the deployed config still says force_fresh from the reload that set it.
+        fresh = config.force_fresh and old is not None
+        refused = self.refusal(config.model_dir, old)
+        if refused is not None:
+            self.failed(config, old, refused, None, start)
+            return
+        if old is not None and not fresh:
             verdict = unchanged_verdict(config.model_dir, old.info)
             if verdict.hit:
                 self.applied(config, None, ReloadOutcome(
@@ -132,34 +151,21 @@ class SenseVoiceModel:
             logger.info("generation %d: loading %s (%s)", config.generation, config.model_dir,
                         verdict.reason)
         try:
-            loaded = await asyncio.to_thread(load_for_serving, config.model_dir,
-                                             config.force_fresh, self.settings,
-                                             old is not None)
+            loaded = await asyncio.to_thread(load_for_serving, config.model_dir, fresh,
+                                             self.settings, old is not None)
         except LoadFailure as e:
-            outcome = ReloadOutcome(
-                ok=False, origin="cli", requested_path=config.model_dir,
-                model_dir=old.info.model_dir if old else None,
-                old_fingerprint=old.info.fingerprint if old else None,
-                seconds=time.perf_counter() - start, error=e.cause, canary=e.canary)
-            self.applied(config, e.cause, outcome)
-            if old is None:
-                raise RuntimeError(f"cannot load the model {config.model_dir}: {e.cause}") \
-                    from None
-            logger.error("generation %d: %s did not load, the old model keeps serving: %s",
-                         config.generation, config.model_dir, e.cause)
+            self.failed(config, old, e.cause, e.canary, start)
             return
-        attach_batcher(loaded.model, self.settings, self.threads, self.callers)
-        idle = False
+        serving = Serving(loaded.model, loaded.info)
+        # The requests on this model are the ones its batcher may wait for (not those still
+        # running on a model being swapped out).
+        attach_batcher(loaded.model, self.settings, self.threads, lambda: serving.users)
         with self.lock:
-            self.serving = Serving(loaded.model, loaded.info)
-            if old is not None:
-                old.retired = True
-                idle = old.users == 0
-                batches, items = batch_counts(old.model)
-                self.past_batches += batches
-                self.past_batch_items += items
-        if old is not None and idle:
-            release(old)
+            swapped = self.serving  # whatever serves now, not what served before the load
+            self.serving = serving
+            idle = swapped is not None and self.retire(swapped)
+        if idle:
+            release(swapped)
         self.applied(config, None, ReloadOutcome(
             ok=True, origin="cli", requested_path=config.model_dir,
             model_dir=loaded.info.model_dir,
@@ -167,11 +173,58 @@ class SenseVoiceModel:
             new_fingerprint=loaded.info.fingerprint, cache_level=loaded.info.cache_level,
             seconds=time.perf_counter() - start, canary=loaded.info.canary))
 
+    def refusal(self, model_dir: str, old: Serving | None) -> str | None:
+        """Why this node does not load `model_dir` (outside its own SENSEVOICE_MODEL_ROOTS or,
+        without them, the served model's parent; not a directory here), or None. A first
+        load without roots is the deployed config's: nothing to hold it against."""
+        if old is None and not self.settings.model_roots:
+            return None
+        try:
+            check_reload_path(model_dir, old.info if old else None, self.settings.model_roots)
+        except ReloadRefused as e:
+            return f"refused on node {self.node_ip}: {e}"
+        return None
+
+    def failed(self, config: FleetConfig, old: Serving | None, cause: str,
+               canary: Any, start: float) -> None:
+        """`config` was not applied: the old model keeps serving; with none, Ray is told."""
+        outcome = ReloadOutcome(
+            ok=False, origin="cli", requested_path=config.model_dir,
+            model_dir=old.info.model_dir if old else None,
+            old_fingerprint=old.info.fingerprint if old else None,
+            seconds=time.perf_counter() - start, error=cause, canary=canary)
+        self.applied(config, cause, outcome)
+        if old is None:
+            raise RuntimeError(f"cannot load the model {config.model_dir}: {cause}") from None
+        logger.error("generation %d: %s was not loaded, the old model keeps serving: %s",
+                     config.generation, config.model_dir, cause)
+
+    def retire(self, serving: Serving) -> bool:
+        """Under self.lock: `serving` takes no new request; True when none runs on it (the
+        caller releases it)."""
+        serving.retired = True
+        if serving.users:
+            self.retiring.append(serving)
+            return False
+        self.count_released(serving)
+        return True
+
+    def count_released(self, serving: Serving) -> None:
+        """Under self.lock: its forward passes join the past ones, once, as it goes."""
+        if serving in self.retiring:
+            self.retiring.remove(serving)
+        batches, items = batch_counts(serving.model)
+        self.past_batches += batches
+        self.past_batch_items += items
+
     def applied(self, config: FleetConfig, error: str | None, outcome: ReloadOutcome) -> None:
         self.generation, self.error = config.generation, error
         if outcome.old_fingerprint is not None:  # the first load is not a reload
             self.last_reload = outcome
-        self.push()
+        try:
+            self.push()
+        except Exception:  # the heartbeat sends it again
+            logger.warning("could not reach the fleet registry", exc_info=True)
 
     # ------------------------------------------------------------------ requests
 
@@ -215,46 +268,55 @@ class SenseVoiceModel:
                 self.in_flight -= 1
                 self.requests_served += 1
                 idle = serving.retired and serving.users == 0
+                if idle:
+                    self.count_released(serving)
             if idle:
                 release(serving)
 
-    def callers(self) -> int:
-        """Requests that may submit forward passes now (the batcher waits for them)."""
-        return self.in_flight
-
     # ------------------------------------------------------------------ health and reports
+    # Both async: they run on the replica's event loop, not in the threadpool that
+    # max_ongoing_requests bounds, so a replica whose every slot holds a long request still
+    # answers Ray's health check (and the fleet) instead of being killed as unhealthy.
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         if self.serving is None:
             raise RuntimeError(f"replica {self.replica_id} has no model loaded"
                                + (f": {self.error}" if self.error else ""))
 
-    def report(self) -> ReplicaReport:
+    async def report(self) -> ReplicaReport:
+        return self.snapshot()
+
+    def snapshot(self) -> ReplicaReport:
         with self.lock:
             served, in_flight = self.requests_served, self.in_flight
-        serving = self.serving
-        batches, items = batch_counts(serving.model) if serving else (0, 0)
+            serving = self.serving
+            batches, items = self.past_batches, self.past_batch_items
+            for each in ([serving] if serving else []) + self.retiring:
+                more, more_items = batch_counts(each.model)
+                batches, items = batches + more, items + more_items
         return ReplicaReport(
             replica_id=self.replica_id, node_id=self.node_id, node_ip=self.node_ip,
             pid=os.getpid(), started_at=self.started_at, reported_at=time.time(),
             generation=self.generation, model=serving.info if serving else None,
             error=self.error, last_reload=self.last_reload, requests_served=served,
-            in_flight=in_flight, threads=self.threads,
-            batches=self.past_batches + batches, batch_items=self.past_batch_items + items)
+            in_flight=in_flight, threads=self.threads, batches=batches, batch_items=items)
 
-    def push(self) -> None:
-        """Send this replica's report to the fleet registry (fire and forget)."""
-        report = self.report()
-        self.reported = (report.requests_served, report.in_flight)
-        self.registry.put.remote(report)
+    def push(self) -> ray.ObjectRef:
+        """Send this replica's report to the fleet registry."""
+        if self.registry is None:
+            self.registry = registry()
+        return self.registry.put.remote(self.snapshot())
 
-    def report_counters(self) -> None:
+    def heartbeat(self) -> None:
+        """The whole report every REPORT_INTERVAL_S, changed or not: a registry that
+        restarted empty, or a report lost on the way, is made good within one interval."""
         while True:
             time.sleep(REPORT_INTERVAL_S)
-            with self.lock:
-                counters = (self.requests_served, self.in_flight)
-            if counters != self.reported and self.generation >= 0:
-                try:
-                    self.push()
-                except Exception:  # noqa: BLE001 - the registry restarting: try next time
-                    logger.warning("could not reach the fleet registry", exc_info=True)
+            if self.generation < 0:
+                continue
+            try:
+                ray.get(self.push(), timeout=REPORT_INTERVAL_S)
+            except Exception:  # keep beating; the registry may be restarting
+                logger.warning("could not reach the fleet registry; looking it up again",
+                               exc_info=True)
+                self.registry = None

@@ -302,3 +302,161 @@ def test_a_killed_replica_is_replaced_and_its_requests_are_not_lost(fleet: Runni
             outcome
     assert not [s for s in traffic.failed() if s.started not in held], traffic.failed()
     assert {s.fingerprint for s in traffic.sent if s.status == 200} == {fingerprint}
+
+
+# ---------------------------------------------------------------------------------------------
+# F1 (review 18 fixes: cluster/replica.py, cluster/fleet.py, cluster/deploy.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_health_check_and_report_do_not_need_a_request_slot(fleet: RunningCluster):
+    """Async methods run on the replica's event loop, not in the threadpool bounded by
+    max_ongoing_requests: a replica whose every slot holds a long request is not killed as
+    unhealthy (review finding 1)."""
+    import inspect
+
+    from ray import serve
+
+    from cluster.replica import SenseVoiceModel
+    from cluster.types import APP_NAME, MODEL_DEPLOYMENT
+
+    for method in ("check_health", "report", "reconfigure"):
+        assert inspect.iscoroutinefunction(getattr(SenseVoiceModel.func_or_class, method)), method
+    handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=APP_NAME)
+    assert handle.report.remote().result(timeout_s=30).replica_id in \
+        {r.replica_id for r in reports()}
+
+
+def test_the_registry_lives_on_the_head_and_heartbeats_refill_it(fleet: RunningCluster):
+    """Pinned to the head node, restarted when it dies, refilled by the replicas' heartbeats
+    (idle replicas included); reading it forgets nothing (review finding 4)."""
+    import ray
+
+    from cluster.fleet import REPORT_INTERVAL_S, fleet_view, registry
+
+    actor = registry()
+    assert ray.get(actor.node_id.remote(), timeout=10) == fleet.node_ids[0]
+    ray.get(actor.live.remote([]), timeout=10)  # asks for no replica: forgets none
+    assert all(view.report is not None for view in fleet_view())
+    ray.kill(actor, no_restart=False)
+
+    def all_reported() -> bool:
+        try:
+            views = fleet_view()
+        except (TimeoutError, ray.exceptions.RayError):  # restarting
+            return False
+        return len(views) == 2 and all(
+            v.report is not None and v.age_s is not None and v.age_s < 2 * REPORT_INTERVAL_S
+            for v in views)
+
+    wait_for(all_reported, 6 * REPORT_INTERVAL_S, "every replica's report in the restarted "
+             "registry")
+
+
+def test_one_reload_at_a_time_and_the_claim_comes_before_the_read(fleet: RunningCluster,
+                                                                  models: Models):
+    import ray
+
+    from cluster.deploy import FleetError, deployed_config, fleet_config
+    from cluster.fleet import registry, reload_fleet
+
+    before = fleet_config(deployed_config())
+    assert ray.get(registry().claim_reload.remote("someone", time.time() + 60), timeout=10)
+    try:
+        with pytest.raises(FleetError, match="another fleet reload is under way"):
+            reload_fleet(str(models.a), False, Settings(model_roots=[models.root]))
+    finally:
+        ray.get(registry().record_reload.remote("someone", None), timeout=10)
+    assert fleet_config(deployed_config()) == before
+
+
+def test_a_path_outside_the_replicas_own_roots_is_refused_by_them_and_rolled_back(
+        fleet: RunningCluster, models: Models):
+    """The CLI's roots are looser than the nodes': the replicas refuse, and the refusal is
+    the generation's error (review finding 14); the rollback completes (finding 3)."""
+    from cluster.deploy import deployed_config, fleet_config
+    from cluster.fleet import reload_fleet
+
+    (old,) = serving_fingerprints()
+    before = fleet_config(deployed_config())
+    result = reload_fleet(str(REPO / "model"), False, Settings(model_roots=[REPO]))
+    assert not result.ok and result.rolled_back and result.fingerprint is None, result
+    assert result.failures and all("outside the allowed model roots" in why
+                                   for why in result.failures.values()), result.failures
+    after = fleet_config(deployed_config())
+    assert (after.model_dir, after.generation) == (before.model_dir, result.generation + 1)
+    assert serving_fingerprints() == {old}
+
+
+def test_a_reload_that_breaks_off_after_its_deploy_is_rolled_back(
+        fleet: RunningCluster, models: Models, monkeypatch: pytest.MonkeyPatch):
+    """Any exception once the new config is deployed (here the wait for it) puts the previous
+    config back, and the result says so (review finding 3)."""
+    import cluster.fleet as fleet_module
+    from cluster.deploy import deployed_config, fleet_config
+
+    (old,) = serving_fingerprints()
+    before = fleet_config(deployed_config())
+    target = models.a if before.model_dir != str(models.a) else models.b
+    real_wait = fleet_module.wait_generation
+    waits: list[int] = []
+
+    def wait_that_breaks_once(generation: int, timeout_s: float):
+        waits.append(generation)
+        if len(waits) == 1:
+            raise TimeoutError("the controller did not answer")
+        return real_wait(generation, timeout_s)
+
+    monkeypatch.setattr(fleet_module, "wait_generation", wait_that_breaks_once)
+    result = fleet_module.reload_fleet(str(target), False, Settings(model_roots=[models.root]))
+    assert not result.ok and result.rolled_back, result
+    assert "TimeoutError" in result.failures[fleet_module.FLEET_FAILURE]
+    assert waits == [before.generation + 1, before.generation + 2]
+    after = fleet_config(deployed_config())
+    assert (after.model_dir, after.generation) == (before.model_dir, before.generation + 2)
+    assert {(r.generation, r.model.fingerprint) for r in reports()} == \
+        {(before.generation + 2, old)}
+
+
+def test_a_poll_that_times_out_is_no_news(fleet: RunningCluster, models: Models,
+                                          monkeypatch: pytest.MonkeyPatch):
+    import cluster.fleet as fleet_module
+    from cluster.deploy import deployed_config, fleet_config
+
+    (old,) = serving_fingerprints()
+    before = fleet_config(deployed_config())
+    target = models.a if before.model_dir != str(models.a) else models.b
+    real_view = fleet_module.fleet_view
+    polls: list[float] = []
+
+    def view_that_times_out_once(timeout_s: float = 10.0):
+        polls.append(timeout_s)
+        if len(polls) == 2:  # the first poll of the wait (the first call reads the fleet)
+            raise TimeoutError("the controller did not answer")
+        return real_view(timeout_s)
+
+    monkeypatch.setattr(fleet_module, "fleet_view", view_that_times_out_once)
+    result = fleet_module.reload_fleet(str(target), False, Settings(model_roots=[models.root]))
+    assert result.ok and result.fingerprint not in (None, old), result
+    assert len(polls) > 2
+    assert serving_fingerprints() == {result.fingerprint}
+
+
+def test_a_generation_that_is_not_one_model_is_a_failure():
+    """Replicas that applied the new generation but serve different files (a path that holds
+    different copies on different nodes) fail the reload (review finding 8)."""
+    from cluster.fleet import disagreeing
+    from sensevoice_core.protocol import ModelInfo
+
+    def report(replica_id: str, generation: int, fingerprint: str | None) -> ReplicaReport:
+        model = ModelInfo.model_construct(fingerprint=fingerprint) if fingerprint else None
+        return ReplicaReport(replica_id=replica_id, node_id="n", node_ip="127.0.0.1", pid=1,
+                             started_at=0.0, reported_at=0.0, generation=generation,
+                             model=model)
+
+    same = [report("r1", 3, "f" * 64), report("r2", 4, "f" * 64), report("r3", 2, "e" * 64)]
+    assert disagreeing(same, 3) == {}
+    split = [report("r1", 3, "f" * 64), report("r2", 3, "e" * 64)]
+    why = disagreeing(split, 3)
+    assert set(why) == {"r1", "r2"} and "not one model" in why["r1"], why
+
