@@ -188,6 +188,8 @@ class WorkerStatus(BaseModel):
     batch_items: int = 0  # items (requests' segments) in those passes
     start_method: Literal["fork", "spawn"] | None = None  # forked by the fork server, or spawned
     start_s: float | None = None  # asked for -> its Hello (None: no Hello yet)
+    # Cluster mode: seconds since this replica's figures were reported (a supervisor's are live)
+    report_age_s: float | None = None
 
 
 class ServiceStatus(BaseModel):
