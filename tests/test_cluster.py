@@ -460,3 +460,25 @@ def test_a_generation_that_is_not_one_model_is_a_failure():
     why = disagreeing(split, 3)
     assert set(why) == {"r1", "r2"} and "not one model" in why["r1"], why
 
+
+def test_force_fresh_does_not_outlive_its_reload(fleet: RunningCluster, models: Models):
+    """The deployed config keeps force_fresh after `reload --force-fresh`, but a replica
+    started later (here a replacement) loads its node's L2 snapshot (review finding 7)."""
+    from cluster.deploy import deployed_config, fleet_config
+    from cluster.fleet import reload_fleet
+
+    before = fleet_config(deployed_config())
+    result = reload_fleet(before.model_dir, True, Settings(model_roots=[models.root]))
+    assert result.ok, result
+    assert {r.last_reload.cache_level for r in result.replicas if r.last_reload} == {"fresh"}
+    assert fleet_config(deployed_config()).force_fresh
+    known = {r.replica_id for r in reports()}
+    victim = reports()[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    (new,) = wait_for(lambda: [r for r in reports()
+                               if r.replica_id not in known and r.model is not None],
+                      REPLACE_TIMEOUT_S, "a replacement replica serving")
+    assert new.model.fingerprint == result.fingerprint
+    assert new.model.cache_level == "L2"
+    wait_for(lambda: len(reports()) == 2 and victim.replica_id not in
+             {r.replica_id for r in reports()}, REPLACE_TIMEOUT_S, "two replicas again")
