@@ -60,6 +60,9 @@ REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 600.0
 HTTP_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 120.0
+# `python -m cluster reload/status`: a fleet reload is at most a few rollout steps of
+# SENSEVOICE_HOTRELOAD_TIMEOUT (which this bench sets to READY_TIMEOUT_S) and a rollback.
+COMMAND_TIMEOUT_S = 3 * READY_TIMEOUT_S
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
@@ -95,8 +98,13 @@ class ClusterService:
 
     def command(self, *args: str) -> str:
         """`python -m cluster ARGS` against this cluster; its stdout."""
-        done = subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO, env=self.env,
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        try:
+            done = subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO,
+                                  env=self.env, capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"python -m cluster {' '.join(args)} did not finish within "
+                             f"{COMMAND_TIMEOUT_S:g} s") from None
         if done.returncode != 0:
             raise SystemExit(f"python -m cluster {' '.join(args)} failed ({done.returncode}): "
                              f"{done.stderr.strip()[-2000:]}")

@@ -5,24 +5,35 @@ serve_config.yaml on SENSEVOICE_MODEL_DIR with SENSEVOICE_CLUSTER_REPLICAS repli
 SENSEVOICE_CLUSTER_HOST:SENSEVOICE_CLUSTER_PORT, in the foreground until Ctrl-C, SIGTERM or
 `down`. reload, status and down talk to SENSEVOICE_CLUSTER_ADDRESS, else to the instance `up`
 started (its address is in <SENSEVOICE_CACHE_DIR>/cluster.json).
-Exit codes (sensevoice_core.exit_codes): 0 done, 1 failed (no cluster, a reload that did not
-succeed everywhere), 2 invalid settings or a reload path that is not allowed, 4 the model did
-not load on `up`.
+cluster.json is trusted only when it is this user's, mode 600 and well formed (cluster/state.py).
+Exit codes (sensevoice_core.exit_codes): 0 done, 1 failed (no cluster, the HTTP port in use, a
+reload that did not succeed everywhere, an error from Ray), 2 invalid settings or a reload path
+that is not allowed, 4 the model did not load on `up`.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from sensevoice_core.atomic import atomic_file
+from cluster.state import (
+    ClusterState,
+    StateClaim,
+    StateError,
+    held,
+    is_up_process,
+    read_state,
+    state_path,
+)
 from sensevoice_core.cli import settings_or_exit
 from sensevoice_core.exit_codes import (
     EXIT_FAILED,
@@ -41,8 +52,8 @@ LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_E
 # `up` keeps Ray's token authentication on (its token: ~/.ray/auth_token), and says so to the
 # commands that connect to it: a client left in the default mode is refused.
 TOKEN_AUTH_ENV = {"RAY_AUTH_MODE": "token"}
-STATE_FILE = "cluster.json"
 DOWN_TIMEOUT_S = 60.0
+GCS_PROBE_S = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,67 +71,101 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = settings_or_exit()
     configure_logging("cluster", settings.log_level)
-    if args.command == "up":
-        return up(settings)
-    address = cluster_address(settings)
-    if address is None:
-        print("error: no cluster: start one with `python -m cluster up`, or set "
-              "SENSEVOICE_CLUSTER_ADDRESS to a running Ray cluster's address", file=sys.stderr)
+    try:
+        if args.command == "up":
+            return up(settings)
+        if args.command == "down" and not settings.cluster_address:
+            return down(state_path(settings))
+        address, state = locate(settings)
+    except StateError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    if args.command == "down":
-        return down(settings, address)
-    ray_environment(address, settings)
-    from cluster.deploy import (  # ray: only once its environment is set
-        FleetError,
-        connect,
-    )
+    problem = gcs_problem(address)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    ray_environment(address, state)
+    from ray.exceptions import RayError  # ray: only once its environment is set
+
+    from cluster.deploy import FleetError, connect
 
     try:
         connect(address)
+        if args.command == "down":
+            return delete_app(address)
         if args.command == "reload":
             return reload_command(settings, args.path, args.force_fresh, args.json)
         return status_command(args.json)
-    except FleetError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FleetError, RayError, ConnectionError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: {type(e).__name__} from the cluster at {address}: {first}"[:400],
+              file=sys.stderr)
         return EXIT_FAILED
 
 
-def state_path(settings: Settings) -> Path:
-    return settings.cache_dir.expanduser().resolve() / STATE_FILE
-
-
-def read_state(settings: Settings) -> dict[str, object] | None:
-    try:
-        return json.loads(state_path(settings).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def cluster_address(settings: Settings) -> str | None:
+def locate(settings: Settings) -> tuple[str, ClusterState | None]:
+    """The Ray address to talk to (SENSEVOICE_CLUSTER_ADDRESS, else the running `up`'s), and
+    `up`'s cluster.json when that is where it came from; StateError (one line) when neither
+    leads to a cluster."""
     if settings.cluster_address:
-        return settings.cluster_address
-    state = read_state(settings)
-    return str(state["address"]) if state else None
+        return settings.cluster_address, None
+    path = state_path(settings)
+    state = read_state(path)
+    if state is None:
+        raise StateError(f"no cluster: no {path} (SENSEVOICE_CACHE_DIR, resolved from this "
+                         f"directory): start one with `python -m cluster up`, run this where "
+                         f"`up` ran, or set SENSEVOICE_CLUSTER_ADDRESS")
+    if not held(path):
+        raise StateError(f"no cluster: {path} is stale (its `up`, pid {state.pid}, is gone): "
+                         f"`python -m cluster down` removes it")
+    if state.address is None:
+        raise StateError(f"the cluster of `up` pid {state.pid} is still starting: try again "
+                         f"in a moment")
+    return state.address, state
 
 
-def ray_environment(address: str, settings: Settings) -> None:
+def ray_environment(address: str, state: ClusterState | None) -> None:
     """What this process's ray must be imported with to reach `address`."""
     if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
         for name, value in LOOPBACK_RAY_ENV.items():
             os.environ.setdefault(name, value)
-    state = read_state(settings)
-    if state is not None and state.get("address") == address and state.get("auth") == "token":
+    if state is not None and state.address == address and state.auth == "token":
         os.environ.update(TOKEN_AUTH_ENV)
+
+
+def gcs_problem(address: str) -> str | None:
+    """Why no Ray GCS can be at address (host:port), or None. ray.init would wait forever."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return f"{address!r} is not a Ray address (host:port); fix SENSEVOICE_CLUSTER_ADDRESS"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_S):
+            return None
+    except OSError as e:
+        return (f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}): is it "
+                f"running? check SENSEVOICE_CLUSTER_ADDRESS")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the HTTP proxy could not listen on host:port, or None."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except socket.gaierror as e:
+            return f"cannot resolve {host}: {e.strerror}; set SENSEVOICE_CLUSTER_HOST"
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"{host}:{port} is in use; stop what listens there or set "
+                        f"SENSEVOICE_CLUSTER_PORT")
+            return f"cannot listen on {host}:{port}: {e.strerror}; set SENSEVOICE_CLUSTER_HOST"
+    return None
 
 
 def up(settings: Settings) -> int:
@@ -128,34 +173,51 @@ def up(settings: Settings) -> int:
         print(f"error: SENSEVOICE_MODEL_DIR {settings.model_dir or '(unset)'} is not a model "
               f"directory; set it to the model every replica loads", file=sys.stderr)
         return EXIT_USAGE
-    running = read_state(settings)
-    if running is not None and pid_alive(int(running["pid"])):  # type: ignore[call-overload]
-        print(f"error: a cluster is up already (`up` pid {running['pid']}, Ray at "
-              f"{running['address']}): stop it with `python -m cluster down`", file=sys.stderr)
+    problem = port_problem(settings.cluster_host, settings.cluster_port)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_FAILED
+    path = state_path(settings)
+    claim = StateClaim.take(path)
+    if claim is None:
+        try:
+            running = read_state(path)
+        except StateError:
+            running = None
+        print(f"error: a cluster is up already (`up` pid {running.pid if running else '?'}, "
+              f"{path}): stop it with `python -m cluster down`", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        claim.write(ClusterState(pid=os.getpid()))
+        return run_up(settings, claim)
+    finally:
+        claim.release()
+
+
+def run_up(settings: Settings, claim: StateClaim) -> int:
     os.environ.update(LOOPBACK_RAY_ENV | TOKEN_AUTH_ENV)
     # The replicas read their settings from this environment (Ray's workers inherit it), in
     # another working directory: the cache as an absolute path, so they share this one.
     os.environ["SENSEVOICE_CACHE_DIR"] = str(settings.cache_dir.expanduser().resolve())
     import ray
     from ray import serve
+    from ray.exceptions import RayError
 
     from cluster.deploy import FleetError, deploy_app
     from cluster.fleet import fleet_view
 
     # address="local": a new instance, never the last one any process on this host started
-    # (which ray.init() without an address would join).
+    # (which ray.init() without an address would join). include_dashboard=False still runs
+    # Ray's headless API server, on 8265 unless told: a free port, so two `up`s can coexist.
     context = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                       log_to_driver=False, logging_level="WARNING")
+                       dashboard_port=free_port("127.0.0.1"), log_to_driver=False,
+                       logging_level="WARNING")
     address = context.address_info["gcs_address"]
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(signum, lambda *_: stop.set())
-    state = state_path(settings)
     try:
-        with atomic_file(state, mode=0o600) as handle:  # owner-only: it leads to the cluster
-            handle.write(json.dumps({"address": address, "pid": os.getpid(),
-                                     "auth": "token"}).encode())
+        claim.write(ClusterState(pid=os.getpid(), address=address, auth="token"))
         logger.info("Ray at %s; deploying %d replica(s) of %s", address,
                     settings.cluster_replicas, settings.model_dir)
         try:
@@ -164,6 +226,11 @@ def up(settings: Settings) -> int:
         except FleetError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_MODEL_LOAD_ERROR
+        except (RayError, TimeoutError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"error: Ray Serve did not start: {type(e).__name__}: {first}"[:400],
+                  file=sys.stderr)
+            return EXIT_FAILED
         models = {v.report.model.fingerprint[:16] for v in fleet_view()
                   if v.report and v.report.model}
         print(f"SenseVoice cluster up: http://{settings.cluster_host}:{settings.cluster_port} "
@@ -177,36 +244,44 @@ def up(settings: Settings) -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
-            state.unlink(missing_ok=True)
 
 
-def down(settings: Settings, address: str) -> int:
-    state = read_state(settings)
-    if state is not None and not settings.cluster_address:
-        pid = int(state["pid"])  # type: ignore[call-overload]
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            state_path(settings).unlink(missing_ok=True)
-            print(f"the cluster's `up` (pid {pid}) was gone; removed its {STATE_FILE}")
-            return EXIT_OK
-        deadline = time.monotonic() + DOWN_TIMEOUT_S
-        while state_path(settings).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if state_path(settings).exists():
-            print(f"error: `up` (pid {pid}) has not stopped after {DOWN_TIMEOUT_S:g} s",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        print("stopped")
+def down(path: Path) -> int:
+    """Stop the `up` whose cluster.json is at path (SIGTERM: it shuts Ray down and returns)."""
+    state = read_state(path)
+    if state is None:
+        print(f"error: no cluster: no {path} (SENSEVOICE_CACHE_DIR, resolved from this "
+              f"directory): run this where `up` ran, or set SENSEVOICE_CLUSTER_ADDRESS",
+              file=sys.stderr)
+        return EXIT_FAILED
+    stale = StateClaim.take(path)
+    if stale is not None:  # nobody held it: its `up` is gone; now it is ours to remove
+        stale.release()
+        print(f"the cluster's `up` (pid {state.pid}) was gone; removed its {path}")
         return EXIT_OK
-    ray_environment(address, settings)
+    if not is_up_process(state.pid):
+        print(f"error: {path} names pid {state.pid}, which is not your `python -m cluster up`; "
+              f"not signalled: stop `up` with Ctrl-C where it runs", file=sys.stderr)
+        return EXIT_FAILED
+    os.kill(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + DOWN_TIMEOUT_S
+    while is_up_process(state.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if is_up_process(state.pid):
+        print(f"error: `up` (pid {state.pid}) has not stopped after {DOWN_TIMEOUT_S:g} s",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print("stopped")
+    return EXIT_OK
+
+
+def delete_app(address: str) -> int:
+    """`down` against a cluster someone else runs: take only our application off it."""
     from ray import serve
 
-    from cluster.deploy import connect
     from cluster.types import APP_NAME
 
-    connect(address)
-    serve.delete(APP_NAME)  # a cluster someone else runs: take only our application off it
+    serve.delete(APP_NAME)
     print(f"deleted the application {APP_NAME!r} from {address}")
     return EXIT_OK
 

@@ -48,6 +48,9 @@ from sensevoice_core.settings import Settings
 
 logger = logging.getLogger("sensevoice.cluster")
 
+# /ready and /metrics polled in a loop reach the Serve controller (which runs rollouts) and
+# the registry at most this often.
+STATUS_CACHE_S = 1.0
 ATTEMPTS = 2  # a request whose replica died is sent once more, as the supervisor does
 # The replica died or its actor cannot be reached (RayActorError: ActorDiedError,
 # ActorUnavailableError), or the router picked a replica that was just removed.
@@ -68,6 +71,8 @@ class FleetClient:
         self._served = 0  # replies this client passed on
         self._seen: set[str] = set()  # replica ids its status calls saw
         self._departed: set[str] = set()  # ...that left the fleet since
+        self._status_lock = threading.Lock()  # one fleet read at a time; the others wait
+        self._fleet: tuple[float, list[ReplicaReport], FleetReloads] | None = None  # last read
 
     def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
                    sample_rate: int = 16000, timeout: float | None = None,
@@ -157,22 +162,39 @@ class FleetClient:
         raise ServiceError("internal", "the model replica's stream ended without a reply")
 
     def status(self, timeout: float = STATUS_TIMEOUT_S) -> ServiceStatus:
+        """The fleet as last read (at most STATUS_CACHE_S old); ServiceError("unavailable")
+        when it cannot be read, whatever the cause."""
+        if not self._status_lock.acquire(timeout=timeout):
+            raise ServiceError("unavailable", f"the fleet's state was not read within "
+                                              f"{timeout:g} s (another read is under way)")
+        try:
+            if self._fleet is None or time.monotonic() - self._fleet[0] > STATUS_CACHE_S:
+                self._fleet = (time.monotonic(), *self._read_fleet(timeout))
+            _, reports, reloads = self._fleet
+        finally:
+            self._status_lock.release()
+        with self._lock:
+            outstanding, served, departed = self._outstanding, self._served, len(self._departed)
+        return fleet_status(reports, reloads, time.monotonic() - self.started,
+                            outstanding, served, departed)
+
+    def _read_fleet(self, timeout: float) -> tuple[list[ReplicaReport], FleetReloads]:
+        """The live replicas' reports and the fleet reloads, from the Serve controller and the
+        fleet registry."""
         try:
             reports = live_reports(timeout)
             reloads = FleetReloads(last_fleet_reload(timeout), *reload_counts(timeout))
         except TimeoutError:
             raise ServiceError("unavailable", f"the Serve controller or the fleet registry did "
                                               f"not answer within {timeout:g} s") from None
-        except RayError as e:
+        except Exception as e:  # Serve gone (FleetError), an actor lost, a changed schema
             raise ServiceError("unavailable", f"the fleet's state could not be read: "
                                               f"{type(e).__name__}: {e}"[:500]) from None
         with self._lock:
             live = {r.replica_id for r in reports}
             self._departed |= self._seen - live
             self._seen |= live
-            outstanding, served, departed = self._outstanding, self._served, len(self._departed)
-        return fleet_status(reports, reloads, time.monotonic() - self.started,
-                            outstanding, served, departed)
+        return reports, reloads
 
     def reload(self, request: ReloadRequest, timeout: float | None = None) -> ReloadOutcome:
         raise ServiceError("reload_refused", "a cluster reloads every replica at once: run "

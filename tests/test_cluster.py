@@ -482,3 +482,203 @@ def test_force_fresh_does_not_outlive_its_reload(fleet: RunningCluster, models: 
     assert new.model.cache_level == "L2"
     wait_for(lambda: len(reports()) == 2 and victim.replica_id not in
              {r.replica_id for r in reports()}, REPLACE_TIMEOUT_S, "two replicas again")
+
+
+# ---------------------------------------------------------------------------------------------
+# F2 (review 18 findings 2, 9, 13, 17, 20): cluster.json, the CLI without a cluster, the
+# ingress's loopback rule, FleetClient's status cache. The first ones need no Ray.
+# ---------------------------------------------------------------------------------------------
+
+import socket  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from cluster.state import ClusterState, StateClaim, StateError, held, read_state  # noqa: E402
+from sensevoice_core.errors import ServiceError  # noqa: E402
+
+
+def cli_without_cluster(cache: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cluster ARGS` with SENSEVOICE_CACHE_DIR=cache and no cluster address."""
+    environ = {k: v for k, v in os.environ.items() if k != "SENSEVOICE_CLUSTER_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=REPO,
+                          env={**environ, "SENSEVOICE_CACHE_DIR": str(cache), **env},
+                          capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def owner_only(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    path.chmod(0o600)
+
+
+def test_cluster_json_is_trusted_only_when_owner_only_and_well_formed(tmp_path: Path):
+    path = tmp_path / "cluster.json"
+    assert read_state(path) is None
+    owner_only(path, '{"pid": 1, "address": "127.0.0.1:1", "auth": "token"}')
+    assert read_state(path) == ClusterState(pid=1, address="127.0.0.1:1", auth="token")
+    path.chmod(0o644)
+    with pytest.raises(StateError, match="open to other users"):
+        read_state(path)
+    for raw in ('[1]', '{"address": "127.0.0.1:1"}', '{"pid": "x"}', '{"pid": 1, "x": 2}',
+                'not json'):
+        owner_only(path, raw)
+        with pytest.raises(StateError, match="not a cluster.json `up` wrote") as refused:
+            read_state(path)
+        one_line(str(refused.value))
+    path.unlink()
+    (tmp_path / "elsewhere.json").symlink_to(tmp_path / "target")
+    owner_only(tmp_path / "target", '{"pid": 1}')
+    with pytest.raises(StateError, match="cannot read"):
+        read_state(tmp_path / "elsewhere.json")
+
+
+def test_one_up_holds_cluster_json_and_removes_only_its_own(tmp_path: Path):
+    path = tmp_path / "cache" / "cluster.json"
+    first = StateClaim.take(path)
+    assert first is not None
+    first.write(ClusterState(pid=os.getpid()))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert StateClaim.take(path) is None  # a second `up` neither takes it nor deletes it
+    assert held(path) and read_state(path) == ClusterState(pid=os.getpid())
+    first.release()
+    assert not path.exists()
+    owner_only(path, '{"pid": 999999999}')  # stale: its `up` was killed, nobody holds it
+    assert not held(path)
+    taken = StateClaim.take(path)
+    assert taken is not None
+    taken.release()
+    assert not path.exists()
+    third = StateClaim.take(path)
+    path.unlink()
+    owner_only(path, '{"pid": 1}')  # another's file in its place: not ours to remove
+    third.release()
+    assert read_state(path) == ClusterState(pid=1)
+
+
+def test_down_signals_only_a_real_up_and_clears_a_stale_file(tmp_path: Path):
+    cache = tmp_path / "cache"
+    path = cache / "cluster.json"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    fake_up = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                "-m", "cluster", "up"])
+    try:
+        claim = StateClaim.take(path)  # held, as by a live `up`, but naming another process
+        claim.write(ClusterState(pid=bystander.pid, address="127.0.0.1:1", auth="token"))
+        done = cli_without_cluster(cache, "down")
+        assert done.returncode == EXIT_FAILED
+        assert "not your `python -m cluster up`; not signalled" in one_line(done.stderr)
+        assert bystander.poll() is None
+        claim.write(ClusterState(pid=fake_up.pid, address="127.0.0.1:1", auth="token"))
+        done = cli_without_cluster(cache, "down")
+        assert done.returncode == 0, done.stderr
+        assert fake_up.wait(timeout=10) == -signal.SIGTERM
+        claim.release()
+        owner_only(path, ClusterState(pid=bystander.pid).model_dump_json())  # stale
+        done = cli_without_cluster(cache, "status")
+        assert done.returncode == EXIT_FAILED and "is stale" in one_line(done.stderr)
+        done = cli_without_cluster(cache, "down")
+        assert done.returncode == 0 and "was gone" in done.stdout, done.stderr
+        assert not path.exists() and bystander.poll() is None
+    finally:
+        for process in (bystander, fake_up):
+            process.kill()
+            process.wait()
+
+
+def test_the_cli_without_a_cluster_says_where_it_looked(tmp_path: Path):
+    cache = tmp_path / "cache"
+    for command in ("status", "down", "reload"):
+        done = cli_without_cluster(cache, command)
+        assert done.returncode == EXIT_FAILED
+        assert str(cache.resolve() / "cluster.json") in one_line(done.stderr)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
+    for command in ("status", "down"):  # ray.init would wait there forever
+        done = cli_without_cluster(cache, command, SENSEVOICE_CLUSTER_ADDRESS=nobody)
+        assert done.returncode == EXIT_FAILED
+        assert f"no Ray cluster answers at {nobody}" in one_line(done.stderr)
+    owner_only(cache / "cluster.json", '{"pid": 1, "address": "127.0.0.1:1"}')
+    (cache / "cluster.json").chmod(0o666)
+    done = cli_without_cluster(cache, "status")
+    assert done.returncode == EXIT_FAILED and "not trusted" in one_line(done.stderr)
+
+
+def test_up_refuses_a_port_in_use_and_a_second_up_in_one_line(tmp_path: Path, models: Models):
+    cache = tmp_path / "cache"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli_without_cluster(cache, "up", SENSEVOICE_MODEL_DIR=str(models.a),
+                                   SENSEVOICE_CLUSTER_PORT=str(port))
+    assert done.returncode == EXIT_FAILED
+    assert f"127.0.0.1:{port} is in use" in one_line(done.stderr)
+    assert not (cache / "cluster.json").exists()
+    claim = StateClaim.take(cache / "cluster.json")
+    claim.write(ClusterState(pid=os.getpid()))
+    try:
+        done = cli_without_cluster(cache, "up", SENSEVOICE_MODEL_DIR=str(models.a),
+                                   SENSEVOICE_CLUSTER_PORT=str(port))
+    finally:
+        claim.release()
+    assert done.returncode == EXIT_FAILED
+    assert "a cluster is up already" in one_line(done.stderr)
+
+
+def test_the_ingress_decides_loopback_by_the_host_the_proxy_binds(
+        fleet: RunningCluster, monkeypatch: pytest.MonkeyPatch):
+    import cluster.ingress as ingress
+
+    monkeypatch.setenv("SENSEVOICE_CLUSTER_HOST", "127.0.0.1")  # not what decides
+    assert not ingress.cluster_settings("0.0.0.0").ui_is_loopback()
+    assert not ingress.cluster_settings("192.0.2.7").ui_is_loopback()
+    assert ingress.cluster_settings("127.0.0.1").ui_is_loopback()
+    assert ingress.proxy_host() == "127.0.0.1"  # the fixture's deploy binds loopback
+
+    def unreachable():
+        raise ValueError("no controller")
+
+    monkeypatch.setattr(ingress, "controller", unreachable)
+    assert ingress.proxy_host() == ingress.UNKNOWN_HOST  # fails closed: internals hidden
+    assert not ingress.cluster_settings(ingress.proxy_host()).ui_is_loopback()
+
+
+def test_fleet_status_is_read_once_a_second_and_failures_are_unavailable(
+        fleet: RunningCluster, monkeypatch: pytest.MonkeyPatch):
+    from ray import serve
+
+    import cluster.client as client
+    from cluster.types import APP_NAME
+
+    fleet_client = client.FleetClient(serve.get_deployment_handle("SenseVoiceModel", APP_NAME),
+                                      Settings())
+    reads = []
+
+    def counted(timeout_s: float) -> list[ReplicaReport]:
+        reads.append(timeout_s)
+        return reports()
+
+    monkeypatch.setattr(client, "live_reports", counted)
+    first = fleet_client.status()
+    second = fleet_client.status()
+    assert len(reads) == 1 and len(first.workers) == 2
+    assert [(w.worker_id, w.pid) for w in second.workers] == \
+        [(w.worker_id, w.pid) for w in first.workers]
+    time.sleep(client.STATUS_CACHE_S + 0.1)
+
+    def broken(timeout_s: float) -> list[ReplicaReport]:
+        raise KeyError("applications")  # e.g. a details dict without the key
+
+    monkeypatch.setattr(client, "live_reports", broken)
+    with pytest.raises(ServiceError) as refused:
+        fleet_client.status()
+    assert refused.value.code == "unavailable" and "KeyError" in refused.value.message
