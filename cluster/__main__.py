@@ -279,9 +279,11 @@ def delete_app(address: str) -> int:
     """`down` against a cluster someone else runs: take only our application off it."""
     from ray import serve
 
+    from cluster.fleet import drop_registry
     from cluster.types import APP_NAME
 
     serve.delete(APP_NAME)
+    drop_registry()  # the next deploy starts at generation 0: none of this one's reloads
     print(f"deleted the application {APP_NAME!r} from {address}")
     return EXIT_OK
 
@@ -303,9 +305,10 @@ def reload_command(settings: Settings, path: str | None, force_fresh: bool, as_j
               f"(fingerprint {result.fingerprint and result.fingerprint[:16]}) in "
               f"{result.seconds:.1f} s, generation {result.generation}")
     else:
-        print(f"reload of {result.requested_path} failed"
-              + ("; every replica serves the previous model again" if result.rolled_back
-                 else ""))
+        print(f"reload of {result.requested_path} failed; "
+              + ("every replica serves the previous model again" if result.rolled_back
+                 else "the rollback did NOT complete: `python -m cluster status` shows what "
+                      "each replica serves"))
         for replica, why in sorted(result.failures.items()):
             print(f"  {replica}: {why}")
     return EXIT_OK if result.ok else EXIT_FAILED
@@ -320,12 +323,13 @@ def status_command(as_json: bool) -> int:
         print(json.dumps({
             "replicas": [{"replica_id": v.live.replica_id, "node_id": v.live.node_id,
                           "node_ip": v.live.node_ip, "state": v.live.state, "pid": v.live.pid,
-                          "report": v.report.model_dump(mode="json") if v.report else None}
+                          "report": v.report.model_dump(mode="json") if v.report else None,
+                          "report_age_s": v.age_s}
                          for v in views],
             "last_reload": last.model_dump(mode="json") if last else None}, indent=2))
         return EXIT_OK
     print(f"{'replica':10} {'node':10} {'state':9} {'pid':>7} {'gen':>4} {'fingerprint':17} "
-          f"{'cache':6} {'load_s':>6} {'served':>7}  error")
+          f"{'cache':6} {'load_s':>6} {'served':>7} {'report':>7}  error")
     for v in views:
         r, model = v.report, v.report.model if v.report else None
         print(f"{v.live.replica_id:10} {v.live.node_id[:8]:10} {v.live.state:9} "
@@ -333,7 +337,9 @@ def status_command(as_json: bool) -> int:
               f"{model.fingerprint[:16] if model else '-':17} "
               f"{model.cache_level if model else '-':6} "
               f"{f'{model.load_s:.2f}' if model else '-':>6} "
-              f"{r.requests_served if r else '':>7}  {(r.error or '') if r else ''}")
+              f"{r.requests_served if r else '':>7} "
+              f"{f'{v.age_s:.0f} s ago' if v.age_s is not None else '-':>7}  "
+              f"{(r.error or '') if r else ''}")
     if last is not None:
         outcome = "ok" if last.ok else ("failed, rolled back" if last.rolled_back else "failed")
         print(f"last reload: {outcome}, {last.requested_path}, generation {last.generation}, "

@@ -28,8 +28,14 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
-from cluster.fleet import last_fleet_reload, live_reports, reload_counts, serving_model
-from cluster.types import FleetReloadResult, ReplicaReport
+from cluster.fleet import (
+    ReplicaView,
+    fleet_view,
+    last_fleet_reload,
+    reload_counts,
+    serving_model,
+)
+from cluster.types import FleetReloadResult
 from sensevoice_core.client import reply_limit, transcribe_request
 from sensevoice_core.errors import ServiceError
 from sensevoice_core.protocol import (
@@ -72,7 +78,7 @@ class FleetClient:
         self._seen: set[str] = set()  # replica ids its status calls saw
         self._departed: set[str] = set()  # ...that left the fleet since
         self._status_lock = threading.Lock()  # one fleet read at a time; the others wait
-        self._fleet: tuple[float, list[ReplicaReport], FleetReloads] | None = None  # last read
+        self._fleet: tuple[float, list[ReplicaView], FleetReloads] | None = None  # last read
 
     def transcribe(self, audio: Any, language: str = "auto", use_itn: bool = False,
                    sample_rate: int = 16000, timeout: float | None = None,
@@ -170,19 +176,20 @@ class FleetClient:
         try:
             if self._fleet is None or time.monotonic() - self._fleet[0] > STATUS_CACHE_S:
                 self._fleet = (time.monotonic(), *self._read_fleet(timeout))
-            _, reports, reloads = self._fleet
+            read_at, views, reloads = self._fleet
         finally:
             self._status_lock.release()
         with self._lock:
             outstanding, served, departed = self._outstanding, self._served, len(self._departed)
-        return fleet_status(reports, reloads, time.monotonic() - self.started,
-                            outstanding, served, departed)
+        return fleet_status(views, time.monotonic() - read_at, reloads,
+                            time.monotonic() - self.started, outstanding,
+                            len(views) * self.settings.max_batch_requests, served, departed)
 
-    def _read_fleet(self, timeout: float) -> tuple[list[ReplicaReport], FleetReloads]:
-        """The live replicas' reports and the fleet reloads, from the Serve controller and the
-        fleet registry."""
+    def _read_fleet(self, timeout: float) -> tuple[list[ReplicaView], FleetReloads]:
+        """The live replicas that have reported, and the fleet reloads, from the Serve
+        controller and the fleet registry."""
         try:
-            reports = live_reports(timeout)
+            views = [v for v in fleet_view(timeout) if v.report is not None]
             reloads = FleetReloads(last_fleet_reload(timeout), *reload_counts(timeout))
         except TimeoutError:
             raise ServiceError("unavailable", f"the Serve controller or the fleet registry did "
@@ -191,10 +198,10 @@ class FleetClient:
             raise ServiceError("unavailable", f"the fleet's state could not be read: "
                                               f"{type(e).__name__}: {e}"[:500]) from None
         with self._lock:
-            live = {r.replica_id for r in reports}
+            live = {v.live.replica_id for v in views}
             self._departed |= self._seen - live
             self._seen |= live
-        return reports, reloads
+        return views, reloads
 
     def reload(self, request: ReloadRequest, timeout: float | None = None) -> ReloadOutcome:
         raise ServiceError("reload_refused", "a cluster reloads every replica at once: run "
@@ -217,18 +224,24 @@ class Seen:
     done: int = -1
 
 
-def fleet_status(reports: list[ReplicaReport], reloads: FleetReloads, uptime_s: float,
-                 outstanding: int, served: int, departed: int) -> ServiceStatus:
-    """The fleet as a ServiceStatus: one worker per replica, as it last reported."""
+def fleet_status(views: list[ReplicaView], read_s_ago: float, reloads: FleetReloads,
+                 uptime_s: float, outstanding: int, capacity: int, served: int, departed: int
+                 ) -> ServiceStatus:
+    """The fleet as a ServiceStatus: one worker per replica, as it last reported (each
+    worker's report_age_s says how old its busy / served figures are). outstanding: this
+    ingress's calls not answered yet; capacity: what the live replicas take at once."""
     now = time.time()
+    reports = [v.report for v in views if v.report is not None]
     workers = [WorkerStatus(worker_id=r.replica_id, pid=r.pid,
                             role="serving" if r.model is not None else "loading",
                             age_s=max(0.0, now - r.started_at),
                             requests_served=r.requests_served, busy=r.in_flight > 0,
                             fingerprint=r.model.fingerprint if r.model else None,
-                            threads=r.threads, batches=r.batches, batch_items=r.batch_items)
-               for r in sorted(reports, key=lambda r: r.replica_id)]
-    # Counted by the replicas as of their last report (every few seconds, and on each change).
+                            threads=r.threads, batches=r.batches, batch_items=r.batch_items,
+                            report_age_s=None if v.age_s is None else v.age_s + read_s_ago)
+               for v in sorted(views, key=lambda v: v.live.replica_id)
+               if (r := v.report) is not None]
+    # Counted by the replicas as of their last report (a heartbeat, and on each change).
     in_flight = sum(r.in_flight for r in reports)
     generations = {r.generation for r in reports}
     model = serving_model(reports)
@@ -237,11 +250,13 @@ def fleet_status(reports: list[ReplicaReport], reloads: FleetReloads, uptime_s: 
         # uptime. There is no supervisor process.
         supervisor_pid=os.getpid(), uptime_s=uptime_s,
         model=model, workers=workers,
-        # Sent by this ingress and not yet taken by a replica (waiting in the handle's router).
-        queued=max(0, outstanding - in_flight), in_flight=in_flight,
+        # Ray's router queue is not observable; what is known: this ingress's calls beyond what
+        # the live replicas take at once wait there (a lower bound: a replica that is
+        # reconfiguring takes none, and uneven routing queues some earlier).
+        queued=max(0, outstanding - capacity), in_flight=in_flight,
         requests_served=served,  # replies this ingress passed on
-        # Replicas its status calls saw that have left the fleet since (died and replaced, or
-        # removed by a redeploy): the nearest thing to the supervisor's worker restarts.
+        # Replicas its status reads saw that have left the fleet since (died and replaced, or
+        # removed by a redeploy); ones replaced between two reads are not seen: a lower bound.
         worker_restarts=departed,
         # A fleet reload is under way while the replicas have not all applied one generation.
         reloading=len(generations) > 1,

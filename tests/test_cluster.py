@@ -661,24 +661,47 @@ def test_fleet_status_is_read_once_a_second_and_failures_are_unavailable(
 
     fleet_client = client.FleetClient(serve.get_deployment_handle("SenseVoiceModel", APP_NAME),
                                       Settings())
+    from cluster.fleet import ReplicaView, fleet_view
+
     reads = []
 
-    def counted(timeout_s: float) -> list[ReplicaReport]:
+    def counted(timeout_s: float) -> list[ReplicaView]:
         reads.append(timeout_s)
-        return reports()
+        return fleet_view(timeout_s)
 
-    monkeypatch.setattr(client, "live_reports", counted)
+    monkeypatch.setattr(client, "fleet_view", counted)
     first = fleet_client.status()
     second = fleet_client.status()
     assert len(reads) == 1 and len(first.workers) == 2
+    assert all(w.report_age_s is not None and 0 <= w.report_age_s < 30 for w in first.workers)
     assert [(w.worker_id, w.pid) for w in second.workers] == \
         [(w.worker_id, w.pid) for w in first.workers]
     time.sleep(client.STATUS_CACHE_S + 0.1)
 
-    def broken(timeout_s: float) -> list[ReplicaReport]:
+    def broken(timeout_s: float) -> list[ReplicaView]:
         raise KeyError("applications")  # e.g. a details dict without the key
 
-    monkeypatch.setattr(client, "live_reports", broken)
+    monkeypatch.setattr(client, "fleet_view", broken)
     with pytest.raises(ServiceError) as refused:
         fleet_client.status()
     assert refused.value.code == "unavailable" and "KeyError" in refused.value.message
+
+
+def test_fleet_status_states_only_what_it_knows():
+    from cluster.client import FleetReloads, fleet_status
+    from cluster.fleet import LiveReplica, ReplicaView
+
+    now = time.time()
+    views = [ReplicaView(LiveReplica(f"r{i}", "node", "127.0.0.1", "RUNNING", 100 + i),
+                         ReplicaReport(replica_id=f"r{i}", node_id="node", node_ip="127.0.0.1",
+                                       pid=100 + i, started_at=now - 60, reported_at=now - 2,
+                                       generation=0, model=None, in_flight=i),
+                         age_s=2.0)
+             for i in (1, 2)]
+    views.append(ReplicaView(LiveReplica("r3", "node", "127.0.0.1", "STARTING", None), None))
+    status = fleet_status(views, 0.5, FleetReloads(None, {}, {}), uptime_s=9.0, outstanding=10,
+                          capacity=4, served=7, departed=0)
+    assert [(w.worker_id, w.report_age_s, w.busy) for w in status.workers] == \
+        [("r1", 2.5, True), ("r2", 2.5, True)]  # r3 has not reported: not a worker yet
+    assert status.in_flight == 3  # as the replicas reported it
+    assert status.queued == 6  # this ingress's calls beyond what the replicas take at once
