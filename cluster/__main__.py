@@ -234,7 +234,8 @@ def run_up(settings: Settings, claim: StateClaim) -> int:
         models = {v.report.model.fingerprint[:16] for v in fleet_view()
                   if v.report and v.report.model}
         print(f"SenseVoice cluster up: http://{settings.cluster_host}:{settings.cluster_port} "
-              f"({settings.cluster_replicas} replica(s), model {', '.join(models)}); Ray at "
+              f"({settings.cluster_replicas} replica(s), model "
+              f"{', '.join(sorted(models)) or '(not reported yet)'}); Ray at "
               f"{address}. Ctrl-C or `python -m cluster down` stops it.", flush=True)
         stop.wait()
         logger.info("stopping")

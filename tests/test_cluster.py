@@ -705,3 +705,45 @@ def test_fleet_status_states_only_what_it_knows():
         [("r1", 2.5, True), ("r2", 2.5, True)]  # r3 has not reported: not a worker yet
     assert status.in_flight == 3  # as the replicas reported it
     assert status.queued == 6  # this ingress's calls beyond what the replicas take at once
+
+
+def test_up_status_down_end_to_end(tmp_path: Path, models: Models):
+    import shutil
+    import tempfile
+
+    cache, log = tmp_path / "cache", tmp_path / "up.log"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # socket paths must be short
+    env = {**{k: v for k, v in os.environ.items() if k != "SENSEVOICE_CLUSTER_ADDRESS"},
+           "SENSEVOICE_MODEL_DIR": str(models.a), "SENSEVOICE_CLUSTER_PORT": str(port),
+           "SENSEVOICE_CACHE_DIR": str(cache), "SENSEVOICE_THREADS": "1", "RAY_TMPDIR": ray_tmp}
+    with log.open("w") as output:
+        up = subprocess.Popen([sys.executable, "-m", "cluster", "up"], cwd=REPO, env=env,
+                              stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "SenseVoice cluster up" in log.read_text() or up.poll() is not None,
+                 REPLACE_TIMEOUT_S * 2, "`up` to deploy")
+        assert up.poll() is None, log.read_text()[-2000:]
+        path = cache / "cluster.json"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert read_state(path).pid == up.pid and held(path)
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).json()
+        assert ready["status"] == "ready" and ready["model_dir"] == str(models.a)  # loopback
+        shown = cli_without_cluster(cache, "status", "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert len(json.loads(shown.stdout)["replicas"]) == 1
+        done = cli_without_cluster(cache, "down")
+        assert done.returncode == 0 and "stopped" in done.stdout, done.stderr
+        assert up.wait(timeout=60) == 0
+        assert not path.exists()
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)  # Ctrl-C: `up` shuts its Ray down
+            try:
+                up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
