@@ -14,7 +14,6 @@ that is not allowed, 4 the model did not load on `up`.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from cluster.state import (
     read_state,
     state_path,
 )
-from sensevoice_core.cli import settings_or_exit
+from sensevoice_core.cli import bind_problem, settings_or_exit
 from sensevoice_core.exit_codes import (
     EXIT_FAILED,
     EXIT_MODEL_LOAD_ERROR,
@@ -152,28 +151,12 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Why the HTTP proxy could not listen on host:port, or None."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except socket.gaierror as e:
-            return f"cannot resolve {host}: {e.strerror}; set SENSEVOICE_CLUSTER_HOST"
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return (f"{host}:{port} is in use; stop what listens there or set "
-                        f"SENSEVOICE_CLUSTER_PORT")
-            return f"cannot listen on {host}:{port}: {e.strerror}; set SENSEVOICE_CLUSTER_HOST"
-    return None
-
-
 def up(settings: Settings) -> int:
     if settings.model_dir is None or not settings.model_dir.is_dir():
         print(f"error: SENSEVOICE_MODEL_DIR {settings.model_dir or '(unset)'} is not a model "
               f"directory; set it to the model every replica loads", file=sys.stderr)
         return EXIT_USAGE
-    problem = port_problem(settings.cluster_host, settings.cluster_port)
+    problem = bind_problem(settings.cluster_host, settings.cluster_port, "SENSEVOICE_CLUSTER")
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_FAILED

@@ -252,10 +252,20 @@ class SenseVoiceModel:
     def answer(self, request: TranscribeRequest, payload: bytes,
                progress: ProgressCallback | None) -> TranscribeReply | ErrorReply:
         with self.lock:
-            serving = self.serving
+            # Ray frees a request's slot when its caller cancels (a stream whose client left,
+            # a timeout), but the transcription runs on to its end: this bound counts those too,
+            # so callers that leave cannot stack work past SENSEVOICE_MAX_BATCH_REQUESTS.
+            full = self.in_flight >= self.settings.max_batch_requests
+            serving = None if full else self.serving
             if serving is not None:
                 serving.users += 1
                 self.in_flight += 1
+        if full:
+            return ErrorReply(request_id=request.request_id, code="busy",
+                              message=f"this replica is still transcribing "
+                                      f"{self.settings.max_batch_requests} requests "
+                                      f"(SENSEVOICE_MAX_BATCH_REQUESTS), some for callers that "
+                                      f"left; retry later")
         if serving is None:
             return ErrorReply(request_id=request.request_id, code="unavailable",
                               message="this replica has no model loaded")

@@ -13,9 +13,11 @@ same either way. No torch here: the supervisor's command line imports it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
@@ -258,3 +260,22 @@ def error_text(error: SenseVoiceError) -> str:
     # A ServiceError's str() leads with its code ("bad_audio: ..."); its message is the
     # sentence the library raises for the same file, so both command lines print one line.
     return error.message if isinstance(error, ServiceError) else str(error)
+
+
+def bind_problem(host: str, port: int, setting: str) -> str | None:
+    """Why a server could not listen on host:port (in use, not a local address, unknown), or
+    None. setting: the prefix of the settings that name them (SENSEVOICE_UI: _HOST, _PORT)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), port,
+                                                         type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        return f"cannot resolve {host}: {e.strerror}; set {setting}_HOST"
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is in use; stop what listens there or set {setting}_PORT"
+            return f"cannot listen on {host}:{port}: {e.strerror}; set {setting}_HOST"
+    return None

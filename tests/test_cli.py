@@ -526,3 +526,20 @@ def test_a_vad_threshold_outside_0_to_1_is_a_usage_error(official_dir):
     result = run_cli("transcribe", "--model", official_dir, "--vad-threshold", "2", EN)
     assert result.returncode == 2 and result.stdout == ""
     assert "expected a number from 0 to 1, got '2'" in result.stderr
+
+
+def test_bind_problem_names_the_settings_to_change():
+    """The UI's and the cluster's one check before listening (sensevoice_core.cli)."""
+    import socket
+
+    from sensevoice_core.cli import bind_problem
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert bind_problem("127.0.0.1", port, "SENSEVOICE_UI") == (
+            f"127.0.0.1:{port} is in use; stop what listens there or set SENSEVOICE_UI_PORT")
+    assert bind_problem("127.0.0.1", port, "SENSEVOICE_CLUSTER") is None
+    assert "set SENSEVOICE_CLUSTER_HOST" in bind_problem("no-such-host.invalid", port,
+                                                         "SENSEVOICE_CLUSTER")

@@ -8,10 +8,8 @@ local), 2 invalid settings.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import socket
 import sys
 
 from sensevoice_core.exit_codes import EXIT_FAILED, EXIT_OK
@@ -20,36 +18,17 @@ logger = logging.getLogger("sensevoice.ui")
 WS_FRAME_SLACK = 64 * 1024  # over the realtime limit: such a message still gets its error event
 
 
-def bind_problem(host: str, port: int) -> str | None:
-    """Why host:port cannot be listened on (in use, not a local address, unknown), or None."""
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host.strip("[]"), port,
-                                                         type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        return f"cannot resolve {host}: {e.strerror}; set SENSEVOICE_UI_HOST"
-    with socket.socket(family, kind) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return (f"{host}:{port} is in use; stop what listens there or set "
-                        f"SENSEVOICE_UI_PORT")
-            return f"cannot listen on {host}:{port}: {e.strerror}; set SENSEVOICE_UI_HOST"
-    return None
-
-
 def main() -> int:
     # Gradio reads these at import; nothing here may reach for the network.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sensevoice_core.cli import settings_or_exit
+    from sensevoice_core.cli import bind_problem, settings_or_exit
     from sensevoice_core.logs import configure_logging
     from sensevoice_core.settings import Settings
 
     settings = settings_or_exit(check=Settings.client_address)
     configure_logging("ui", settings.log_level)
-    problem = bind_problem(settings.ui_host, settings.ui_port)
+    problem = bind_problem(settings.ui_host, settings.ui_port, "SENSEVOICE_UI")
     if problem:
         logger.error("Cannot start: %s", problem)
         return EXIT_FAILED
