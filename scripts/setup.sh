@@ -7,10 +7,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# espeak-ng synthesises the demo model's training speech (training/, tests/test_training_data.py);
-# chromium runs the browser test (tests/test_ui_browser.py), driven by Playwright.
+# espeak-ng, flite and festival (with a diphone and an HTS voice) synthesise the demo model's
+# training speech (training/, tests/test_training_data.py); chromium runs the browser tests,
+# driven by Playwright.
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v flite >/dev/null 2>&1 || missing+=(flite)
+command -v festival >/dev/null 2>&1 || missing+=(festival)
+[ -d /usr/share/festival/voices/english/kal_diphone ] || missing+=(festvox-kallpc16k)
+[ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || missing+=(festvox-us-slt-hts)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then

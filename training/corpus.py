@@ -25,6 +25,19 @@ EN_PHRASES = [
     "yes please", "no thanks",
 ]
 ZH_DIGITS = "零一二三四五六七八九"
+# Tone-numbered pinyin of every character above, for espeak-ng's cmn-latn-pinyin voice (which
+# reads pinyin far better than its cmn voice reads characters: that one says some digits with
+# English letter sounds).
+PINYIN = {
+    "零": "ling2", "一": "yi1", "二": "er4", "三": "san1", "四": "si4", "五": "wu3", "六": "liu4",
+    "七": "qi1", "八": "ba1", "九": "jiu3", "十": "shi2", "百": "bai3", "千": "qian1",
+    "你": "ni3", "好": "hao3", "谢": "xie4", "早": "zao3", "上": "shang4", "晚": "wan3",
+    "安": "an1", "再": "zai4", "见": "jian4", "打": "da3", "开": "kai1", "灯": "deng1",
+    "关": "guan1", "门": "men2", "现": "xian4", "在": "zai4", "几": "ji3", "点": "dian3",
+    "吗": "ma5", "播": "bo1", "放": "fang4", "音": "yin1", "乐": "yue4", "停": "ting2",
+    "止": "zhi3", "请": "qing3", "坐": "zuo4", "没": "mei2", "问": "wen4", "题": "ti2",
+    "明": "ming2", "天": "tian1",
+}
 ZH_PHRASES = [
     "你好", "谢谢", "早上好", "晚安", "再见", "打开灯", "关上门", "现在几点", "你好吗", "播放音乐",
     "停止播放", "请坐", "没问题", "明天见",
@@ -35,7 +48,7 @@ ZH_PHRASES = [
 class Utterance:
     language: str  # "en" or "zh"
     kind: str  # "digits", "number" or "phrase"
-    spoken: str  # what espeak-ng is asked to say
+    spoken: str  # what a synthesiser is asked to say (Mandarin: characters)
     woitn: tuple[str, ...]  # transcript pieces, numbers as words
     withitn: tuple[str, ...]  # transcript pieces, numerals and punctuation
 
@@ -70,6 +83,11 @@ def zh_number_chars(n: int) -> str:
     if n % 10:
         out += ("零" if pending_zero else "") + ZH_DIGITS[n % 10]
     return out
+
+
+def pinyin(chars: str) -> str:
+    """Characters -> tone-numbered pinyin, a syllable per character: 四七一 -> si4 qi1 yi1."""
+    return " ".join(PINYIN[ch] for ch in chars)
 
 
 def _words(words: list[str]) -> tuple[str, ...]:

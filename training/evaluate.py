@@ -1,4 +1,5 @@
-"""Held-out figures of a demo model: CER per language, language ID, and the ITN switch.
+"""Held-out figures of a demo model, per condition: clean speech from unseen voices and rates,
+the same speech at 10 dB SNR, and sounds with no speech in them.
 
 The same measures as tests/test_demo_model.py, so a training run prints what the test asserts.
 """
@@ -9,19 +10,27 @@ import json
 from pathlib import Path
 
 import jiwer
+import numpy as np
 import soundfile
+import torch
 
 from sensevoice_core.audio import SAMPLE_RATE
 from sensevoice_core.loader import load_model_dir
 from sensevoice_core.options import TranscribeOptions
 from sensevoice_core.pipeline import SenseVoice
+from training.augment import add_noise, speech_power
 from training.corpus import WORD
-from training.synth import Clip
+from training.dataset import Clip
+from training.nospeech import KINDS, make_nospeech
+from training.voices import NoiseKind
 
 EVAL_CLIPS_PER_LANGUAGE = 24
+NOSPEECH_CLIPS = 40
+NOISY_SNR_DB = 10.0
+NOISY_KINDS: tuple[NoiseKind, ...] = ("white", "pink", "babble")
 
 
-def text_of(pieces: tuple[str, ...]) -> str:
+def text_of(pieces) -> str:
     return "".join(pieces).replace(WORD, " ").strip()
 
 
@@ -38,6 +47,8 @@ def measure(model: SenseVoice, waveforms: list, languages: list[str], kinds: lis
     figures: dict = {}
     for language in ("en", "zh"):
         picked = [i for i, lang in enumerate(languages) if lang == language]
+        if not picked:
+            continue
         figures[f"cer_{language}"] = round(jiwer.cer([references[i] for i in picked],
                                                      [plain[i].text for i in picked]), 4)
         figures[f"lid_{language}"] = round(
@@ -49,12 +60,58 @@ def measure(model: SenseVoice, waveforms: list, languages: list[str], kinds: lis
     return figures
 
 
+def with_noise(waveforms: list[torch.Tensor], snr_db: float = NOISY_SNR_DB) -> list[torch.Tensor]:
+    """Each clip with white, pink or babble noise (in turn) at snr_db below its speech; the
+    babble is made of the other clips. Seeded by position: the same list gives the same noise."""
+    arrays = [w.numpy() for w in waveforms]
+    noisy = []
+    for index, samples in enumerate(arrays):
+        loud = samples[np.abs(samples) > 0.01 * np.abs(samples).max()]
+        rng = np.random.default_rng(index)
+        others = arrays[:index] + arrays[index + 1:]
+        mixed = add_noise(samples, speech_power(loud), NOISY_KINDS[index % len(NOISY_KINDS)],
+                          snr_db, rng, others)
+        noisy.append(torch.from_numpy(np.clip(mixed, -1.0, 1.0).astype(np.float32)))
+    return noisy
+
+
+def nospeech_clips(count: int = NOSPEECH_CLIPS) -> list[torch.Tensor]:
+    """The held-out sounds without speech: every kind in turn, from seeds training never used."""
+    return [torch.from_numpy(make_nospeech(f"held-out:{i}", KINDS[i % len(KINDS)]).waveform)
+            for i in range(count)]
+
+
+def measure_nospeech(model: SenseVoice, waveforms: list[torch.Tensor]) -> dict:
+    """Share of the clips transcribed to empty text, as ``transcribe`` (VAD included) and as the
+    model alone (``decode``, no VAD) hear them."""
+    through_vad = model.transcribe_batch(waveforms, TranscribeOptions())
+    alone = model.decode(waveforms, TranscribeOptions())
+    return {"nospeech_empty": round(sum(not r.text for r in through_vad) / len(waveforms), 4),
+            "nospeech_empty_no_vad": round(sum(not s.text for s in alone) / len(waveforms), 4),
+            "nospeech_clips": len(waveforms)}
+
+
+def _by_voice(model: SenseVoice, clips: list[Clip], waveforms: list[torch.Tensor]) -> dict:
+    families: dict[str, list[int]] = {}
+    for index, clip in enumerate(clips):
+        synth, _, name = clip.voice.partition(":")
+        family = f"{clip.language} {synth} {name.split('+')[0]}"
+        families.setdefault(family, []).append(index)
+    plain = model.transcribe_batch(waveforms, TranscribeOptions())
+    return {family: round(jiwer.cer([text_of(clips[i].woitn) for i in picked],
+                                    [plain[i].text for i in picked]), 4)
+            for family, picked in sorted(families.items())}
+
+
 def evaluate(model_dir: Path, clips: list[Clip], eval_dir: Path | None) -> dict:
     model = load_model_dir(model_dir)  # just written: nothing to cache yet
-    figures = measure(model, [c.waveform for c in clips],
-                      [c.utterance.language for c in clips],
-                      [c.utterance.kind for c in clips],
-                      [text_of(c.utterance.woitn) for c in clips])
+    waveforms = [torch.from_numpy(c.waveform) for c in clips]
+    languages, kinds = [c.language for c in clips], [c.kind for c in clips]
+    references = [text_of(c.woitn) for c in clips]
+    figures = {"clean": measure(model, waveforms, languages, kinds, references),
+               "noisy_10db": measure(model, with_noise(waveforms), languages, kinds, references),
+               "cer_by_voice": _by_voice(model, clips, waveforms),
+               **measure_nospeech(model, nospeech_clips())}
     if eval_dir is not None:
         write_eval_set(clips, eval_dir)
     return figures
@@ -65,25 +122,29 @@ def write_eval_set(clips: list[Clip], eval_dir: Path) -> None:
     eval_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     for language in ("en", "zh"):
-        chosen = [c for c in clips if c.utterance.language == language]
+        chosen = [c for c in clips if c.language == language]
         for index, clip in enumerate(chosen[:EVAL_CLIPS_PER_LANGUAGE]):
             name = f"{language}_{index:02d}.flac"
-            soundfile.write(eval_dir / name, clip.waveform.numpy(), SAMPLE_RATE, subtype="PCM_16")
-            entries.append({"file": name, "language": language, "kind": clip.utterance.kind,
-                            "woitn": text_of(clip.utterance.woitn),
-                            "withitn": text_of(clip.utterance.withitn),
-                            "voice": clip.rendering.voice, "rate": clip.rendering.rate})
+            soundfile.write(eval_dir / name, clip.waveform, SAMPLE_RATE, subtype="PCM_16")
+            entries.append({"file": name, "language": language, "kind": clip.kind,
+                            "woitn": text_of(clip.woitn), "withitn": text_of(clip.withitn),
+                            "voice": clip.voice, "rate": clip.rate})
     (eval_dir / "refs.json").write_text(json.dumps(entries, ensure_ascii=False, indent=1) + "\n",
                                         encoding="utf-8")
 
 
 def print_figures(summary: dict) -> None:
-    print("held-out (unseen voices m5/f4 and 200-215 wpm), language auto:")
-    for language in ("en", "zh"):
-        print(f"  {language}: CER {summary[f'cer_{language}']:.2%}  "
-              f"language ID {summary[f'lid_{language}']:.2%}")
-    print(f"  ITN switch on number clips: {summary['itn_switch']:.2%} "
-          f"({summary['clips']} clips)")
+    print("held-out (unseen voices and accents, 130-220 wpm), language auto:")
+    print("  condition    CER en  CER zh  LID en  LID zh  ITN switch")
+    for name in ("clean", "noisy_10db"):
+        f = summary[name]
+        print(f"  {name:<11} {f['cer_en']:6.2%} {f['cer_zh']:7.2%} {f['lid_en']:7.2%} "
+              f"{f['lid_zh']:7.2%} {f['itn_switch']:9.2%}   ({f['clips']} clips)")
+    print(f"  no speech: empty text on {summary['nospeech_empty']:.0%} through the VAD, "
+          f"{summary['nospeech_empty_no_vad']:.0%} decoded whole "
+          f"({summary['nospeech_clips']} clips)")
+    for family, cer in summary["cer_by_voice"].items():
+        print(f"  CER {family}: {cer:.2%}")
     print(f"training: {summary['train_hours']} h of speech generated in "
           f"{summary['generation_s']} s, {summary['parameters']:,} parameters trained in "
           f"{summary['training_s']} s; model files {summary['model_bytes'] / 2**20:.1f} MiB")

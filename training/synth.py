@@ -1,106 +1,109 @@
-"""Speech from espeak-ng (``apt-get install -y espeak-ng``), deterministic from a seed.
+"""The three synthesisers, each returning float32 mono 16 kHz samples.
 
-Train and held-out utterances differ in their random text, and the held-out split also uses
-voice variants and a speaking-rate range that training never hears.
+espeak-ng runs through libespeak-ng (the library behind its CLI), which also reports where each
+word begins: those times give the training its word alignment (train.py). flite runs
+as a command per clip; festival, whose start-up costs half a second, runs one batch script per
+group of clips. Install: ``apt-get install -y espeak-ng flite festival festvox-kallpc16k
+festvox-us-slt-hts``.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
-import torch
-import torchaudio.functional
 
-from sensevoice_core.audio import SAMPLE_RATE, load_audio
-from training.corpus import Utterance, sample_utterance
-
-ESPEAK_VOICES = {"en": ("en-us", "en"), "zh": ("cmn",)}
-TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m6", "m7", "f1", "f2", "f3", "f5", "klatt",
-                  "klatt2", "klatt3", "klatt4", "croak")
-HELD_OUT_VARIANTS = ("m5", "f4")
-TRAIN_RATES = (120, 195)  # words per minute
-HELD_OUT_RATES = (200, 215)
+from sensevoice_core.audio import load_audio
+from training.voices import NATURAL_WPM, Rendering
 
 
-@dataclass(frozen=True)
-class Rendering:
-    voice: str  # espeak-ng voice, e.g. "en-us+m3"
-    rate: int  # words per minute
-    pitch: int  # 0..99
-    gain_db: float
-    snr_db: float | None  # None: no added noise
-    lead_s: float  # silence before and after the speech
-    tail_s: float
-    tempo: float = 1.0  # speed perturbation (training only): resampled, so pitch moves too
+def espeak(jobs: list[tuple[str, Rendering]]) -> list[tuple[np.ndarray, list[float]]]:
+    """Samples at 16 kHz and the time each word begins, from espeak-ng's own word events. All
+    jobs go to one fresh process (training/espeak_batch.py): libespeak-ng carries state from
+    one utterance to the next (word times drift by a fraction of a millisecond), so a clip is
+    reproducible only when what was said before it in the same process is."""
+    if not jobs:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        request = [{"text": text, "voice": r.voice.name, "rate": r.rate, "pitch": r.pitch,
+                    "word_gap": r.word_gap} for text, r in jobs]
+        done = subprocess.run([sys.executable, "-m", "training.espeak_batch", scratch],
+                              input=json.dumps(request), capture_output=True, text=True,
+                              check=False, timeout=60 + 5 * len(jobs))
+        if done.returncode != 0:
+            raise RuntimeError(f"espeak-ng batch failed: {done.stderr.strip()[-500:]}")
+        results = []
+        for index, job in enumerate(json.loads(done.stdout)):
+            samples = np.fromfile(Path(scratch) / f"{index}.raw", dtype=np.int16)
+            sample_rate = job["sample_rate"]
+            results.append((_to_16k(samples.astype(np.float32) / 32768, sample_rate),
+                            [s / sample_rate for s in job["word_samples"]]))
+        return results
 
 
-@dataclass(frozen=True)
-class Clip:
-    utterance: Utterance
-    rendering: Rendering
-    waveform: torch.Tensor  # float32 mono 16 kHz
+def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    import torch
+    import torchaudio.functional
+
+    if sample_rate == 16000:
+        return samples
+    return torchaudio.functional.resample(torch.from_numpy(samples), sample_rate, 16000).numpy()
 
 
-def choose_rendering(language: str, held_out: bool, rng: random.Random) -> Rendering:
-    variants = HELD_OUT_VARIANTS if held_out else TRAIN_VARIANTS
-    variant = rng.choice(variants)
-    base = rng.choice(ESPEAK_VOICES[language])
-    low, high = HELD_OUT_RATES if held_out else TRAIN_RATES
-    return Rendering(
-        voice=base + (f"+{variant}" if variant else ""),
-        rate=rng.randint(low, high),
-        pitch=rng.randint(25, 75),
-        gain_db=rng.uniform(-12.0, 3.0),
-        snr_db=None if rng.random() < 0.3 else rng.uniform(12.0, 40.0),
-        lead_s=rng.uniform(0.05, 0.4),
-        tail_s=rng.uniform(0.05, 0.4),
-        tempo=1.0 if held_out or rng.random() < 0.5 else rng.uniform(0.9, 1.2),
-    )
+def _run(command: list[str], package: str, timeout: float) -> None:
+    """A synthesiser's command; its absence or failure named with the package to install."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=timeout)
+    except FileNotFoundError:
+        raise RuntimeError(f"{command[0]} is not installed: apt-get install -y {package}"
+                           ) from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({done.returncode}): "
+                           f"{' '.join(done.stderr.split())[-300:]} (needs: apt-get install -y {package})")
 
 
-def speak(text: str, rendering: Rendering) -> torch.Tensor:
-    """espeak-ng's WAV on stdout -> float32 mono 16 kHz."""
-    done = subprocess.run(
-        ["espeak-ng", "-v", rendering.voice, "-s", str(rendering.rate), "-p",
-         str(rendering.pitch), "--stdout", text],
-        capture_output=True, check=True, timeout=30,
-    )
-    return load_audio(done.stdout)
+def flite(text: str, rendering: Rendering) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "clip.wav"
+        _run(["flite", "-voice", rendering.voice.name,
+              "--setf", f"duration_stretch={NATURAL_WPM / rendering.rate:.3f}",
+              "--setf", f"int_f0_target_mean={80 + rendering.pitch * 1.5:.0f}",
+              "-t", text, "-o", str(out)], "flite", 60)
+        return load_audio(out.read_bytes()).numpy()
 
 
-def augment(speech: torch.Tensor, rendering: Rendering, seed: int) -> torch.Tensor:
-    generator = np.random.default_rng(seed)
-    if rendering.tempo != 1.0:
-        # A source rate on a 400 Hz grid keeps the resampling ratio small (at most 40:49)
-        # and its sinc kernel cheap; an arbitrary rate makes the kernel enormous.
-        source_rate = round(SAMPLE_RATE * rendering.tempo / 400) * 400
-        speech = torchaudio.functional.resample(speech, source_rate, SAMPLE_RATE)
-    lead = np.zeros(int(rendering.lead_s * SAMPLE_RATE), dtype=np.float32)
-    tail = np.zeros(int(rendering.tail_s * SAMPLE_RATE), dtype=np.float32)
-    samples = np.concatenate([lead, speech.numpy(), tail])
-    samples *= 10 ** (rendering.gain_db / 20)
-    if rendering.snr_db is not None:
-        power = float(np.mean(samples**2)) or 1e-8
-        noise = generator.standard_normal(samples.size).astype(np.float32)
-        samples += noise * np.sqrt(power / 10 ** (rendering.snr_db / 10))
-    return torch.from_numpy(np.clip(samples, -1.0, 1.0).astype(np.float32))
+def _scheme_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def make_clip(index: int, seed: int, held_out: bool) -> Clip:
-    # One generator per clip, seeded from (seed, split, index): the result does not depend on
-    # thread scheduling, and the two splits never share a random sequence.
-    rng = random.Random(f"{seed}:{'held-out' if held_out else 'train'}:{index}")
-    language = "en" if index % 2 == 0 else "zh"
-    utterance = sample_utterance(language, rng)
-    rendering = choose_rendering(language, held_out, rng)
-    waveform = augment(speak(utterance.spoken, rendering), rendering, rng.randrange(2**32))
-    return Clip(utterance, rendering, waveform)
-
-
-def make_clips(count: int, seed: int, held_out: bool, workers: int = 2) -> list[Clip]:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda i: make_clip(i, seed, held_out), range(count)))
+def festival(jobs: list[tuple[str, Rendering]]) -> list[np.ndarray]:
+    """One festival run for all jobs. The HTS voice ignores Duration_Stretch: its rate comes
+    from the tempo step after synthesis."""
+    if not jobs:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        lines = []
+        for index, (text, rendering) in enumerate(jobs):
+            stretch = NATURAL_WPM / rendering.rate
+            lines += [f"({rendering.voice.name})",
+                      f"(Parameter.set 'Duration_Stretch {stretch:.3f})",
+                      (f"(utt.save.wave (utt.synth (Utterance Text {_scheme_string(text)})) "
+                       f"\"{scratch}/{index}.wav\" 'riff)")]
+        script = Path(scratch) / "batch.scm"
+        script.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _run(["festival", "-b", str(script)],
+             "festival festvox-kallpc16k festvox-us-slt-hts", 60 + 10 * len(jobs))
+        results = []
+        for index, (text, rendering) in enumerate(jobs):
+            wav = Path(scratch) / f"{index}.wav"
+            if not wav.exists():  # festival -b goes on after an error, and exits 0
+                raise RuntimeError(f"festival wrote nothing for {text!r} with "
+                                   f"({rendering.voice.name}): is its voice installed? "
+                                   f"apt-get install -y festvox-kallpc16k festvox-us-slt-hts")
+            results.append(load_audio(wav.read_bytes()).numpy())
+        return results

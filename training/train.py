@@ -1,11 +1,14 @@
-"""Train the embedded demo model on espeak-ng speech: ``python -m training.train --out model``.
+"""Train the embedded demo model: ``python -m training.train --out model``.
 
 SenseVoice's own recipe at a small size: CTC on the text frames plus cross-entropy on the four
 tag frames (language, emotion, event, text-norm). Each step draws, per utterance, the text-norm
 style (so the ITN switch is learnt) and whether the language prompt is given or left ``auto``.
+Clips with no speech are labelled ``<|nospeech|>`` with empty text. Where espeak-ng reported
+each word's onset, CTC may emit a word's token only on the frames around that onset
+(ALIGN_BEFORE..ALIGN_AFTER), so the model's token times are where the words are said.
 Seeded end to end; the number of steps is fixed, so a run is reproducible, and sized to finish
-within 30 minutes on 2 CPU cores. Ends with the held-out figures and writes an hf-layout model
-directory that ``sensevoice_core.load_model`` loads unchanged.
+within 45 minutes on 2 CPU cores. Ends with the held-out figures per condition and writes an
+hf-layout model directory that ``sensevoice_core.load_model`` loads unchanged.
 """
 
 from __future__ import annotations
@@ -27,10 +30,15 @@ from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN, fbank, pad_features, stack_low_frame_rate
 from sensevoice_core.layout import HF_TOKENIZER
 from sensevoice_core.loader import save_model_dir
-from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.long_audio import length_batches
-from sensevoice_core.tokenizer import Tokenizer, all_tag_pieces, build_sentencepiece_model
+from sensevoice_core.model import SenseVoiceSmall
+from sensevoice_core.tokenizer import (
+    Tokenizer,
+    all_tag_pieces,
+    build_sentencepiece_model,
+)
 from sensevoice_core.vocab import (
+    CTC_BLANK_ID,
     LANGUAGE_QUERY_ROW,
     NUM_PROMPT_FRAMES,
     TEXT_NORM_QUERY_ROW,
@@ -38,23 +46,26 @@ from sensevoice_core.vocab import (
     TextNorm,
 )
 from training.corpus import vocabulary
+from training.dataset import Clip, make_clips
 from training.evaluate import evaluate, print_figures
-from training.synth import Clip, make_clips
 
 SUMMARY_FILE = "training_summary.json"
+DEFAULT_CACHE = Path.home() / ".cache" / "sensevoice-serve" / "training"
+FRAME_S = 0.06  # one LFR frame
+ALIGN_BEFORE, ALIGN_AFTER = 1, 2  # frames around a word's onset where its token may be emitted
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    train_clips: int = 6000
+    train_clips: int = 8000
     held_out_clips: int = 400
     output_size: int = 192
     attention_heads: int = 4
     linear_units: int = 768
     num_blocks: int = 5
     tp_blocks: int = 1
-    steps: int = 2300
+    steps: int = 1650
     batch_frames: int = 4000  # padded LFR frames per batch (60 ms each)
     peak_lr: float = 2e-3
     warmup_steps: int = 200
@@ -65,19 +76,23 @@ class TrainConfig:
 @dataclass
 class Example:
     features: torch.Tensor  # (T, 560) LFR features before CMVN
-    language: str
+    language: str  # "en", "zh" or "nospeech"
+    event: str
     woitn: list[int]
     withitn: list[int]
+    onsets: list[int] | None  # the LFR frame where each woitn token's word begins
 
 
 def featurize(clips: list[Clip], frontend: FrontendConfig, tokenizer: Tokenizer) -> list[Example]:
     examples = []
     for clip in clips:
-        stacked = stack_low_frame_rate(fbank(clip.waveform, frontend), frontend.lfr_m,
-                                       frontend.lfr_n)
-        ids = [[_piece_id(tokenizer, p) for p in pieces]
-               for pieces in (clip.utterance.woitn, clip.utterance.withitn)]
-        examples.append(Example(stacked, clip.utterance.language, ids[0], ids[1]))
+        stacked = stack_low_frame_rate(fbank(torch.from_numpy(clip.waveform), frontend),
+                                       frontend.lfr_m, frontend.lfr_n)
+        ids = [[_piece_id(tokenizer, p) for p in pieces] for pieces in (clip.woitn, clip.withitn)]
+        onsets = None  # only where espeak-ng's words are the transcript's tokens, one to one
+        if clip.word_starts is not None and len(clip.word_starts) == len(ids[0]):
+            onsets = [round(t / FRAME_S) for t in clip.word_starts]
+        examples.append(Example(stacked, clip.language, clip.event, ids[0], ids[1], onsets))
     return examples
 
 
@@ -118,9 +133,12 @@ def spec_augment(features: torch.Tensor, n_mels: int, generator: torch.Generator
 
 class TagIds:
     def __init__(self, tokenizer: Tokenizer):
-        self.language = {lang: _piece_id(tokenizer, f"<|{lang}|>") for lang in ("en", "zh")}
-        self.neutral = _piece_id(tokenizer, "<|NEUTRAL|>")
-        self.speech = _piece_id(tokenizer, "<|Speech|>")
+        self.language = {lang: _piece_id(tokenizer, f"<|{lang}|>")
+                         for lang in ("en", "zh", "nospeech")}
+        self.emotion = {True: _piece_id(tokenizer, "<|NEUTRAL|>"),
+                        False: _piece_id(tokenizer, "<|EMO_UNKNOWN|>")}
+        self.event = {name: _piece_id(tokenizer, f"<|{name}|>")
+                      for name in ("Speech", "BGM", "Event_UNK")}
         self.style = {norm: _piece_id(tokenizer, f"<|{norm.value}|>") for norm in TextNorm}
 
 
@@ -129,27 +147,54 @@ def training_step(model: SenseVoiceSmall, batch: list[Example], cmvn: CMVN, n_me
                   generator: torch.Generator) -> tuple[torch.Tensor, float, float]:
     features, lengths = pad_features(
         [spec_augment((e.features + cmvn.shift) * cmvn.scale, n_mels, generator) for e in batch])
-    language_rows, style_rows, tag_targets, text_targets = [], [], [], []
+    language_rows, style_rows, tag_targets, text_targets, aligned = [], [], [], [], []
     for example in batch:
         norm = rng.choice(list(TextNorm))
         given = rng.random() >= config.auto_language_rate
-        language = Language(example.language) if given else Language.AUTO
+        speech = example.language != "nospeech"
+        # A clip without speech is prompted with a random language when one is "given".
+        spoken = example.language if speech else rng.choice(["en", "zh"])
+        language = Language(spoken) if given else Language.AUTO
         language_rows.append(LANGUAGE_QUERY_ROW[language])
         style_rows.append(TEXT_NORM_QUERY_ROW[norm])
-        tag_targets.append([tags.language[example.language], tags.neutral, tags.speech,
-                            tags.style[norm]])
-        text_targets.append(example.withitn if norm is TextNorm.WITH_ITN else example.woitn)
+        tag_targets.append([tags.language[example.language], tags.emotion[speech],
+                            tags.event[example.event], tags.style[norm]])
+        with_itn = norm is TextNorm.WITH_ITN
+        text_targets.append(example.withitn if with_itn else example.woitn)
+        aligned.append(None if with_itn else example.onsets)
     logits, out_lengths = model(features, lengths, torch.tensor(language_rows),
                                 torch.tensor(style_rows))
     prompt = NUM_PROMPT_FRAMES  # the tag frames: cross-entropy; the rest: CTC
     tag_loss = F.cross_entropy(logits[:, :prompt].reshape(-1, logits.shape[-1]),
                                torch.tensor(tag_targets).reshape(-1))
     log_probs = logits[:, prompt:].log_softmax(dim=-1).transpose(0, 1)  # (T, B, V)
+    log_probs = restrict_to_onsets(log_probs, text_targets, aligned)
     ctc_loss = F.ctc_loss(
         log_probs, torch.tensor([t for target in text_targets for t in target]),
         out_lengths - prompt, torch.tensor([len(t) for t in text_targets]),
-        blank=0, reduction="mean", zero_infinity=True)
+        blank=CTC_BLANK_ID, reduction="mean", zero_infinity=True)
     return ctc_loss + tag_loss, ctc_loss.item(), tag_loss.item()
+
+
+def restrict_to_onsets(log_probs: torch.Tensor, targets: list[list[int]],
+                       onsets: list[list[int] | None]) -> torch.Tensor:
+    """Alignment-restricted CTC: for an utterance whose word onsets are known, a token may be
+    emitted only on the frames ALIGN_BEFORE before to ALIGN_AFTER after its word's onset (blank
+    anywhere). The softmax stays over every class, so the model learns to put the token there
+    and blank elsewhere; a target the window makes impossible gives an infinite loss, zeroed."""
+    if all(o is None for o in onsets):
+        return log_probs
+    allowed = torch.ones_like(log_probs, dtype=torch.bool)
+    frames = log_probs.shape[0]
+    for item, (ids, starts) in enumerate(zip(targets, onsets)):
+        if starts is None:
+            continue
+        allowed[:, item, :] = False
+        allowed[:, item, CTC_BLANK_ID] = True
+        for token_id, onset in zip(ids, starts):
+            first, last = max(0, onset - ALIGN_BEFORE), min(frames, onset + ALIGN_AFTER + 1)
+            allowed[first:last, item, token_id] = True
+    return log_probs.masked_fill(~allowed, float("-inf"))
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -159,7 +204,7 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.peak_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(config: TrainConfig, out_dir: Path, eval_dir: Path | None) -> dict:
+def train(config: TrainConfig, out_dir: Path, eval_dir: Path | None, cache_dir: Path) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
@@ -170,10 +215,12 @@ def train(config: TrainConfig, out_dir: Path, eval_dir: Path | None) -> dict:
         tokenizer = Tokenizer.from_file(tokenizer_file)
 
         print(f"synthesising {config.train_clips} train + {config.held_out_clips} held-out "
-              f"clips with espeak-ng ...", flush=True)
-        train_clips = make_clips(config.train_clips, config.seed, held_out=False)
-        held_out = make_clips(config.held_out_clips, config.seed, held_out=True)
-        hours = sum(c.waveform.numel() for c in train_clips) / 16000 / 3600
+              f"clips (cache: {cache_dir}) ...", flush=True)
+        train_clips = make_clips(config.train_clips, config.seed, "train", cache_dir,
+                                 config.threads)
+        held_out = make_clips(config.held_out_clips, config.seed, "held-out", cache_dir,
+                              config.threads)
+        hours = sum(c.waveform.size for c in train_clips) / 16000 / 3600
         generated = time.perf_counter() - started
         print(f"  {hours:.2f} h of training speech in {generated:.0f} s", flush=True)
         examples = featurize(train_clips, frontend, tokenizer)
@@ -244,11 +291,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--train-clips", type=int, default=TrainConfig.train_clips)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--held-out-clips", type=int, default=TrainConfig.held_out_clips)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"where rendered clips are kept between runs (default {DEFAULT_CACHE})")
     args = parser.parse_args()
-    config = TrainConfig(steps=args.steps, train_clips=args.train_clips, seed=args.seed)
+    config = TrainConfig(steps=args.steps, train_clips=args.train_clips, seed=args.seed,
+                         held_out_clips=args.held_out_clips)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
-    train(config, args.out, args.eval_set)
+    train(config, args.out, args.eval_set, args.cache)
 
 
 if __name__ == "__main__":
