@@ -25,7 +25,7 @@ EN = DATA / "en.mp3"
 ZH = DATA / "zh.mp3"
 EXAMPLES = ROOT / "ui" / "examples"
 LONG_CLIPS = ("en_02.flac", "zh_04.flac", "en_03.flac", "zh_08.flac")
-LONG_TEXTS = ["Hello world.", "8975。", "770.", "晚安。"]  # the demo model's, with ITN
+LONG_TEXTS = ["Hello world.", "8975。", "325.", "晚安。"]  # the demo model's, with ITN
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.model", "am.mvn")
 # The tiny random models' seed. Seed 0's answer every clip with <|nospeech|>, and a segment
 # the model calls no speech is dropped: their results would be empty, and prove nothing.

@@ -113,13 +113,19 @@ def test_generation_is_deterministic_and_splits_differ():
 
 
 def test_espeak_word_onsets_are_where_the_words_sound():
-    clips = [c for c in render_chunk(3, "held-out", 0, 12) if c.word_starts is not None]
-    assert clips
+    """The first word's onset against the first 10 ms frame above a tenth of the clip's peak
+    RMS: within a few frames (a soft first consonant can stay below that for ~0.15 s). The
+    0.2-0.4 s of silence put before held-out speech would show if it were not counted."""
+    clips = [c for c in render_chunk(3, "held-out", 0, 16) if c.word_starts is not None]
+    assert len(clips) >= 4
+    errors = []
     for clip in clips:
         frames = clip.waveform[: clip.waveform.size // 160 * 160].reshape(-1, 160)
-        loud = np.flatnonzero(np.sqrt((frames**2).mean(axis=1)) > 0.05)
-        assert clip.word_starts[0] == pytest.approx(loud[0] * 0.01, abs=0.05), clip.voice
+        rms = np.sqrt((frames**2).mean(axis=1))
+        loud = np.flatnonzero(rms > 0.1 * rms.max())
+        errors.append(abs(clip.word_starts[0] - loud[0] * 0.01))
         assert list(clip.word_starts) == sorted(clip.word_starts)
+    assert np.median(errors) <= 0.08 and max(errors) <= 0.2, errors
 
 
 def test_a_cached_chunk_reads_back_as_it_was_written(tmp_path):
