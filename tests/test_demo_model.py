@@ -17,6 +17,13 @@ import pytest
 from sensevoice_core import load_model
 from sensevoice_core.audio import load_audio
 from training.evaluate import measure, measure_nospeech, nospeech_clips, with_noise
+from training.voices import (
+    EN_TRAIN_ACCENTS,
+    FESTIVAL_TRAIN,
+    FLITE_TRAIN,
+    HELD_OUT_RATES,
+    TRAIN_VARIANTS,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ROOT / "tests" / "data" / "demo_heldout"
@@ -68,8 +75,6 @@ def test_the_evaluation_sets_are_small_and_balanced(directory):
 
 
 def test_the_held_out_set_is_made_of_voices_training_never_heard():
-    from training.voices import (EN_TRAIN_ACCENTS, FESTIVAL_TRAIN, FLITE_TRAIN,
-                                 HELD_OUT_RATES, TRAIN_VARIANTS)
     refs = _refs(HELD_OUT)
     for ref in refs:
         synth, _, name = ref["voice"].partition(":")

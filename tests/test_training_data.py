@@ -3,13 +3,20 @@ a held-out split that training never hears (voices, accents, random text), the a
 chain, the clips without speech, the on-disk cache, and the alignment the training imposes."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from training.augment import add_noise, change_tempo, colored_noise, reverberate, speech_power
+from training.augment import (
+    add_noise,
+    change_tempo,
+    colored_noise,
+    reverberate,
+    speech_power,
+)
 from training.augment import telephone as telephone_band
 from training.corpus import (
     PINYIN,
@@ -241,3 +248,16 @@ def test_a_missing_synthesiser_is_named_with_the_package_to_install(monkeypatch)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RuntimeError, match="flite is not installed: apt-get install -y flite"):
         flite("one two", rendering(Voice("flite", "slt")))
+
+
+def test_a_cache_that_cannot_be_created_is_named_with_the_fix():
+    with pytest.raises(OSError, match=r"cannot create the training cache /proc/sensevoice-"
+                                      r"cache .*pass --cache DIR on a writable disk"):
+        make_clips(4, 0, "held-out", Path("/proc/sensevoice-cache"), workers=1)
+
+
+def test_a_run_killed_mid_write_leaves_only_a_temporary_file_that_is_ignored(tmp_path):
+    clips = render_chunk(0, "held-out", 0, 4)
+    (tmp_path / ".v3-held-out-seed0-000000-000004.npz.123.tmp").write_bytes(b"half a chunk")
+    assert [c.meta() for c in make_clips(4, 0, "held-out", tmp_path, workers=1)] == [
+        c.meta() for c in clips]

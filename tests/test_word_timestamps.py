@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchaudio
 from speech_truth import energy_bounds
 
 from sensevoice_core import TranscribeOptions
@@ -27,6 +24,8 @@ from sensevoice_core.result import Token, Word
 from sensevoice_core.segmentation import VadOptions
 from sensevoice_core.vocab import NUM_PROMPT_FRAMES, Language
 from sensevoice_core.words import words_of
+from training.synth import espeak
+from training.voices import Rendering, Voice
 
 
 def tokens(*items: tuple[str, float, float, float]) -> list[Token]:
@@ -115,52 +114,15 @@ DIGITS = ["three", "seven", "one", "nine", "four", "two", "eight", "five", "six"
 LEAD_S = 0.3  # silence around the speech, as the demo model's training clips have
 
 
-class _EspeakEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
-                ("text_position", ctypes.c_int), ("length", ctypes.c_int),
-                ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
-
-
-_ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                   ctypes.POINTER(_EspeakEvent))
-_ESPEAK_LOCK = threading.Lock()
-_ESPEAK: dict[str, object] = {}
-
-
 def speak_with_word_starts(text: str, voice: str = "en-us",
                            rate: int = 160) -> tuple[np.ndarray, list[float]]:
-    """espeak-ng's speech at 16 kHz and the sample where each word begins, from its own word
-    events (libespeak-ng, the library behind the CLI): truth, not an estimate. The en-us
-    voice renders the same samples on every call (plain "en" drifts by ~10 ms)."""
-    with _ESPEAK_LOCK:
-        if not _ESPEAK:
-            library = ctypes.CDLL("libespeak-ng.so.1")
-            _ESPEAK["library"] = library
-            _ESPEAK["rate"] = library.espeak_Initialize(2, 0, None, 0)  # synchronous
-        library, sample_rate = _ESPEAK["library"], int(_ESPEAK["rate"])
-        chunks: list[np.ndarray] = []
-        starts: list[int] = []
-
-        def collect(wav, count, events) -> int:
-            if count > 0:
-                chunks.append(np.ctypeslib.as_array(wav, (count,)).copy())
-            index = 0
-            while events[index].type != 0:  # espeakEVENT_LIST_TERMINATED
-                if events[index].type == 1:  # espeakEVENT_WORD
-                    starts.append(events[index].sample)
-                index += 1
-            return 0
-
-        callback = _ESPEAK_CALLBACK(collect)
-        library.espeak_SetSynthCallback(callback)
-        library.espeak_SetVoiceByName(voice.encode())
-        library.espeak_SetParameter(1, rate, 0)  # espeakRATE, words per minute
-        data = text.encode()
-        library.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
-    audio = torch.from_numpy(np.concatenate(chunks).astype(np.float32) / 32768)
-    audio = torchaudio.functional.resample(audio, sample_rate, 16000).numpy()
-    return audio, [sample / sample_rate for sample in starts]
+    """espeak-ng's speech at 16 kHz and the time each word begins, from its own word events
+    (libespeak-ng, the library behind the CLI, through the training data's synthesiser):
+    truth, not an estimate. A fresh process per call renders the same samples every time."""
+    rendering = Rendering(Voice("espeak", voice), rate, 50, 0, 1.0, 0.0, 0.0, 0.0, None, 0.0,
+                          0.0, False)
+    [(audio, starts)] = espeak([(text, rendering)])
+    return audio, starts
 
 
 def word_truth(audio: np.ndarray, starts: list[float]) -> list[tuple[float, float]]:
