@@ -30,7 +30,7 @@ NOISY_SNR_DB = 10.0
 NOISY_KINDS: tuple[NoiseKind, ...] = ("white", "pink", "babble")
 
 
-def text_of(pieces) -> str:
+def text_of(pieces: tuple[str, ...] | list[str]) -> str:
     return "".join(pieces).replace(WORD, " ").strip()
 
 

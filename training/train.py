@@ -6,9 +6,10 @@ style (so the ITN switch is learnt) and whether the language prompt is given or 
 Clips with no speech are labelled ``<|nospeech|>`` with empty text. Where espeak-ng reported
 each word's onset, CTC may emit a word's token only on the frames around that onset
 (ALIGN_BEFORE..ALIGN_AFTER), so the model's token times are where the words are said.
-Seeded end to end; the number of steps is fixed, so a run is reproducible, and sized to finish
-within 45 minutes on 2 CPU cores. Ends with the held-out figures per condition and writes an
-hf-layout model directory that ``sensevoice_core.load_model`` loads unchanged.
+Seeded end to end; the number of steps is fixed, so a run is reproducible, and sized for about
+45 minutes on 2 CPU cores (47.7 min on the AMD EPYC that trained the shipped model). Ends with
+the held-out figures per condition and writes an hf-layout model directory that
+``sensevoice_core.load_model`` loads unchanged.
 """
 
 from __future__ import annotations
