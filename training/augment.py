@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import torchaudio.functional
 
+from sensevoice_core.audio import SAMPLE_RATE
 from training.voices import NoiseKind, Rendering
-
-SAMPLE_RATE = 16000
 
 
 def change_tempo(samples: np.ndarray, tempo: float) -> np.ndarray:

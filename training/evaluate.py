@@ -44,6 +44,12 @@ def measure(model: SenseVoice, waveforms: list, languages: list[str], kinds: lis
     as a user's ``transcribe`` sees them (the VAD included)."""
     plain = model.transcribe_batch(waveforms, TranscribeOptions())
     itn = model.transcribe_batch(waveforms, TranscribeOptions(use_itn=True))
+    return score(plain, itn, languages, kinds, references)
+
+
+def score(plain: list, itn: list, languages: list[str], kinds: list[str],
+          references: list[str]) -> dict:
+    """measure's figures from results already transcribed without and with ITN."""
     figures: dict = {}
     for language in ("en", "zh"):
         picked = [i for i, lang in enumerate(languages) if lang == language]
@@ -56,7 +62,7 @@ def measure(model: SenseVoice, waveforms: list, languages: list[str], kinds: lis
     numbers = [i for i, kind in enumerate(kinds) if kind in ("digits", "number")]
     switched = [i for i in numbers if has_digit(itn[i].text) and not has_digit(plain[i].text)]
     figures["itn_switch"] = round(len(switched) / max(1, len(numbers)), 4)
-    figures["clips"] = len(waveforms)
+    figures["clips"] = len(plain)
     return figures
 
 
@@ -91,26 +97,26 @@ def measure_nospeech(model: SenseVoice, waveforms: list[torch.Tensor]) -> dict:
             "nospeech_clips": len(waveforms)}
 
 
-def _by_voice(model: SenseVoice, clips: list[Clip], waveforms: list[torch.Tensor]) -> dict:
+def _by_voice(clips: list[Clip], plain: list) -> dict:
     families: dict[str, list[int]] = {}
     for index, clip in enumerate(clips):
         synth, _, name = clip.voice.partition(":")
         family = f"{clip.language} {synth} {name.split('+')[0]}"
         families.setdefault(family, []).append(index)
-    plain = model.transcribe_batch(waveforms, TranscribeOptions())
     return {family: round(jiwer.cer([text_of(clips[i].woitn) for i in picked],
                                     [plain[i].text for i in picked]), 4)
             for family, picked in sorted(families.items())}
 
 
-def evaluate(model_dir: Path, clips: list[Clip], eval_dir: Path | None) -> dict:
-    model = load_model_dir(model_dir)  # just written: nothing to cache yet
+def evaluate(model: SenseVoice, clips: list[Clip], eval_dir: Path | None) -> dict:
     waveforms = [torch.from_numpy(c.waveform) for c in clips]
     languages, kinds = [c.language for c in clips], [c.kind for c in clips]
     references = [text_of(c.woitn) for c in clips]
-    figures = {"clean": measure(model, waveforms, languages, kinds, references),
+    plain = model.transcribe_batch(waveforms, TranscribeOptions())
+    itn = model.transcribe_batch(waveforms, TranscribeOptions(use_itn=True))
+    figures = {"clean": score(plain, itn, languages, kinds, references),
                "noisy_10db": measure(model, with_noise(waveforms), languages, kinds, references),
-               "cer_by_voice": _by_voice(model, clips, waveforms),
+               "cer_by_voice": _by_voice(clips, plain),
                **measure_nospeech(model, nospeech_clips())}
     if eval_dir is not None:
         write_eval_set(clips, eval_dir)
@@ -180,11 +186,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args()
     clips = make_clips(args.clips, args.seed, "held-out", args.cache)
-    figures = evaluate(args.model, clips, None)
+    model = load_model_dir(args.model)
+    figures = evaluate(model, clips, None)
     summary = json.loads((args.model / "training_summary.json").read_text(encoding="utf-8"))
     print_figures({**summary, **figures})
     speech = [c for c in clips if c.language != "nospeech"]
-    for pad, found in silence_padding(load_model_dir(args.model), speech).items():
+    for pad, found in silence_padding(model, speech).items():
         print(f"  {pad:.0f} s of silence each side: CER {found['cer']:.2%}, "
               f"{found['empty']} of {len(speech)} empty")
 

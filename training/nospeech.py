@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.augment import SAMPLE_RATE, colored_noise
+from sensevoice_core.audio import SAMPLE_RATE
+from training.augment import colored_noise
 
 KINDS = ("silence", "white", "pink", "brown", "tones", "melody", "hum", "clicks")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sensevoice_core.audio import load_audio
+from sensevoice_core.audio import load_audio, resample_to_16k
 from training.voices import NATURAL_WPM, Rendering
 
 
@@ -40,18 +40,10 @@ def espeak(jobs: list[tuple[str, Rendering]]) -> list[tuple[np.ndarray, list[flo
         for index, job in enumerate(json.loads(done.stdout)):
             samples = np.fromfile(Path(scratch) / f"{index}.raw", dtype=np.int16)
             sample_rate = job["sample_rate"]
-            results.append((_to_16k(samples.astype(np.float32) / 32768, sample_rate),
-                            [s / sample_rate for s in job["word_samples"]]))
+            audio = resample_to_16k(samples.astype(np.float32) / 32768, sample_rate,
+                                    f"espeak-ng {jobs[index][1].voice.name}").numpy()
+            results.append((audio, [s / sample_rate for s in job["word_samples"]]))
         return results
-
-
-def _to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    import torch
-    import torchaudio.functional
-
-    if sample_rate == 16000:
-        return samples
-    return torchaudio.functional.resample(torch.from_numpy(samples), sample_rate, 16000).numpy()
 
 
 def _run(command: list[str], package: str, timeout: float) -> None:

@@ -30,7 +30,7 @@ from sensevoice_core.atomic import write_bytes_atomic
 from sensevoice_core.config import FrontendConfig, SenseVoiceDims
 from sensevoice_core.frontend import CMVN, fbank, pad_features, stack_low_frame_rate
 from sensevoice_core.layout import HF_TOKENIZER
-from sensevoice_core.loader import save_model_dir
+from sensevoice_core.loader import load_model_dir, save_model_dir
 from sensevoice_core.long_audio import length_batches
 from sensevoice_core.model import SenseVoiceSmall
 from sensevoice_core.tokenizer import (
@@ -263,7 +263,8 @@ def train(config: TrainConfig, out_dir: Path, eval_dir: Path | None, cache_dir: 
         model.eval()
         trained_dir = save_model_dir(Path(scratch) / "model", model, frontend, tokenizer_file,
                                      cmvn)
-        figures = evaluate(trained_dir, held_out, eval_dir)
+        # Just written: nothing to cache yet.
+        figures = evaluate(load_model_dir(trained_dir), held_out, eval_dir)
         size = sum(p.stat().st_size for p in trained_dir.iterdir())
         summary = {"config": asdict(config), "parameters": parameters,
                    "train_hours": round(hours, 3), "generation_s": round(generated, 1),
